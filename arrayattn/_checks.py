@@ -1,0 +1,163 @@
+"""Input validation shared by every public op.
+
+Every message names the argument, says what was expected and what was given. Shapes and options
+raise ``ValueError``; dtypes, non-arrays and mixed namespaces or devices raise ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import array_api_compat
+
+from ._xp import Array, device_of, namespace_name
+
+__all__ = [
+    "check_bool",
+    "check_broadcastable",
+    "check_choice",
+    "check_floating",
+    "check_int",
+    "check_ndim",
+    "check_params",
+    "check_real",
+    "check_same_dtype",
+    "namespace",
+]
+
+
+def namespace(**arrays: Array | None) -> Any:
+    """The one array namespace of the given (non-``None``) arrays.
+
+    Raises ``TypeError`` for a non-array, for arrays of different namespaces and for arrays on
+    different devices: arrayattn never copies between them silently.
+    """
+    given = {name: a for name, a in arrays.items() if a is not None}
+    for name, a in given.items():
+        if not array_api_compat.is_array_api_obj(a):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    spaces: dict[str, str] = {}
+    for name, a in given.items():
+        spaces.setdefault(namespace_name(array_api_compat.array_namespace(a)), name)
+    if len(spaces) > 1:
+        listing = ", ".join(f"{arg} is a {ns} array" for ns, arg in spaces.items())
+        raise TypeError(
+            f"arrays from different namespaces: {listing}; convert them to one namespace first"
+        )
+    xp = array_api_compat.array_namespace(*given.values())
+    devices: dict[str, str] = {}
+    for name, a in given.items():
+        devices.setdefault(str(device_of(a)), name)
+    if len(devices) > 1:
+        listing = ", ".join(f"{arg} on {dev}" for dev, arg in devices.items())
+        raise TypeError(f"arrays on different devices: {listing}; move them to one device first")
+    return xp
+
+
+def check_floating(xp: Any, name: str, x: Array) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(
+            f"{name}: expected a real floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+
+
+def check_same_dtype(**arrays: Array | None) -> None:
+    given = [(name, a) for name, a in arrays.items() if a is not None]
+    first_name, first = given[0]
+    for name, a in given[1:]:
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"{name}: expected dtype {first.dtype} (the dtype of {first_name}), got {a.dtype}"
+            )
+
+
+def check_bool(xp: Any, name: str, x: Array) -> None:
+    if not xp.isdtype(x.dtype, "bool"):
+        raise TypeError(f"{name}: expected a boolean array (True = may attend), got dtype {x.dtype}")
+
+
+def check_ndim(name: str, x: Array, ndim: int, legend: str, *, exact: bool = False) -> None:
+    ok = x.ndim == ndim if exact else x.ndim >= ndim
+    if not ok:
+        need = f"exactly {ndim}" if exact else f"at least {ndim}"
+        raise ValueError(f"{name}: expected shape {legend} ({need} dimensions), got shape {tuple(x.shape)}")
+
+
+def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int], legend: str) -> None:
+    """``shape`` must broadcast to ``target`` without changing ``target``."""
+    shape, target = tuple(shape), tuple(target)
+    ok = len(shape) <= len(target) and all(
+        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1])
+    )
+    if not ok:
+        raise ValueError(f"{name}: expected a shape broadcastable to {legend} = {target}, got {shape}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+        ok = False
+    else:
+        try:
+            ok = value in choices
+        except TypeError:  # unhashable or incomparable values
+            ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
+    return value
+
+
+def check_params(
+    params: Any,
+    required: Mapping[str, tuple[int, ...]],
+    optional: Mapping[str, tuple[int, ...]] = {},
+    *,
+    name: str = "params",
+) -> dict[str, Array]:
+    """Check a parameter mapping: required keys present, no unknown keys, every shape as expected.
+
+    ``required`` and ``optional`` map each key to its expected shape. Returns a plain ``dict`` of
+    the given entries (``None`` values are dropped).
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown keys {unknown}; expected {sorted(required)}"
+            + (f" and optionally {sorted(optional)}" if optional else "")
+        )
+    missing = sorted(k for k in required if params.get(k) is None)
+    if missing:
+        raise ValueError(f"{name}: missing required keys {missing}")
+    out = {}
+    for key, shape in {**required, **optional}.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        if not array_api_compat.is_array_api_obj(value):
+            raise TypeError(f"{name}[{key!r}]: expected an array, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+        out[key] = value
+    return out

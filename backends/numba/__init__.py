@@ -1,0 +1,3 @@
+"""The numba backend (kernels arrive with their issues)."""
+
+KERNELS: dict = {}

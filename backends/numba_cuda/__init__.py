@@ -1,0 +1,3 @@
+"""The numba_cuda backend (kernels arrive with their issues)."""
+
+KERNELS: dict = {}
