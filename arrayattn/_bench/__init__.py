@@ -106,7 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="size parameters, e.g. B=1,H=8,L=2048,d=64")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--mode", action="append", choices=["fwd", "fwd_bwd"], help="default both")
-    p.add_argument("--backend", default="auto", help="arrayattn backend setting (default auto)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        help="arrayattn backend setting (repeatable: each backend in its own process; default auto)",
+    )
     p.add_argument("--causal", action="store_true", help="causal attention where the case has it")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all)")
@@ -129,21 +133,26 @@ def main(args: argparse.Namespace) -> int:
             params["causal"] = 1
         for mode in args.mode or ["fwd", "fwd_bwd"]:
             base = {"case": name, "params": params, "dtype": args.dtype, "mode": mode, "threads": args.threads}
-            specs = [{**base, "impl": "arrayattn", "backend": args.backend}]
+            specs = [{**base, "impl": "arrayattn", "backend": b} for b in args.backend or ["auto"]]
             if have_torch and case.torch is not None:
                 specs.append({**base, "impl": "torch"})
             times = compare(specs, args.repeat, f"{name} {mode}")
             flops = case.flops(params, mode)
             meds = [statistics.median(t) for t in times]
+            torch_median = meds[-1] if specs[-1]["impl"] == "torch" else None
             for spec, med in zip(specs, meds):
                 gflops = flops / med / 1e9
-                ratio = f"{med / meds[1]:.2f}" if len(meds) > 1 and spec["impl"] == "arrayattn" else ""
+                ratio = (
+                    f"{med / torch_median:.2f}"
+                    if torch_median is not None and spec["impl"] == "arrayattn"
+                    else ""
+                )
                 rows.append(
                     [
                         name,
                         ",".join(f"{k}={v}" for k, v in params.items()),
                         mode,
-                        spec["impl"] + (f"[{args.backend}]" if spec["impl"] == "arrayattn" else ""),
+                        spec["impl"] + (f"[{spec['backend']}]" if spec["impl"] == "arrayattn" else ""),
                         f"{med * 1e3:.1f}",
                         f"{gflops:.1f}",
                         f"{gflops / rate:.2f}",
