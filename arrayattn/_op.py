@@ -140,6 +140,7 @@ class Op:
         differentiable: Sequence[str],
         reference: Kernel,
         examples: Callable[[Any], list[tuple[tuple, dict]]] | None = None,
+        composite: bool = False,
     ):
         functools.update_wrapper(self, prepare)
         self.name: str = prepare.__name__
@@ -154,6 +155,9 @@ class Op:
         )
         self.reference = reference
         self.examples = examples
+        # A composite op's reference is array-API glue around other ops, which dispatch on the
+        # active backend; so it runs under any backend that accepts the inputs.
+        self.composite = composite
 
     def __repr__(self) -> str:
         return f"<arrayattn op {self.name}>"
@@ -262,11 +266,23 @@ def op(
     differentiable: Sequence[str],
     reference: Kernel,
     examples: Callable[[Any], list[tuple[tuple, dict]]] | None = None,
+    composite: bool = False,
 ) -> Callable[[Callable[..., Call]], Op]:
-    """Decorator turning a prepare function into a registered :class:`Op`."""
+    """Decorator turning a prepare function into a registered :class:`Op`.
+
+    ``composite=True`` declares that the reference only glues other ops together with array-API
+    code (multi-head attention around scaled dot-product attention): it then runs under any backend
+    setting that accepts the inputs, and its inner ops run on that backend.
+    """
 
     def wrap(prepare: Callable[..., Call]) -> Op:
-        new = Op(prepare, differentiable=differentiable, reference=reference, examples=examples)
+        new = Op(
+            prepare,
+            differentiable=differentiable,
+            reference=reference,
+            examples=examples,
+            composite=composite,
+        )
         if new.name in _OPS:
             raise RuntimeError(f"op {new.name!r} registered twice")
         _OPS[new.name] = new

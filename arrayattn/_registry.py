@@ -169,6 +169,8 @@ def _rejection(name: str, op: Op, call: Call) -> tuple[str | None, Kernel | None
         except Exception as exc:
             return f"{b.module} failed to import ({exc})", None
         if kernel is None:
+            if op.composite:  # the glue runs here; its inner ops dispatch to this backend
+                return None, op.reference
             return f"has no kernel for {op.name}", None
     reason = kernel.supports(call)
     return reason, (None if reason else kernel)
@@ -211,6 +213,7 @@ def explain(op: Op, call: Call) -> str:
 
 def kernel_for(op: Op, backend: str) -> Kernel:
     """The kernel of ``op`` on ``backend`` (for backward, which runs where forward ran)."""
-    if backend == "array_api":
-        return op.reference
-    return _kernels(backend)[op.name]
+    kernel = op.reference if backend == "array_api" else _kernels(backend).get(op.name)
+    if kernel is None and op.composite:
+        kernel = op.reference
+    return kernel

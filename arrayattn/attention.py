@@ -324,6 +324,7 @@ def _mha_examples(rng):
     differentiable=("x_q", "x_kv", "params"),
     reference=Kernel(_mha_ref_fwd, _mha_ref_bwd),
     examples=_mha_examples,
+    composite=True,
 )
 def multi_head_attention(
     x_q: Array,

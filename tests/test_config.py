@@ -211,12 +211,38 @@ def test_no_silent_fallback_for_numpy_only_backend():
             SDPA.fwd(q, q, q)
 
 
-def test_backend_without_a_kernel_raises(qkv):
-    if has_kernel(SDPA, "numba"):
-        pytest.skip("numba has a kernel for scaled_dot_product_attention now")
+def _op_without_numba_kernel():
+    """A registered, non-composite op that numba has no kernel for (None if every op has one)."""
+    for op in aa.registered_ops().values():
+        if not op.composite and not has_kernel(op, "numba"):
+            return op
+    return None
+
+
+def test_backend_without_a_kernel_raises():
+    info = {b.name: b for b in aa.backends()}["numba"]
+    if not info.available:
+        pytest.skip(f"numba unavailable: {info.reason}")
+    op = _op_without_numba_kernel()
+    if op is None:
+        pytest.skip("every registered op has a numba kernel")
+    args, kwargs = op.examples(np.random.default_rng(0))[0]
     with aa.use_backend("numba"):
-        with pytest.raises(aa.BackendError, match="numba: .*(has no kernel|cannot be imported)"):
-            SDPA(*qkv)
+        with pytest.raises(aa.BackendError, match=f"numba: has no kernel for {op.name}"):
+            op(*args, **kwargs)
+
+
+def test_composite_op_runs_its_inner_ops_on_the_chosen_backend(qkv):
+    if not has_kernel(SDPA, "numba"):
+        pytest.skip("numba has no SDPA kernel here")
+    rng = np.random.default_rng(0)
+    args, kwargs = aa.multi_head_attention.examples(rng)[0]
+    with aa.use_backend("numba"):
+        y, res = aa.multi_head_attention.fwd(*args, **kwargs)
+        grads = aa.multi_head_attention.bwd(res, np.ones_like(y))
+    assert res.backend == "numba"
+    assert dict(res.static)["attn/"][1] == "numba"  # the nested SDPA residual
+    assert grads.x_q.shape == args[0].shape
 
 
 def test_auto_picks_an_eligible_backend(qkv):
