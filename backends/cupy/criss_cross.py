@@ -1,0 +1,117 @@
+"""CuPy launchers of ``criss_cross.cu``: criss-cross attention forward and backward (fused).
+
+All four dtypes run on CUDA cores (float16/bfloat16 stored, float32 accumulated; float64 in
+float64). One thread per pixel; the H + W - 1 keys of a pixel are read in place, never unfolded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from arrayattn._op import Kernel
+
+from ._module import function
+
+__all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "criss_cross_backward", "criss_cross_forward"]
+
+SOURCE = "criss_cross.cu"
+DMAXES = (32, 64, 128, 256, 512)
+_CTYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
+           "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
+THREADS = 128
+
+
+def _exprs():
+    out = []
+    for t, acc in _CTYPES.values():
+        out.append(f"cc_delta<{t}, {acc}>")
+        for dm in DMAXES:
+            out += [f"cc_fwd<{t}, {acc}, {dm}>", f"cc_dq<{t}, {acc}, {dm}>",
+                    f"cc_dkdv<{t}, {acc}, {dm}>"]
+    return tuple(out)
+
+
+NAME_EXPRESSIONS = _exprs()
+
+
+def _dmax(n):
+    return next((m for m in DMAXES if max(n, 1) <= m), None)
+
+
+def _names(dtype):
+    t, acc = _CTYPES[np.dtype(dtype).name]
+    return t, acc, (np.float64 if acc == "double" else np.float32)
+
+
+def criss_cross_forward(q, k, v, *, scale):
+    import cupy as cp
+
+    t, acc, adt = _names(q.dtype)
+    batch = tuple(q.shape[:-3])
+    nb = math.prod(batch)
+    h, w, d, dv = q.shape[-3], q.shape[-2], q.shape[-1], v.shape[-1]
+    out = cp.empty((nb, h, w, dv), dtype=q.dtype)
+    lse = cp.empty((nb, h, w), dtype=adt)
+    npix = nb * h * w
+    if npix:
+        args = [cp.ascontiguousarray(a) for a in (q, k, v)]
+        function(SOURCE, NAME_EXPRESSIONS, f"cc_fwd<{t}, {acc}, {_dmax(dv)}>")(
+            (-(-npix // THREADS),), (THREADS,),
+            (*args, np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv), adt(scale),
+             out, lse))
+    return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
+
+
+def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
+    import cupy as cp
+
+    t, acc, adt = _names(q.dtype)
+    batch = tuple(q.shape[:-3])
+    nb = math.prod(batch)
+    h, w, d, dv = q.shape[-3], q.shape[-2], q.shape[-1], v.shape[-1]
+    dq, dk = cp.zeros(q.shape, q.dtype), cp.zeros(k.shape, k.dtype)
+    dvv = cp.zeros(v.shape, v.dtype)
+    npix = nb * h * w
+    if npix:
+        q_, k_, v_ = (cp.ascontiguousarray(a) for a in (q, k, v))
+        do = cp.ascontiguousarray(dout.astype(q.dtype, copy=False))
+        o = cp.ascontiguousarray(out.astype(q.dtype, copy=False))
+        lse_ = cp.ascontiguousarray(lse.astype(adt, copy=False))
+        delta = cp.empty((nb, h, w), dtype=adt)
+        grid = (-(-npix // THREADS),)
+        fn = lambda name: function(SOURCE, NAME_EXPRESSIONS, name)  # noqa: E731
+        fn(f"cc_delta<{t}, {acc}>")(grid, (THREADS,), (do, o, np.int64(npix), np.int32(dv), delta))
+        dims = (np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv), adt(scale))
+        fn(f"cc_dq<{t}, {acc}, {_dmax(d)}>")(
+            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dq))
+        fn(f"cc_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
+            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dk, dvv))
+    return dq, dk, dvv
+
+
+def _fwd(xp, arrays, static, save):
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    out, lse = criss_cross_forward(q, k, v, scale=static["scale"])
+    return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
+
+
+def _bwd(xp, saved, static, cotangents):
+    dq, dk, dv = criss_cross_backward(
+        saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
+        scale=static["scale"],
+    )
+    return {"q": dq, "k": dk, "v": dv}
+
+
+def _supports(call):
+    q, v = call.arrays["q"], call.arrays["v"]
+    if np.dtype(q.dtype).name not in _CTYPES:
+        return f"takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}"
+    if _dmax(max(q.shape[-1], v.shape[-1])) is None:
+        return f"channel widths up to {DMAXES[-1]}, got dk={q.shape[-1]}, dv={v.shape[-1]}"
+    return None
+
+
+KERNELS = {"criss_cross_attention": Kernel(_fwd, _bwd, _supports)}
