@@ -1,0 +1,71 @@
+"""COSNet co-attention, CoDA and CAN cross attention: forward and forward+backward times.
+
+No PyTorch comparison here (the test-suite checks them against the official semantics); sizes are
+those of the papers' feature maps at a small batch. ``co_attention`` is composite (its 'paper' mode
+runs two SDPA cores on the active backend); ``coda`` and ``cross_attention_fewshot`` run on the
+array-API reference only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import CPU_BACKENDS, require_backend
+
+
+def _make(op_name: str, size: str):
+    import arrayattn as aa
+    from arrayattn.co_attention import example_can_params, example_coattn_params, example_coda_params
+
+    rng = np.random.default_rng(0)
+    f32 = lambda t: {k: v.astype(np.float32) for k, v in t.items()} if isinstance(t, dict) else t.astype(np.float32)  # noqa: E731
+    if op_name == "co_attention":
+        c, hw = (64, 16) if size == "small" else (256, 32)
+        args = (rng.standard_normal((2, c, hw, hw)), rng.standard_normal((2, c, hw, hw)), example_coattn_params(rng, c))
+    elif op_name == "coda":
+        d, length = (64, 32) if size == "small" else (300, 128)
+        args = (rng.standard_normal((8, length, d)), rng.standard_normal((8, length + 3, d)), example_coda_params(rng, d, d // 2))
+    else:
+        n, c = (10, 64) if size == "small" else (75, 512)
+        args = (rng.standard_normal((n, c, 6, 6)), rng.standard_normal((n, c, 6, 6)), example_can_params(rng, 36, 6))
+    return getattr(aa, op_name), tuple(f32(a) for a in args)
+
+
+class CoAttention:
+    param_names = ["op", "backend", "size"]
+    params = [["co_attention", "coda", "cross_attention_fewshot"], list(CPU_BACKENDS), ["small", "paper"]]
+    timeout = 600
+    number = 1
+    repeat = (1, 10, 20.0)
+
+    def setup(self, op_name, backend, size):
+        if backend != "array_api" and op_name != "co_attention":
+            raise NotImplementedError(f"{op_name} has no {backend} kernel")
+        require_backend(backend, "scaled_dot_product_attention")
+        self.op, self.args = _make(op_name, size)
+        self.backend = backend
+        outs = self.run_fwd()
+        self.cts = tuple(np.ones_like(o) for o in outs)
+        self.run_fwd_bwd()  # warm up (JIT)
+
+    def run_fwd(self):
+        import arrayattn as aa
+
+        with aa.use_backend(self.backend):
+            return self.op(*self.args)
+
+    def run_fwd_bwd(self):
+        import arrayattn as aa
+
+        with aa.use_backend(self.backend):
+            _, res = self.op.fwd(*self.args)
+            return self.op.bwd(res, self.cts)
+
+    def time_fwd(self, op_name, backend, size):
+        self.run_fwd()
+
+    def time_fwd_bwd(self, op_name, backend, size):
+        self.run_fwd_bwd()
+
+    def peakmem_fwd_bwd(self, op_name, backend, size):
+        self.run_fwd_bwd()
