@@ -8,7 +8,7 @@ from ._op import Call, Kernel, op
 from ._reference.attention import sdpa_backward, sdpa_forward
 from ._xp import Array, compute_dtype
 
-__all__ = ["multi_head_attention", "scaled_dot_product_attention"]
+__all__ = ["multi_head_attention", "scaled_dot_product_attention", "sdpa_kernel"]
 
 _CAUSAL = (False, True, "top_left", "bottom_right")
 
@@ -16,42 +16,36 @@ _CAUSAL = (False, True, "top_left", "bottom_right")
 # -- scaled dot-product attention ---------------------------------------------------------------
 
 
-def _sdpa_ref_fwd(xp, arrays, static, save):
-    out, lse = sdpa_forward(
-        xp,
-        arrays["q"],
-        arrays["k"],
-        arrays["v"],
-        mask=arrays["mask"],
-        bias=arrays["bias"],
-        causal=static["causal"],
-        scale=static["scale"],
-        gqa_groups=static["gqa_groups"],
-    )
-    outs = (out, lse) if static["return_lse"] else (out,)
-    saved = dict(arrays, out=out, lse=lse) if save else {}
-    return outs, saved
+def sdpa_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
+    """The :class:`~arrayattn._op.Kernel` of scaled_dot_product_attention from a backend's pair.
 
+    ``forward(q, k, v, *, mask, bias, causal, scale, gqa_groups) -> (out, lse)`` and
+    ``backward(q, k, v, out, lse, dout, dlse, *, mask, bias, causal, scale, gqa_groups)
+    -> (dq, dk, dv, dbias)``; with ``takes_xp`` both take the namespace first (the reference).
+    """
 
-def _sdpa_ref_bwd(xp, saved, static, cotangents):
-    dout = cotangents[0]
-    dlse = cotangents[1] if static["return_lse"] else None
-    dq, dk, dv, dbias = sdpa_backward(
-        xp,
-        saved["q"],
-        saved["k"],
-        saved["v"],
-        saved["out"],
-        saved["lse"],
-        dout,
-        dlse,
-        mask=saved["mask"],
-        bias=saved["bias"],
-        causal=static["causal"],
-        scale=static["scale"],
-        gqa_groups=static["gqa_groups"],
-    )
-    return {"q": dq, "k": dk, "v": dv, "bias": dbias}
+    def options(static):
+        return {k: static[k] for k in ("causal", "scale", "gqa_groups")}
+
+    def fwd(xp, arrays, static, save):
+        lead = (xp,) if takes_xp else ()
+        out, lse = forward(
+            *lead, arrays["q"], arrays["k"], arrays["v"], mask=arrays["mask"],
+            bias=arrays["bias"], **options(static),
+        )
+        outs = (out, lse) if static["return_lse"] else (out,)
+        return outs, (dict(arrays, out=out, lse=lse) if save else {})
+
+    def bwd(xp, saved, static, cotangents):
+        lead = (xp,) if takes_xp else ()
+        dlse = cotangents[1] if static["return_lse"] else None
+        dq, dk, dv, dbias = backward(
+            *lead, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"],
+            cotangents[0], dlse, mask=saved["mask"], bias=saved["bias"], **options(static),
+        )
+        return {"q": dq, "k": dk, "v": dv, "bias": dbias}
+
+    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
 
 def _sdpa_examples(rng):
@@ -72,7 +66,7 @@ def _sdpa_examples(rng):
 
 @op(
     differentiable=("q", "k", "v", "bias"),
-    reference=Kernel(_sdpa_ref_fwd, _sdpa_ref_bwd),
+    reference=sdpa_kernel(sdpa_forward, sdpa_backward, takes_xp=True),
     examples=_sdpa_examples,
 )
 def scaled_dot_product_attention(

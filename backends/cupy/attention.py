@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from arrayattn._op import Kernel
+from arrayattn.attention import sdpa_kernel
 
 from ._module import function
 
@@ -186,27 +186,6 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), dbias
 
 
-def _fwd(xp, arrays, static, save):
-    out, lse = sdpa_forward(
-        arrays["q"], arrays["k"], arrays["v"], mask=arrays["mask"], bias=arrays["bias"],
-        causal=static["causal"], scale=static["scale"], gqa_groups=static["gqa_groups"],
-    )
-    outs = (out, lse) if static["return_lse"] else (out,)
-    saved = dict(arrays, out=out, lse=lse) if save else {}
-    return outs, saved
-
-
-def _bwd(xp, saved, static, cotangents):
-    dout = cotangents[0]
-    dlse = cotangents[1] if static["return_lse"] else None
-    dq, dk, dv, dbias = sdpa_backward(
-        saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], dout, dlse,
-        mask=saved["mask"], bias=saved["bias"], causal=static["causal"], scale=static["scale"],
-        gqa_groups=static["gqa_groups"],
-    )
-    return {"q": dq, "k": dk, "v": dv, "bias": dbias}
-
-
 def _supports(call):
     q, v = call.arrays["q"], call.arrays["v"]
     name = np.dtype(q.dtype).name
@@ -217,4 +196,4 @@ def _supports(call):
     return None
 
 
-KERNELS = {"scaled_dot_product_attention": Kernel(_fwd, _bwd, _supports)}
+KERNELS = {"scaled_dot_product_attention": sdpa_kernel(sdpa_forward, sdpa_backward, _supports)}

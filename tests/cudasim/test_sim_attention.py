@@ -101,19 +101,18 @@ def test_empty_rows_zero_and_deterministic(rng):
 def test_kernel_interface_matches_reference(rng):
     """The registered Kernel's fwd/bwd (what the op calls on CuPy arrays) on simulator arrays."""
     import arrayattn as aa
-    from arrayattn.attention import _sdpa_ref_bwd, _sdpa_ref_fwd
-
+    ref = aa.scaled_dot_product_attention.reference
     kern = nc.KERNELS["scaled_dot_product_attention"]
     q, k, v, m, b = _case(rng, np.float64, lq=3, lk=4, mask=(3, 4), bias=(3, 4))
     call = aa.scaled_dot_product_attention._prepare(q, k, v, mask=m, bias=b, return_lse=True)
     assert kern.supports(call) is None
     outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
-    routs, rsaved = _sdpa_ref_fwd(np, dict(call.arrays), dict(call.static), True)
+    routs, rsaved = ref.fwd(np, dict(call.arrays), dict(call.static), True)
     for a, r in zip(outs, routs):
         _close(a, r, np.float64)
     cts = tuple(rng.standard_normal(o.shape) for o in outs)
     g = kern.bwd(np, saved, dict(call.static), cts)
-    rg = _sdpa_ref_bwd(np, rsaved, dict(call.static), cts)
+    rg = ref.bwd(np, rsaved, dict(call.static), cts)
     assert set(g) == set(rg)
     for key in rg:
         _close(g[key], rg[key], np.float64)
