@@ -17,7 +17,8 @@ import arrayattn as aa
 
 ARCHS = ("sm_80", "sm_90")
 #: .cu source -> the launcher module declaring its template instantiations
-SOURCES = {"attention.cu": "attention", "criss_cross.cu": "criss_cross"}
+SOURCES = {"attention.cu": "attention", "criss_cross.cu": "criss_cross",
+           "neighborhood.cu": "neighborhood"}
 
 
 def _nvrtc_reason():
@@ -90,6 +91,15 @@ def _cc_case(rng, dtype):
             rng.standard_normal((2, 9, 11, 8))), {"scale": 0.3}
 
 
+def _na_case(rng, dtype):
+    # 2 x 3 heads, 13 x 17 image, K = 5, dilation 2, zero padding, per-head bias, shared r_h / r_w
+    q, k = rng.standard_normal((2, 3, 13, 17, 16)), rng.standard_normal((2, 3, 13, 17, 16))
+    v = rng.standard_normal((2, 3, 13, 17, 24))
+    rel = {"r_h": rng.standard_normal((9, 16)) / 4, "r_w": rng.standard_normal((9, 16)) / 4}
+    return (q, k, v), {"kernel_size": 5, "dilation": 2, "boundary": "zero",
+                       "rel_bias": rng.standard_normal((3, 9, 9)), "rel_pos": rel}
+
+
 CASES = {"scaled_dot_product_attention": _sdpa_case, "criss_cross_attention": _cc_case}
 
 
@@ -155,3 +165,77 @@ def test_gpu_backend_matches_array_api(rng, op_name, backend, dtype):
     for name in op.differentiable:
         if getattr(g, name) is not None:
             assert bool(cupy.all(getattr(g, name) == getattr(g2, name)))
+
+
+def _leaves(tree):
+    """The arrays of a gradient entry (an array, a tuple or a dict of arrays, or None)."""
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [tree[key] for key in sorted(tree)]
+    if isinstance(tree, (tuple, list)):
+        return list(tree)
+    return [tree]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("op_name", ["neighborhood_attention_2d", "halo_attention"])
+def test_gpu_neighborhood_matches_array_api(rng, op_name, backend, dtype):
+    """The local-attention kernels (rel_pos is a mapping, so it has its own comparison)."""
+    cupy = _cupy()
+    info = {b.name: b for b in aa.backends()}[backend]
+    if not info.available:
+        pytest.skip(f"backend {backend} unavailable: {info.reason}")
+    if backend == "numba_cuda" and dtype == "float16":
+        pytest.skip("numba_cuda kernels take float32/float64 (half precision is the cupy backend's)")
+    op = getattr(aa, op_name)
+    if op_name == "halo_attention":  # 4x4 blocks, halo 2, timm's 2(b+2h)-1 = 15-row tables
+        args, kwargs = _na_case(rng, dtype)[0], {"block_size": 4, "halo_size": 2}
+        args = tuple(a[..., :12, :16, :] for a in args)
+        kwargs["rel_pos"] = {"r_h": rng.standard_normal((15, 16)) / 4,
+                             "r_w": rng.standard_normal((15, 16)) / 4}
+    else:
+        args, kwargs = _na_case(rng, dtype)
+
+    def on_dev(a, dt):
+        if isinstance(a, dict):
+            return {key: on_dev(t, dt) for key, t in a.items()}
+        return cupy.asarray(a.astype(dt)) if isinstance(a, np.ndarray) else a
+
+    x = [on_dev(a, dtype) for a in args]
+    kw = {key: on_dev(a, dtype) for key, a in kwargs.items()}
+    x64 = [on_dev(a, "float64") for a in args]
+    kw64 = {key: on_dev(a, "float64") for key, a in kwargs.items()}
+    with aa.use_backend(backend):
+        out, res = op.fwd(*x, **kw)
+    assert res.backend == backend and out.dtype == x[0].dtype
+    ct = cupy.asarray(rng.standard_normal(out.shape).astype(dtype))
+    g = op.bwd(res, ct)
+    with aa.use_backend("array_api"):
+        r_out, r_res = op.fwd(*x64, **kw64)
+        rg = op.bwd(r_res, ct.astype("float64"))
+    if dtype == "float16":
+        with aa.use_backend("array_api"):
+            n_out = op(*x, **kw)
+        err = float(cupy.max(cupy.abs(out.astype("float64") - r_out)))
+        nerr = float(cupy.max(cupy.abs(n_out.astype("float64") - r_out)))
+        assert err <= 2 * nerr + 1e-3
+        return
+    tol = TOL[dtype]
+
+    def close(a, b):
+        a64, b64 = cupy.asnumpy(a).astype(np.float64), cupy.asnumpy(b)
+        np.testing.assert_allclose(a64, b64, rtol=0, atol=tol * max(1, np.abs(b64).max()))
+
+    close(out, r_out)
+    for name in op.differentiable:
+        got, want = _leaves(getattr(g, name)), _leaves(getattr(rg, name))
+        assert len(got) == len(want), name
+        for a, b in zip(got, want):
+            close(a, b)
+    g2 = op.bwd(res, ct)  # deterministic
+    for name in op.differentiable:
+        for a, b in zip(_leaves(getattr(g, name)), _leaves(getattr(g2, name))):
+            assert bool(cupy.all(a == b))

@@ -1,10 +1,14 @@
 """GPU backends (``cupy``, ``numba_cuda``, ``array_api`` on CuPy) against PyTorch on CUDA.
 
-Scaled dot-product attention (B=4, heads=8, L in {1024, 4096}, d=64) and criss-cross attention
-(B=2, H=W in {64, 128}, dk=16, dv=64). Every combination is skipped (``NotImplementedError`` in
-``setup``) where there is no CUDA device, no CuPy, or (for ``torch``) no CUDA build of torch.
+Scaled dot-product attention (B=4, heads=8, L in {1024, 4096}, d=64), criss-cross attention
+(B=2, H=W in {64, 128}, dk=16, dv=64) and 2-D neighbourhood attention (B=2, heads=4, H=W in
+{56, 112}, d=32, K=7, NATTEN's clamped windows with a relative bias; PyTorch runs a gather-based
+implementation that materialises the K² keys and values of every query). Every combination is
+skipped (``NotImplementedError`` in ``setup``) where there is no CUDA device, no CuPy, or (for
+``torch``) no CUDA build of torch.
 Times are synchronised with the device. FLOPs: SDPA 4·B·H·L²·d forward (×3.5 with backward,
-halved with causal); criss-cross 2·pixels·(H+W-1)·(dk+dv) forward, ×3 with backward.
+halved with causal); criss-cross 2·pixels·(H+W-1)·(dk+dv) forward, ×3 with backward;
+neighbourhood 2·pixels·heads·K²·(d+dv) forward, ×3 with backward.
 """
 
 from __future__ import annotations
@@ -157,6 +161,50 @@ class GPUCrissCross(_GPUBench):
             w = q.shape[2]
             out = (torch.einsum("bywx,byxc->bywc", a[..., :w], v)
                    + torch.einsum("bywz,bzwc->bywc", a[..., w:], v))
+            if mode == "fwd_bwd":
+                out.backward(torch.ones_like(out))
+            return out
+
+        return run
+
+
+class GPUNeighborhood(_GPUBench):
+    param_names = ["backend", "dtype", "HW"]
+    params = [BACKENDS, ["float16", "float32"], [56, 112]]
+    op_name = "neighborhood_attention_2d"
+    kernel = 7
+
+    def _inputs(self, cupy, dtype, size):
+        rng = cupy.random.default_rng(0)
+        q, k, v = (rng.standard_normal((2, 4, size, size, 32), dtype=cupy.float32).astype(dtype)
+                   for _ in range(3))
+        t = 2 * self.kernel - 1
+        bias = rng.standard_normal((4, t, t), dtype=cupy.float32).astype(dtype)
+        flops = 3 * 2 * 2 * 4 * size * size * self.kernel**2 * 64
+        return (q, k, v), {"kernel_size": self.kernel, "rel_bias": bias}, flops
+
+    def _torch_fn(self, torch, arrays, mode):
+        from arrayattn.neighborhood import call_windows
+
+        q, k, v = (torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd")
+                   for a in arrays[:3])
+        n, h, w, d = q.shape[1], q.shape[2], q.shape[3], q.shape[4]
+        kk = self.kernel
+        bias = torch.zeros((n, 2 * kk - 1, 2 * kk - 1), device="cuda", dtype=q.dtype,
+                           requires_grad=mode == "fwd_bwd")
+        wy, wx = call_windows("na", h, w, kk, 1, 0, "clamp", False)
+        iy, ix = (torch.as_tensor(t.idx.T, device="cuda") for t in (wy, wx))  # (L, K)
+        ry, rx = (torch.as_tensor(t.rel.T, device="cuda") for t in (wy, wx))
+        flat = (iy[:, None, :, None] * w + ix[None, :, None, :]).reshape(h, w, kk * kk)
+        rows = ry[:, None, :, None].expand(h, w, kk, kk).reshape(h, w, kk * kk)
+        cols = rx[None, :, None, :].expand(h, w, kk, kk).reshape(h, w, kk * kk)
+        scale = d ** -0.5
+
+        def run():  # gather the K² keys/values of every query (NATTEN's unfused reference path)
+            kg = k.reshape(k.shape[0], n, h * w, d)[:, :, flat]  # (B, n, H, W, K², d)
+            vg = v.reshape(v.shape[0], n, h * w, v.shape[-1])[:, :, flat]
+            s = torch.einsum("bnhwd,bnhwkd->bnhwk", q, kg) * scale + bias[:, rows, cols]
+            out = torch.einsum("bnhwk,bnhwkd->bnhwd", torch.softmax(s, -1), vg)
             if mode == "fwd_bwd":
                 out.backward(torch.ones_like(out))
             return out
