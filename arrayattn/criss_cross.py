@@ -1,0 +1,298 @@
+"""Criss-cross attention and the recurrent criss-cross block of CCNet (spec section 5)."""
+
+from __future__ import annotations
+
+from . import _checks as checks
+from ._op import Call, Kernel, op
+from ._reference.criss_cross import criss_cross_backward, criss_cross_forward
+from ._xp import Array, compute_dtype
+
+__all__ = ["criss_cross_attention", "criss_cross_block"]
+
+
+# -- criss-cross attention ----------------------------------------------------------------------
+
+
+def _cca_ref_fwd(xp, arrays, static, save):
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    out, lse = criss_cross_forward(xp, q, k, v, scale=static["scale"])
+    return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
+
+
+def _cca_ref_bwd(xp, saved, static, cotangents):
+    dq, dk, dv = criss_cross_backward(
+        xp, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
+        scale=static["scale"],
+    )
+    return {"q": dq, "k": dk, "v": dv}
+
+
+def _cca_examples(rng):
+    q = rng.standard_normal((2, 4, 5, 3))
+    k = rng.standard_normal((2, 4, 5, 3))
+    v = rng.standard_normal((2, 4, 5, 2))
+    return [
+        ((q, k, v), {}),
+        ((q, k, v), {"scale": 0.5}),
+        ((q[:, :1], k[:, :1], v[:, :1]), {}),  # H = 1: the row only
+        ((q[..., :1, :], k[..., :1, :], v[..., :1, :]), {"scale": 2.0}),  # W = 1: the column only
+    ]
+
+
+@op(
+    differentiable=("q", "k", "v"),
+    reference=Kernel(_cca_ref_fwd, _cca_ref_bwd),
+    examples=_cca_examples,
+)
+def criss_cross_attention(q: Array, k: Array, v: Array, *, scale: float = 1.0) -> Call:
+    r"""Criss-cross attention (CCNet): each pixel attends jointly to its row and its column.
+
+    For pixel ``u = (y, x)`` the keys are ``Ω(u) = {(y, x')}_x' ∪ {(y', x)}_{y' ≠ y}``, the
+    ``H + W - 1`` positions of its row and column with itself counted once, and
+    ``out_u = Σ_{n ∈ Ω(u)} softmax_n(scale · q_u · k_n) v_n`` (one softmax over all of Ω(u)).
+    The work is a batched product along each row and one along each column; no ``HW × HW``
+    matrix is formed, and the extra memory is O(H·W·(H + W)).
+
+    Parameters
+    ----------
+    q : array, shape (..., H, W, dk)
+        Queries, channel-last.
+    k : array, shape (..., H, W, dk)
+        Keys.
+    v : array, shape (..., H, W, dv)
+        Values.
+    scale : float, default 1.0
+        Logit scale. CCNet uses no scaling (1.0), which is the default here (not ``1/sqrt(dk)``).
+
+    Returns
+    -------
+    out : array, shape (..., H, W, dv)
+        In the dtype of ``q``.
+
+    Notes
+    -----
+    Shape legend: ``...`` batch (and head) dimensions, ``H``/``W`` the map's height and width,
+    ``dk`` query/key width, ``dv`` value width. With ``H = 1`` (``W = 1``) a pixel attends to its
+    row (column) only. Equal to CCNet's ``ca_weight``/softmax/``ca_map`` on the same (NCHW ->
+    NHWC permuted) tensors and to its pure-PyTorch ``CrissCrossAttention`` core (before ``gamma``
+    and the residual, see :func:`criss_cross_block`). ``.bwd`` gives gradients for ``q``, ``k``
+    and ``v``; the derivation is in *Criss-cross attention: backward*.
+
+    Examples
+    --------
+    >>> import numpy as np, arrayattn as aa
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 6, 7, 4), dtype=np.float32)   # (N, H, W, dk)
+    >>> v = rng.standard_normal((2, 6, 7, 16), dtype=np.float32)  # (N, H, W, dv)
+    >>> out, res = aa.criss_cross_attention.fwd(q, q, v)
+    >>> g = aa.criss_cross_attention.bwd(res, np.ones_like(out))
+    >>> out.shape, g.q.shape, g.v.dtype
+    ((2, 6, 7, 16), (2, 6, 7, 4), dtype('float32'))
+    """
+    xp = checks.namespace(q=q, k=k, v=v)
+    legend = {"q": "(..., H, W, dk)", "k": "(..., H, W, dk)", "v": "(..., H, W, dv)"}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        checks.check_floating(xp, name, x)
+        checks.check_ndim(name, x, 3, legend[name])
+    checks.check_same_dtype(q=q, k=k, v=v)
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+        raise ValueError(
+            f"v: expected shape {tuple(q.shape[:-1])} + (dv,) (from q), got {tuple(v.shape)}"
+        )
+    scale = checks.check_real("scale", scale)
+    return Call(xp, {"q": q, "k": k, "v": v}, {"scale": scale})
+
+
+# -- the (recurrent) criss-cross block ----------------------------------------------------------
+
+_BLOCK_WEIGHTS = ("w_q", "w_k", "w_v")
+_BLOCK_BIASES = ("b_q", "b_k", "b_v")
+
+
+def _to_nhwc(xp, x):
+    return xp.permute_dims(x, (0, 2, 3, 1))
+
+
+def _to_nchw(xp, x):
+    return xp.permute_dims(x, (0, 3, 1, 2))
+
+
+def _conv1x1(xp, x_hwc, w, b, cdt):
+    """A 1×1 convolution on a channel-last map: ``x wᵀ + b`` with w (out, in, 1, 1)."""
+    w2 = xp.reshape(xp.astype(w, cdt, copy=False), tuple(w.shape[:2]))
+    y = xp.matmul(xp.astype(x_hwc, cdt, copy=False), xp.matrix_transpose(w2))
+    if b is not None:
+        y = y + xp.astype(b, cdt, copy=False)
+    return xp.astype(y, x_hwc.dtype)
+
+
+def _conv1x1_bwd(xp, x_hwc, w, dy, cdt, with_bias):
+    """(dx, dw (out, in, 1, 1), db) of :func:`_conv1x1`."""
+    w2 = xp.reshape(xp.astype(w, cdt, copy=False), tuple(w.shape[:2]))
+    dyc = xp.astype(dy, cdt, copy=False)
+    dx = xp.matmul(dyc, w2)
+    flat_dy = xp.reshape(dyc, (-1, dyc.shape[-1]))
+    flat_x = xp.reshape(xp.astype(x_hwc, cdt, copy=False), (-1, x_hwc.shape[-1]))
+    dw = xp.reshape(xp.matmul(xp.matrix_transpose(flat_dy), flat_x), tuple(w.shape))
+    db = xp.sum(flat_dy, axis=0) if with_bias else None
+    return dx, dw, db
+
+
+def _ccb_ref_fwd(xp, arrays, static, save):
+    p = arrays["params"]
+    x = arrays["x"]
+    cdt = compute_dtype(xp, x.dtype)
+    gamma = xp.astype(p["gamma"], cdt, copy=False)
+    h = _to_nhwc(xp, x)
+    saved = {}
+    for r in range(static["recurrence"]):
+        q = _conv1x1(xp, h, p["w_q"], p.get("b_q"), cdt)
+        k = _conv1x1(xp, h, p["w_k"], p.get("b_k"), cdt)
+        v = _conv1x1(xp, h, p["w_v"], p.get("b_v"), cdt)
+        # The attention core runs on whichever backend the setting picks for it.
+        if save:
+            agg, res = criss_cross_attention.fwd(q, k, v)
+            saved[f"x{r}"] = h
+            saved[f"attn{r}"] = res
+        else:
+            agg = criss_cross_attention(q, k, v)
+        h = xp.astype(gamma * xp.astype(agg, cdt, copy=False) + xp.astype(h, cdt, copy=False), x.dtype)
+    if save:
+        saved.update({name: p[name] for name in (*_BLOCK_WEIGHTS, "gamma")})
+    return (_to_nchw(xp, h),), saved
+
+
+def _ccb_ref_bwd(xp, saved, static, cotangents):
+    (dy,) = cotangents
+    dtype = dy.dtype
+    cdt = compute_dtype(xp, dtype)
+    biases = static["biases"]
+    gamma = xp.astype(saved["gamma"], cdt, copy=False)
+    dh = xp.astype(_to_nhwc(xp, dy), cdt, copy=False)
+    grads = {name: None for name in (*_BLOCK_WEIGHTS, *_BLOCK_BIASES)}
+    dgamma = None
+
+    def add(a, b):
+        return b if a is None else a + b
+
+    for r in reversed(range(static["recurrence"])):
+        h_in, res = saved[f"x{r}"], saved[f"attn{r}"]
+        agg = xp.astype(res.arrays["out"], cdt, copy=False)
+        dgamma = add(dgamma, xp.reshape(xp.sum(dh * agg), (1,)))
+        g = criss_cross_attention.bwd(res, xp.astype(dh * gamma, dtype))
+        dx = dh  # the residual
+        for name, d in (("q", g.q), ("k", g.k), ("v", g.v)):
+            dxi, dw, db = _conv1x1_bwd(xp, h_in, saved[f"w_{name}"], d, cdt, f"b_{name}" in biases)
+            dx = dx + dxi
+            grads[f"w_{name}"] = add(grads[f"w_{name}"], dw)
+            if db is not None:
+                grads[f"b_{name}"] = add(grads[f"b_{name}"], db)
+        dh = dx
+    params = {key: xp.astype(g_, dtype) for key, g_ in grads.items() if g_ is not None}
+    params["gamma"] = xp.astype(dgamma, dtype)
+    return {"x": xp.astype(_to_nchw(xp, dh), dtype), "params": params}
+
+
+def _ccb_examples(rng):
+    import numpy as np
+
+    c, c8 = 4, 2
+    params = {
+        "w_q": rng.standard_normal((c8, c, 1, 1)) / 2,
+        "b_q": rng.standard_normal(c8) / 2,
+        "w_k": rng.standard_normal((c8, c, 1, 1)) / 2,
+        "w_v": rng.standard_normal((c, c, 1, 1)) / 2,
+        "b_v": rng.standard_normal(c) / 2,
+        "gamma": np.asarray([0.7]),
+    }
+    x = rng.standard_normal((2, c, 3, 4))
+    # (b_k is left out: it shifts every logit of a pixel by q·b_k, so its gradient is exactly 0
+    # and a finite-difference ratio on it measures only rounding noise.)
+    no_bias = {k: v for k, v in params.items() if not k.startswith("b_")}
+    return [
+        ((x, params), {}),
+        ((x, no_bias), {"recurrence": 1}),
+        ((x, params), {"recurrence": 3}),
+    ]
+
+
+@op(
+    differentiable=("x", "params"),
+    reference=Kernel(_ccb_ref_fwd, _ccb_ref_bwd),
+    examples=_ccb_examples,
+    composite=True,
+)
+def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2) -> Call:
+    r"""CCNet's recurrent criss-cross attention module (RCCA), with shared parameters.
+
+    One step maps ``h`` to ``h' = gamma · CCA(W_q h + b_q, W_k h + b_k, W_v h + b_v) + h`` where
+    ``W_*`` are 1×1 convolutions and CCA is :func:`criss_cross_attention` (no logit scaling);
+    the step is applied ``recurrence`` times with the same parameters (CCNet trains with 2).
+    As in CCNet's code (``CrissCrossAttention``), ``gamma`` is a learned scalar, initialised to
+    0 there.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+        Input feature map.
+    params : mapping of str to array
+        PyTorch ``Conv2d`` layout: ``w_q`` (C', C, 1, 1), ``w_k`` (C', C, 1, 1), ``w_v``
+        (C, C, 1, 1), optional biases ``b_q`` (C',), ``b_k`` (C',), ``b_v`` (C,), and ``gamma``
+        (1,). CCNet uses ``C' = C // 8``; any ``C' >= 1`` is allowed.
+    recurrence : int, default 2
+        Number of criss-cross steps R (>= 1), all with the same parameters.
+
+    Returns
+    -------
+    y : array, shape (N, C, H, W)
+
+    Notes
+    -----
+    Shape legend: ``N`` batch, ``C`` channels, ``C'`` query/key channels, ``H``/``W`` the map's
+    height and width. ``.bwd`` gives the gradient of ``x`` and of every entry of ``params`` (a
+    dict with the same keys); parameter gradients are summed over the ``recurrence`` steps. The
+    surrounding 3×3 conv+BN layers of CCNet's head are not part of this op. Equal to
+    ``RCCAModule``'s inner loop of ``CrissCrossAttention`` (``speedinghzl/CCNet``).
+
+    Examples
+    --------
+    >>> import numpy as np, arrayattn as aa
+    >>> rng = np.random.default_rng(0)
+    >>> C = 16
+    >>> params = {"w_q": rng.standard_normal((2, C, 1, 1)), "w_k": rng.standard_normal((2, C, 1, 1)),
+    ...           "w_v": rng.standard_normal((C, C, 1, 1)), "gamma": np.array([0.5])}
+    >>> x = rng.standard_normal((1, C, 5, 6))
+    >>> y, res = aa.criss_cross_block.fwd(x, params, recurrence=2)
+    >>> g = aa.criss_cross_block.bwd(res, np.ones_like(y))
+    >>> y.shape, g.x.shape, sorted(g.params)
+    ((1, 16, 5, 6), (1, 16, 5, 6), ['gamma', 'w_k', 'w_q', 'w_v'])
+    """
+    if not hasattr(params, "keys"):
+        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
+    xp = checks.namespace(x=x, **{f"params[{k!r}]": a for k, a in params.items()})
+    checks.check_floating(xp, "x", x)
+    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
+    checks.check_same_dtype(x=x, **{f"params[{k!r}]": a for k, a in params.items() if a is not None})
+    c = x.shape[1]
+    w_q = params.get("w_q")
+    if w_q is None:
+        raise ValueError("params: missing required keys ['w_q']")
+    if w_q.ndim != 4:
+        raise ValueError(f"params['w_q']: expected a (C', C, 1, 1) weight, got shape {tuple(w_q.shape)}")
+    cq = w_q.shape[0]
+    clean = checks.check_params(
+        params,
+        {"w_q": (cq, c, 1, 1), "w_k": (cq, c, 1, 1), "w_v": (c, c, 1, 1), "gamma": (1,)},
+        {"b_q": (cq,), "b_k": (cq,), "b_v": (c,)},
+    )
+    recurrence = checks.check_int("recurrence", recurrence, minimum=1)
+    return Call(
+        xp,
+        {"x": x, "params": clean},
+        {
+            "recurrence": recurrence,
+            "biases": tuple(sorted(k for k in _BLOCK_BIASES if k in clean)),
+        },
+    )
