@@ -23,6 +23,7 @@ __all__ = [
     "check_int",
     "check_ndim",
     "check_params",
+    "check_qkv",
     "check_real",
     "check_same_dtype",
     "namespace",
@@ -73,6 +74,41 @@ def check_same_dtype(**arrays: Array | None) -> None:
             raise TypeError(
                 f"{name}: expected dtype {first.dtype} (the dtype of {first_name}), got {a.dtype}"
             )
+
+
+def check_qkv(
+    xp: Any, q: Array, k: Array, v: Array, *, key_length: str = "Lk", same_batch: bool = True
+) -> None:
+    """Queries (..., Lq, d), keys (..., Lk, d) and values (..., Lk, dv) of one sequence attention.
+
+    Floating dtypes, one dtype, equal ranks, matching d and Lk; with ``same_batch`` also equal
+    leading dimensions (grouped-query attention checks its heads axis itself).
+    """
+    legend = {"q": "(..., Lq, d)", "k": f"(..., {key_length}, d)", "v": f"(..., {key_length}, dv)"}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_floating(xp, name, x)
+        check_ndim(name, x, 2, legend[name])
+    check_same_dtype(q=q, k=k, v=v)
+    if k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError(
+            f"k, v: expected {q.ndim} dimensions like q {tuple(q.shape)}, "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"k: expected last dimension d = {q.shape[-1]} (from q), got shape {tuple(k.shape)}"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"v: expected {key_length} = {k.shape[-2]} rows (from k), got shape {tuple(v.shape)}"
+        )
+    if same_batch:
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape[:-2]) != tuple(q.shape[:-2]):
+                raise ValueError(
+                    f"{name}: expected leading dimensions {tuple(q.shape[:-2])} (from q), "
+                    f"got shape {tuple(x.shape)}"
+                )
 
 
 def check_bool(xp: Any, name: str, x: Array) -> None:

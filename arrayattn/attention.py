@@ -142,28 +142,12 @@ def scaled_dot_product_attention(
     ((1, 2, 4, 8), None)
     """
     xp = checks.namespace(q=q, k=k, v=v, mask=mask, bias=bias)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        checks.check_floating(xp, name, x)
-        checks.check_ndim(name, x, 2, {"q": "(..., Lq, d)", "k": "(..., Lk, d)", "v": "(..., Lk, dv)"}[name])
-    checks.check_same_dtype(q=q, k=k, v=v)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k: expected last dimension d = {q.shape[-1]} (from q), got shape {tuple(k.shape)}"
-        )
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(
-            f"v: expected Lk = {k.shape[-2]} rows (from k), got shape {tuple(v.shape)}"
-        )
+    checks.check_qkv(xp, q, k, v, same_batch=False)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     groups = 1
-    if k.ndim != q.ndim or v.ndim != q.ndim:
-        raise ValueError(
-            f"k, v: expected {q.ndim} dimensions like q {tuple(q.shape)}, "
-            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
     if enable_gqa:
         if q.ndim < 3:
             raise ValueError(

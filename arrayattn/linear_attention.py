@@ -17,28 +17,7 @@ __all__ = ["efficient_attention", "linear_attention"]
 
 def _check_qkv(q, k, v, *, same_length: bool):
     xp = checks.namespace(q=q, k=k, v=v)
-    legend = {"q": "(..., L, d)", "k": "(..., Lk, d)", "v": "(..., Lk, dv)"}
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        checks.check_floating(xp, name, x)
-        checks.check_ndim(name, x, 2, legend[name])
-    checks.check_same_dtype(q=q, k=k, v=v)
-    if k.ndim != q.ndim or v.ndim != q.ndim:
-        raise ValueError(
-            f"k, v: expected {q.ndim} dimensions like q {tuple(q.shape)}, "
-            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"k: expected last dimension d = {q.shape[-1]} (from q), got shape {tuple(k.shape)}"
-        )
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v: expected Lk = {k.shape[-2]} rows (from k), got shape {tuple(v.shape)}")
-    for name, x in (("k", k), ("v", v)):
-        if tuple(x.shape[:-2]) != tuple(q.shape[:-2]):
-            raise ValueError(
-                f"{name}: expected leading dimensions {tuple(q.shape[:-2])} (from q), "
-                f"got shape {tuple(x.shape)}"
-            )
+    checks.check_qkv(xp, q, k, v)
     if same_length and k.shape[-2] != q.shape[-2]:
         raise ValueError(
             f"k: causal linear attention needs Lk = L = {q.shape[-2]} (from q), "
