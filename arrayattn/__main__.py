@@ -104,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     grads = aa.scaled_dot_product_attention.bwd(res, np.ones_like(out))
     print("scaled_dot_product_attention, q/k/v (N=1, H=4, L=256, d=64) float32, causal")
     print(f"  ran on backend {res.backend!r}; out {out.shape} {out.dtype}")
-    print(f"  gradients: " + ", ".join(f"{n} {g.shape}" for n, g in grads._asdict().items() if g is not None))
+    print("  gradients: " + ", ".join(f"{n} {g.shape}" for n, g in grads._asdict().items() if g is not None))
     print(aa.scaled_dot_product_attention.explain(q, k, v, causal=True))
     return 0
 

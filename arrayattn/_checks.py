@@ -26,7 +26,9 @@ __all__ = [
     "check_qkv",
     "check_real",
     "check_same_dtype",
+    "image_block_namespace",
     "namespace",
+    "param_arrays",
 ]
 
 
@@ -55,6 +57,26 @@ def namespace(**arrays: Array | None) -> Any:
     if len(devices) > 1:
         listing = ", ".join(f"{arg} on {dev}" for dev, arg in devices.items())
         raise TypeError(f"arrays on different devices: {listing}; move them to one device first")
+    return xp
+
+
+def param_arrays(params: Any, name: str = "params") -> dict[str, Array]:
+    """The arrays of a parameter mapping, each labelled ``params['key']`` for error messages.
+
+    Raises ``TypeError`` when ``params`` is not a mapping; ``None`` entries are dropped.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}")
+    return {f"{name}[{k!r}]": a for k, a in params.items() if a is not None}
+
+
+def image_block_namespace(x: Array, params: Any) -> Any:
+    """Namespace of a block op on images: ``x`` (N, C, H, W) floating, params of x's dtype."""
+    arrays = param_arrays(params)
+    xp = namespace(x=x, **arrays)
+    check_floating(xp, "x", x)
+    check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
+    check_same_dtype(x=x, **arrays)
     return xp
 
 

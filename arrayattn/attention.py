@@ -361,13 +361,12 @@ def multi_head_attention(
     >>> y.shape, sorted(g.params)
     ((3, 5, 8), ['w_k', 'w_o', 'w_q', 'w_v'])
     """
-    if not isinstance(params, dict) and not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    xp = checks.namespace(x_q=x_q, x_kv=x_kv, mask=mask, **{f"params[{k!r}]": a for k, a in params.items()})
+    labelled = checks.param_arrays(params)
+    xp = checks.namespace(x_q=x_q, x_kv=x_kv, mask=mask, **labelled)
     checks.check_floating(xp, "x_q", x_q)
     checks.check_ndim("x_q", x_q, 3, "(N, Lq, E)", exact=True)
     checks.check_ndim("x_kv", x_kv, 3, "(N, Lk, Ekv)", exact=True)
-    checks.check_same_dtype(x_q=x_q, x_kv=x_kv, **{f"params[{k!r}]": a for k, a in params.items()})
+    checks.check_same_dtype(x_q=x_q, x_kv=x_kv, **labelled)
     if x_kv.shape[0] != x_q.shape[0]:
         raise ValueError(f"x_kv: expected batch N = {x_q.shape[0]} (from x_q), got shape {tuple(x_kv.shape)}")
     heads = checks.check_int("num_heads", num_heads, minimum=1)

@@ -21,13 +21,7 @@ _SELECTIVE = ("additive", "product", "gated_residual")
 
 
 def _start(x, params):
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    arrays = {f"params[{k!r}]": a for k, a in params.items() if a is not None}
-    xp = checks.namespace(x=x, **arrays)
-    checks.check_floating(xp, "x", x)
-    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
-    checks.check_same_dtype(x=x, **arrays)
+    xp = checks.image_block_namespace(x, params)
     return xp
 
 

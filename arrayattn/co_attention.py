@@ -13,9 +13,7 @@ _SECOND = ("paper", "code")
 
 
 def _start(params, **arrays):
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    pa = {f"params[{k!r}]": a for k, a in params.items() if a is not None}
+    pa = checks.param_arrays(params)
     xp = checks.namespace(**arrays, **pa)
     for name, a in arrays.items():
         checks.check_floating(xp, name, a)

@@ -269,12 +269,7 @@ def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2
     >>> y.shape, g.x.shape, sorted(g.params)
     ((1, 16, 5, 6), (1, 16, 5, 6), ['gamma', 'w_k', 'w_q', 'w_v'])
     """
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    xp = checks.namespace(x=x, **{f"params[{k!r}]": a for k, a in params.items()})
-    checks.check_floating(xp, "x", x)
-    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
-    checks.check_same_dtype(x=x, **{f"params[{k!r}]": a for k, a in params.items() if a is not None})
+    xp = checks.image_block_namespace(x, params)
     c = x.shape[1]
     w_q = params.get("w_q")
     if w_q is None:

@@ -92,13 +92,7 @@ def position_attention(x: Array, params: dict[str, Array]) -> Call:
     >>> y.shape, sorted(g.params)
     ((2, 16, 5, 6), ['gamma', 'w_key', 'w_query', 'w_value'])
     """
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    arrays = {f"params[{k!r}]": a for k, a in params.items() if a is not None}
-    xp = checks.namespace(x=x, **arrays)
-    checks.check_floating(xp, "x", x)
-    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
-    checks.check_same_dtype(x=x, **arrays)
+    xp = checks.image_block_namespace(x, params)
     c = x.shape[1]
     wq = params.get("w_query")
     if wq is None:

@@ -104,12 +104,7 @@ def _check_states(xp, t_name, h_t, s_name, h_s, t_legend, s_legend):
 
 
 def _namespace(params, **arrays):
-    if params is not None and not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    given = dict(arrays)
-    for key, value in (params or {}).items():
-        given[f"params[{key!r}]"] = value
-    return checks.namespace(**given)
+    return checks.namespace(**arrays, **checks.param_arrays({} if params is None else params))
 
 
 def _matrix_rows(params, key: str, legend: str) -> int:

@@ -791,12 +791,7 @@ def sasa_block(
     >>> y.shape, g.x.shape, sorted(g.params)
     ((1, 8, 6, 6), (1, 4, 6, 6), ['rel_h', 'rel_w', 'w_k', 'w_q', 'w_v'])
     """
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    xp = checks.namespace(x=x, **{f"params[{k!r}]": a for k, a in params.items()})
-    checks.check_floating(xp, "x", x)
-    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
-    checks.check_same_dtype(x=x, **{f"params[{k!r}]": a for k, a in params.items()})
+    xp = checks.image_block_namespace(x, params)
     heads = checks.check_int("num_heads", num_heads, minimum=1)
     kernel = checks.check_int("kernel_size", kernel_size, minimum=1)
     if kernel % 2 == 0:

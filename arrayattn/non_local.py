@@ -131,13 +131,7 @@ def non_local_block(
     >>> z.shape, sorted(g.params)
     ((2, 8, 6, 6), ['w_g', 'w_phi', 'w_theta', 'w_z'])
     """
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    arrays = {f"params[{k!r}]": a for k, a in params.items() if a is not None}
-    xp = checks.namespace(x=x, **arrays)
-    checks.check_floating(xp, "x", x)
-    checks.check_ndim("x", x, 4, "(N, C, H, W)", exact=True)
-    checks.check_same_dtype(x=x, **arrays)
+    xp = checks.image_block_namespace(x, params)
     checks.check_choice("mode", mode, _MODES)
     if not isinstance(subsample, bool):
         raise TypeError(f"subsample: expected a bool, got {type(subsample).__name__}")

@@ -128,9 +128,7 @@ def _check_params_dtype(params, like_name, like):
 
 
 def _namespace(params, **arrays):
-    if not hasattr(params, "keys"):
-        raise TypeError(f"params: expected a mapping of parameter arrays, got {type(params).__name__}")
-    return checks.namespace(**arrays, **{f"params[{k!r}]": a for k, a in params.items()})
+    return checks.namespace(**arrays, **checks.param_arrays(params))
 
 
 def _sub(params: dict, prefix: str) -> dict:

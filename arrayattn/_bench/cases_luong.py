@@ -90,7 +90,7 @@ def _bahdanau_torch(p: dict, dtype: str, mode: str):
 
 
 def _local_flops(p: dict, mode: str) -> float:
-    n, t, s, d, w = p["N"], p["T"], p["S"], p["d"], 2 * p["D"] + 1
+    n, t, d, w = p["N"], p["T"], p["d"], 2 * p["D"] + 1
     fwd = 2.0 * n * t * d * d + 2.0 * n * t * d * p["dp"] + 4.0 * n * t * w * d
     return fwd if mode == "fwd" else 3.0 * fwd
 

@@ -394,7 +394,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     o = _options({"mask": mask, "bias": bias}, {"causal": causal}, q, k)
     cdt = o["cdt"].type
     nb = math.prod(o["batch"])
-    lq, lk, d, dv = o["lq"], o["lk"], q.shape[-1], v.shape[-1]
+    lq, dv = o["lq"], v.shape[-1]
     q3 = _as3(q, nb)
     k3 = _as3(k, nb // gqa_groups if nb else 0)
     v3 = _as3(v, nb // gqa_groups if nb else 0)
