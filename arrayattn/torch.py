@@ -1,0 +1,503 @@
+"""PyTorch adapter: every arrayattn op as a differentiable PyTorch op.
+
+``arrayattn.torch.<op>`` exists for every public op (:func:`arrayattn.registered_ops`), generated on
+first access, and takes the op's own arguments with :class:`torch.Tensor` arrays (a parameter
+mapping such as ``params`` is a ``dict`` of tensors)::
+
+    import torch
+    import arrayattn.torch as aat
+
+    q = torch.randn(2, 4, 128, 32, requires_grad=True)
+    out = aat.scaled_dot_product_attention(q, q, q, causal=True)
+    out.sum().backward()                                       # q.grad, via the op's .bwd
+
+Notes
+-----
+Each op is two :func:`torch.library.custom_op` operators, ``arrayattn::<op>`` (forward: outputs,
+the residual arrays backward needs, and the backends that ran) and ``arrayattn::<op>_bwd``,
+joined by :func:`torch.library.register_autograd`, so the ops work under autograd,
+``torch.compile(fullgraph=True)`` and :func:`torch.library.opcheck`. The array arguments travel as
+one ``Tensor[]``; everything else (the static options) as a JSON string, which is a compile-time
+constant.
+
+* CPU tensors run the selected backend (``auto``: Numba where it has a kernel, else the array-API
+  reference) on zero-copy NumPy views of the tensors; CUDA tensors run on zero-copy CuPy views
+  (DLPack). Results come back as tensors without a copy, except where an array is not contiguous
+  or shares memory with another result (PyTorch operators may not return aliases).
+* The residuals are the op's :class:`arrayattn.Residuals` record: arrays that are inputs or
+  outputs are not duplicated, the others are extra outputs of the forward operator (hence saved
+  by autograd as tensors, visible to saved-tensor hooks), and backward rebuilds the record and
+  calls the op's ``.bwd`` on the backend that ran the forward.
+* Shapes for tracing (``register_fake``) come from running the op's array-API reference on
+  ``meta`` tensors of the same shapes, which computes nothing (cached per shape; symbolic sizes
+  are specialised). Where the backend that runs keeps another residual record
+  than the reference (other keys, shapes or static options), its record cannot travel through the
+  traced graph: the forward then keeps no residuals and backward runs the forward again (on the
+  same backend) before calling ``.bwd`` — correct, at the cost of one more forward.
+
+Limits: float16, float32 and float64 (NumPy and CuPy have no bfloat16); second derivatives are not
+supported (backward is not itself differentiable); the backend setting in effect when the forward
+runs is the one used (backward follows it).
+
+Examples
+--------
+>>> import torch, arrayattn.torch as aat
+>>> q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+>>> out = aat.scaled_dot_product_attention(q, q, q, causal=True)
+>>> out.shape
+torch.Size([1, 2, 5, 4])
+>>> out.sum().backward()
+>>> q.grad.shape
+torch.Size([1, 2, 5, 4])
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import torch
+
+from . import _op, _registry
+from ._config import get_backend, use_backend
+
+__all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
+
+_NAMESPACE = "arrayattn"
+_BACKEND_NAMES = tuple(_registry._BACKENDS)
+_SETTINGS = ("auto", *_BACKEND_NAMES)
+_WRAPPERS: dict[str, Callable[..., Any]] = {}
+
+
+def __getattr__(name: str) -> Callable[..., Any]:
+    ops = _op.registered_ops()
+    if name not in ops:
+        raise AttributeError(f"module 'arrayattn.torch' has no attribute {name!r}")
+    if name not in _WRAPPERS:
+        _WRAPPERS[name] = _make_wrapper(ops[name])
+    return _WRAPPERS[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_op.registered_ops()))
+
+
+# -- the static part of a call: JSON with tuples, lists and dicts kept apart ----------------------
+
+
+def _encode(arg: str, value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return ["v", value]
+    if isinstance(value, int):
+        return ["v", int(value)]
+    if isinstance(value, float):
+        return ["v", float(value)]
+    if isinstance(value, tuple):
+        return ["t", [_encode(arg, v) for v in value]]
+    if isinstance(value, list):
+        return ["l", [_encode(arg, v) for v in value]]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return ["d", {k: _encode(arg, v) for k, v in value.items()}]
+    if hasattr(value, "__dlpack__") or hasattr(value, "__array_namespace__"):
+        raise TypeError(
+            f"{arg}: expected a torch.Tensor (arrayattn.torch takes tensors), got {type(value).__name__}"
+        )
+    raise TypeError(
+        f"{arg}: arrayattn.torch passes options as constants; expected None, bool, int, float, str "
+        f"or a tuple/list/dict of them, got {type(value).__name__}"
+    )
+
+
+def _decode(value: Any) -> Any:
+    tag, body = value
+    if tag == "v":
+        return body
+    if tag == "t":
+        return tuple(_decode(v) for v in body)
+    if tag == "l":
+        return [_decode(v) for v in body]
+    return {k: _decode(v) for k, v in body.items()}
+
+
+@torch.compiler.assume_constant_result
+def _make_spec(leaves: tuple, options: tuple) -> str:
+    """The forward operator's string argument: which argument each tensor is, and the options."""
+    return json.dumps(
+        {"leaves": [list(leaf) for leaf in leaves], "options": {k: _encode(k, v) for k, v in options}},
+        sort_keys=True,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_spec(spec: str) -> tuple[tuple[tuple[str, str | None], ...], dict[str, Any]]:
+    data = json.loads(spec)
+    leaves = tuple((name, key) for name, key in data["leaves"])
+    return leaves, {k: _decode(v) for k, v in data["options"].items()}
+
+
+def _call_arguments(op: _op.Op, spec: str, arrays: list) -> tuple[list, dict]:
+    """(args, kwargs) of ``op`` with the arrays put back where the spec says they came from."""
+    leaves, options = _parse_spec(spec)
+    arguments: dict[str, Any] = dict(options)
+    for (name, key), a in zip(leaves, arrays):
+        if key is None:
+            arguments[name] = a
+        else:
+            arguments.setdefault(name, {})[key] = a
+    args, kwargs = [], {}
+    for p in inspect.signature(op).parameters.values():
+        if p.name not in arguments:
+            continue
+        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            args.append(arguments.pop(p.name))
+        elif p.kind is not inspect.Parameter.VAR_KEYWORD:
+            kwargs[p.name] = arguments.pop(p.name)
+    kwargs.update(arguments)  # **kwargs of the op, if it has them
+    return args, kwargs
+
+
+# -- tensors <-> NumPy / CuPy arrays --------------------------------------------------------------
+
+
+def _to_array(t: torch.Tensor) -> Any:
+    if t.dtype == torch.bfloat16:
+        raise TypeError(
+            "arrayattn.torch runs the NumPy/CuPy backends, which have no bfloat16; "
+            "use float16, float32 or float64 tensors"
+        )
+    if t.device.type == "cpu":
+        return np.from_dlpack(t.detach())
+    if t.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(t.detach())
+    raise TypeError(f"arrayattn.torch: tensors on {t.device} are not supported (cpu or cuda only)")
+
+
+def _may_share(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)
+    if type(a).__module__.startswith("cupy") and type(b).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy.may_share_memory(a, b)
+    return False
+
+
+def _export(arrays: list, forbidden: list) -> list[torch.Tensor]:
+    """Arrays as tensors without copying, except where a result would alias an input or another
+    result, or is not contiguous (so it matches the strides the fake implementation promises)."""
+    out: list[torch.Tensor] = []
+    kept: list = []
+    for a in arrays:
+        if isinstance(a, np.generic):  # a NumPy scalar where a 0-d array was due
+            a = np.asarray(a)
+        if isinstance(a, np.ndarray):
+            if (not a.flags.c_contiguous or not a.flags.writeable
+                    or any(_may_share(a, b) for b in forbidden + kept)):
+                a = np.array(a, order="C", copy=True)
+            t = torch.from_numpy(a)
+        else:  # CuPy
+            import cupy
+
+            if not a.flags.c_contiguous or any(_may_share(a, b) for b in forbidden + kept):
+                a = cupy.array(a, order="C", copy=True)
+            t = torch.from_dlpack(a)
+        kept.append(a)
+        out.append(t)
+    return out
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+# -- the residual record: layout and static part --------------------------------------------------
+
+
+def _layout(res: _op.Residuals, leaves: list, outs: tuple) -> tuple[tuple[tuple[str, str, int], ...], list]:
+    """Where each residual array lives: ("input", i), ("output", j), ("saved", s) or ("none", -1);
+    and the list of the saved (extra) arrays."""
+    entries, saved = [], []
+    for key, a in res.arrays.items():
+        if a is None:
+            entries.append((key, "none", -1))
+        elif any(a is x for x in leaves):
+            entries.append((key, "input", next(i for i, x in enumerate(leaves) if a is x)))
+        elif any(a is o for o in outs):
+            entries.append((key, "output", next(j for j, o in enumerate(outs) if a is o)))
+        else:
+            entries.append((key, "saved", len(saved)))
+            saved.append(a)
+    return tuple(entries), saved
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _outputs_spec(outputs: tuple) -> tuple:
+    return tuple((name, tuple(int(s) for s in shape), _dtype_name(dt)) for name, shape, dt in outputs)
+
+
+def _static_spec(static: tuple) -> tuple:
+    """The static part with nested records' backends dropped and dtypes named (comparable)."""
+    out = []
+    for key, value in static:
+        if key.endswith(_op._NEST):
+            op, _, inner, outputs = value
+            value = (op, None, _static_spec(inner), _outputs_spec(outputs))
+        out.append((key, value))
+    return tuple(out)
+
+
+def _backends(static: tuple) -> list[str]:
+    """The backends of the nested records, depth first."""
+    found = []
+    for key, value in static:
+        if key.endswith(_op._NEST):
+            found.append(value[1])
+            found.extend(_backends(value[2]))
+    return found
+
+
+def _restore_static(spec: tuple, backends: list[str]) -> tuple:
+    out = []
+    for key, value in spec:
+        if key.endswith(_op._NEST):
+            op, _, inner, outputs = value
+            backend = backends.pop(0)
+            value = (op, backend, _restore_static(inner, backends), _restore_outputs(outputs))
+        out.append((key, value))
+    return tuple(out)
+
+
+def _restore_outputs(outputs: tuple) -> tuple:
+    return tuple((name, shape, np.dtype(dt)) for name, shape, dt in outputs)
+
+
+class _Plan:
+    """The reference's residual record for one call signature, computed on meta tensors."""
+
+    def __init__(self, layout, static, outputs, saved_meta):
+        self.layout, self.static, self.outputs, self.saved_meta = layout, static, outputs, saved_meta
+        self.n_nested = len(_backends(static))
+
+
+def _run_reference(op: _op.Op, spec: str, tensors: list) -> tuple[tuple, _op.Residuals]:
+    args, kwargs = _call_arguments(op, spec, tensors)
+    with use_backend("array_api"):
+        out, res = op.fwd(*args, **kwargs)
+    return (out if isinstance(out, tuple) else (out,)), res
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(name: str, spec: str, metas: tuple) -> _Plan:
+    op = _op.registered_ops()[name]
+    tensors = [torch.empty(shape, dtype=getattr(torch, dt), device="meta") for shape, dt in metas]
+    outs, res = _run_reference(op, spec, tensors)
+    layout, saved = _layout(res, tensors, outs)
+    return _Plan(
+        layout,
+        _static_spec(res.static),
+        _outputs_spec(res.outputs),
+        tuple((tuple(a.shape), _dtype_name(a.dtype)) for a in saved),
+    )
+
+
+def _metas(arrays: list) -> tuple:
+    return tuple((tuple(int(s) for s in a.shape), _dtype_name(a.dtype)) for a in arrays)
+
+
+# -- the custom operators --------------------------------------------------------------------------
+
+
+def _differentiable_leaves(op: _op.Op, spec: str) -> list[int]:
+    leaves, _ = _parse_spec(spec)
+    return [i for i, (name, _) in enumerate(leaves) if name in op.differentiable]
+
+
+@functools.cache
+def _custom_ops(name: str):
+    op = _op.registered_ops()[name]
+
+    @torch.library.custom_op(f"{_NAMESPACE}::{name}", mutates_args=())
+    def forward(
+        arrays: list[torch.Tensor], spec: str
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        xs = [_to_array(t) for t in arrays]
+        args, kwargs = _call_arguments(op, spec, xs)
+        out, res = op.fwd(*args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        layout, saved = _layout(res, xs, outs)
+        plan = _plan(name, spec, _metas(arrays))
+        device = arrays[0].device if arrays else torch.device("cpu")
+        if (layout, _static_spec(res.static), _metas(saved)) == (
+            plan.layout, plan.static, plan.saved_meta
+        ):
+            codes = [_BACKEND_NAMES.index(b) for b in [res.backend, *_backends(res.static)]]
+        else:
+            # This backend keeps another residual record than the reference, whose layout the
+            # traced graph was built for: keep none (zero placeholders of the planned shapes) and
+            # let backward run the forward again under the same setting.
+            codes = [-1 - _SETTINGS.index(get_backend())] + [0] * plan.n_nested
+            saved = [
+                _to_array(torch.zeros(shape, dtype=getattr(torch, dt), device=device))
+                for shape, dt in plan.saved_meta
+            ]
+        codes = torch.tensor(codes, dtype=torch.int64, device=device)
+        tensors = _export(list(outs) + saved, xs)
+        return tensors[: len(outs)], tensors[len(outs):], codes
+
+    @forward.register_fake
+    def _(arrays, spec):
+        # The reference run on meta tensors of these shapes (cached): symbolic sizes are
+        # specialised (``int()`` guards on them), since references compute with Python ints.
+        plan = _plan(name, spec, _metas(arrays))
+        device = arrays[0].device if arrays else torch.device("cpu")
+
+        def empty(shape, dt):
+            return torch.empty(shape, dtype=getattr(torch, dt), device=device)
+
+        return (
+            [empty(shape, dt) for _, shape, dt in plan.outputs],
+            [empty(shape, dt) for shape, dt in plan.saved_meta],
+            empty((1 + plan.n_nested,), "int64"),
+        )
+
+    @torch.library.custom_op(f"{_NAMESPACE}::{name}_bwd", mutates_args=())
+    def backward(
+        arrays: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        saved: list[torch.Tensor],
+        codes: torch.Tensor,
+        cotangents: list[torch.Tensor],
+        spec: str,
+    ) -> list[torch.Tensor]:
+        xs = [_to_array(t) for t in arrays]
+        outs = [_to_array(t) for t in outputs]
+        kept = [_to_array(t) for t in saved]
+        cts = [_to_array(t) for t in cotangents]
+        codes = codes.tolist()
+        if codes[0] < 0:  # the forward kept no residuals: recompute them
+            args, kwargs = _call_arguments(op, spec, xs)
+            with use_backend(_SETTINGS[-1 - codes[0]]):
+                _, res = op.fwd(*args, **kwargs)
+        else:
+            plan = _plan(name, spec, _metas(arrays))
+            source = {"input": xs, "output": outs, "saved": kept}
+            res = _op.Residuals(
+                op=name,
+                backend=_BACKEND_NAMES[codes[0]],
+                arrays={
+                    key: (None if kind == "none" else source[kind][i])
+                    for key, kind, i in plan.layout
+                },
+                static=_restore_static(plan.static, [_BACKEND_NAMES[c] for c in codes[1:]]),
+                outputs=_restore_outputs(plan.outputs),
+            )
+        grads = op.bwd(res, tuple(cts) if len(cts) > 1 else cts[0])
+        leaves, _ = _parse_spec(spec)
+        result = []
+        for i in _differentiable_leaves(op, spec):
+            arg, key = leaves[i]
+            g = getattr(grads, arg)
+            if g is not None and key is not None:
+                g = g.get(key)
+            if g is None:  # the op gives no gradient for this array: it does not depend on it
+                g = array_api_compat.array_namespace(xs[i]).zeros_like(xs[i])
+            result.append(g)
+        return _export(result, xs + outs + kept + cts)
+
+    @backward.register_fake
+    def _(arrays, outputs, saved, codes, cotangents, spec):
+        return [_empty_like(arrays[i]) for i in _differentiable_leaves(op, spec)]
+
+    def setup_context(ctx, inputs, output):
+        arrays, spec = inputs
+        outs, saved, codes = output
+        ctx.counts = (len(arrays), len(outs), len(saved))
+        ctx.spec = spec
+        ctx.save_for_backward(*arrays, *outs, *saved, codes)
+
+    def autograd_backward(ctx, grad_outs, grad_saved, grad_codes):
+        n_in, n_out, n_saved = ctx.counts
+        tensors = ctx.saved_tensors
+        arrays = list(tensors[:n_in])
+        outs = list(tensors[n_in : n_in + n_out])
+        saved = list(tensors[n_in + n_out : n_in + n_out + n_saved])
+        codes = tensors[-1]
+        cts = [torch.zeros_like(o) if g is None else g for g, o in zip(grad_outs, outs)]
+        grads = backward(arrays, outs, saved, codes, cts, ctx.spec)
+        result: list[torch.Tensor | None] = [None] * n_in
+        for i, g in zip(_differentiable_leaves(op, ctx.spec), grads):
+            result[i] = g
+        return result, None
+
+    forward.register_autograd(autograd_backward, setup_context=setup_context)
+    return forward, backward
+
+
+# -- the public wrappers ---------------------------------------------------------------------------
+
+
+def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
+    sig = inspect.signature(op)
+    params = [
+        (p.name, p.kind)
+        for p in sig.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    positional = [
+        name
+        for name, kind in params
+        if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    forward, _ = _custom_ops(op.name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were given"
+            )
+        arguments = dict(zip(positional, args))
+        for key, value in kwargs.items():
+            if key in arguments:
+                raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
+            arguments[key] = value
+        leaves, tensors, options = [], [], []
+        for name, value in arguments.items():
+            if isinstance(value, torch.Tensor):
+                leaves.append((name, None))
+                tensors.append(value)
+            elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+                for key, v in value.items():
+                    if v is None:
+                        continue
+                    if not isinstance(v, torch.Tensor):
+                        raise TypeError(
+                            f"{name}[{key!r}]: expected a torch.Tensor, got {type(v).__name__}"
+                        )
+                    leaves.append((name, key))
+                    tensors.append(v)
+            else:
+                options.append((name, value))
+        spec = _make_spec(tuple(leaves), tuple(options))
+        outs, _, _ = forward(tensors, spec)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    wrapper.__name__ = wrapper.__qualname__ = op.name
+    wrapper.__module__ = __name__
+    wrapper.__signature__ = sig.replace(return_annotation=inspect.Signature.empty)
+    wrapper.__doc__ = (
+        f"PyTorch version of :func:`arrayattn.{op.name}`: the same arguments, with torch tensors.\n\n"
+        f"Differentiable under torch autograd with respect to {', '.join(op.differentiable) or 'nothing'}"
+        " (tensors with ``requires_grad``); works under ``torch.compile(fullgraph=True)``. "
+        "See :mod:`arrayattn.torch`.\n"
+    )
+    return wrapper
