@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import array_api_compat
+import numpy as np
 
 from ._xp import Array
 
@@ -115,6 +116,17 @@ def _unflatten(res: Residuals) -> tuple[dict[str, Any], dict[str, Hashable]]:
     return saved, options
 
 
+def _arrays_only(value: Any) -> Any:
+    """NumPy reductions to 0-d give scalars (``np.float64``); ops return 0-d arrays instead."""
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    if isinstance(value, dict):
+        return {k: _arrays_only(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_arrays_only(v) for v in value)
+    return value
+
+
 _OPS: dict[str, Op] = {}
 
 
@@ -173,6 +185,7 @@ class Op:
         call = self._prepare(*args, **kwargs)
         backend, kernel = resolve(self, call)
         outs, saved = kernel.fwd(call.xp, dict(call.arrays), dict(call.static), save)
+        outs = _arrays_only(tuple(outs))
         if len(outs) != len(call.outputs):
             raise AssertionError(f"{self.name}[{backend}] returned {len(outs)} outputs")
         return call, backend, outs, saved
@@ -219,7 +232,7 @@ class Op:
         xp = array_api_compat.array_namespace(*[a for a in res.arrays.values() if a is not None])
         saved, options = _unflatten(res)
         grads = kernel.bwd(xp, saved, options, cts)
-        return self.Grads(**{arg: grads.get(arg) for arg in self.differentiable})
+        return self.Grads(**{arg: _arrays_only(grads.get(arg)) for arg in self.differentiable})
 
     def _check_cotangents(self, res: Residuals, cotangents: Any) -> tuple[Array, ...]:
         names = [name for name, _, _ in res.outputs]

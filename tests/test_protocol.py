@@ -286,3 +286,19 @@ def test_protocol_on_other_namespaces(namespace, qkv):
     ref = SDPA.bwd(SDPA.fwd(*qkv, causal=True)[1], np.ones(tuple(out.shape)))
     for a, b in zip(g[:3], ref[:3]):
         np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-14)
+
+
+def test_outputs_and_gradients_are_arrays_never_numpy_scalars():
+    """NumPy full reductions give np.float64 scalars; every op returns 0-d arrays instead."""
+    rng = np.random.default_rng(3)
+    for op in aa.registered_ops().values():
+        for args, kwargs in op.examples(rng):
+            out, res = op.fwd(*args, **kwargs)
+            outs = out if isinstance(out, tuple) else (out,)
+            cts = tuple(np.ones_like(o) for o in outs)
+            grads = op.bwd(res, cts if isinstance(out, tuple) else cts[0])
+            leaves = list(outs)
+            for g in grads:
+                leaves.extend(g.values() if isinstance(g, dict) else [g])
+            for leaf in leaves:
+                assert leaf is None or isinstance(leaf, np.ndarray), (op.name, type(leaf))
