@@ -96,23 +96,6 @@ def _lift_1d(xp, arrays, static):
     return out
 
 
-def _ref_fwd(xp, arrays, static, save):
-    a = _lift_1d(xp, arrays, static)
-    r_h, r_w = _unpack_rel(arrays)
-    wy, wx = windows_of(static, a["q"].shape)
-    out, lse = window_attention_forward(
-        xp, a["q"], a["k"], a["v"], wy, wx, boundary=_boundary_of(static), scale=static["scale"],
-        rel_bias=a.get("rel_bias"), r_h=r_h, r_w=r_w,
-    )
-    if static["kind"] == "na1d":
-        out, lse = out[..., 0, :, :], lse[..., 0, :]
-    saved = {}
-    if save:
-        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                 "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
-    return (out,), saved
-
-
 def _pack_rel_grads(static, drh, drw):
     form = static.get("rel_pos_form")
     if form is None:
@@ -122,24 +105,54 @@ def _pack_rel_grads(static, drh, drw):
     return {key: g for key, g in (("r_h", drh), ("r_w", drw)) if key in static["rel_keys"]}
 
 
-def _ref_bwd(xp, saved, static, cotangents):
-    (dout,) = cotangents
-    a = _lift_1d(xp, dict(saved, dout=dout), static)
-    wy, wx = windows_of(static, a["q"].shape)
-    dq, dk, dv, dbias, drh, drw = window_attention_backward(
-        xp, a["q"], a["k"], a["v"], a["out"], a["lse"], a["dout"], wy, wx,
-        boundary=_boundary_of(static), scale=static["scale"], rel_bias=a.get("rel_bias"),
-        r_h=saved.get("r_h"), r_w=saved.get("r_w"),
-    )
-    if static["kind"] == "na1d":
-        dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
-        if dbias is not None:
-            dbias = dbias[..., 0, :]
-    return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
-            "rel_pos": _pack_rel_grads(static, drh, drw)}
+def window_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
+    """The :class:`~arrayattn._op.Kernel` of the windowed ops from a backend's forward/backward.
+
+    ``forward(q, k, v, wy, wx, *, boundary, scale, rel_bias, r_h, r_w) -> (out, lse)`` and
+    ``backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias, r_h, r_w)
+    -> (dq, dk, dv, dbias, drh, drw)`` on the 2-D layout (..., H, W, d), with the per-axis window
+    tables ``wy``, ``wx`` of :func:`windows_of`; with ``takes_xp`` both take the namespace first
+    (the reference). The wrapper lifts 1-D calls to 2-D and back and packs the table gradients.
+    """
+
+    def fwd(xp, arrays, static, save):
+        a = _lift_1d(xp, arrays, static)
+        r_h, r_w = _unpack_rel(arrays)
+        wy, wx = windows_of(static, a["q"].shape)
+        lead = (xp,) if takes_xp else ()
+        out, lse = forward(
+            *lead, a["q"], a["k"], a["v"], wy, wx, boundary=_boundary_of(static),
+            scale=static["scale"], rel_bias=a.get("rel_bias"), r_h=r_h, r_w=r_w,
+        )
+        if static["kind"] == "na1d":
+            out, lse = out[..., 0, :, :], lse[..., 0, :]
+        saved = {}
+        if save:
+            saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
+                     "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
+        return (out,), saved
+
+    def bwd(xp, saved, static, cotangents):
+        (dout,) = cotangents
+        a = _lift_1d(xp, dict(saved, dout=dout), static)
+        wy, wx = windows_of(static, a["q"].shape)
+        lead = (xp,) if takes_xp else ()
+        dq, dk, dv, dbias, drh, drw = backward(
+            *lead, a["q"], a["k"], a["v"], a["out"], a["lse"], a["dout"], wy, wx,
+            boundary=_boundary_of(static), scale=static["scale"], rel_bias=a.get("rel_bias"),
+            r_h=saved.get("r_h"), r_w=saved.get("r_w"),
+        )
+        if static["kind"] == "na1d":
+            dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
+            if dbias is not None:
+                dbias = dbias[..., 0, :]
+        return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
+                "rel_pos": _pack_rel_grads(static, drh, drw)}
+
+    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
 
-REFERENCE = Kernel(_ref_fwd, _ref_bwd)
+REFERENCE = window_kernel(window_attention_forward, window_attention_backward, takes_xp=True)
 
 
 # -- validation -----------------------------------------------------------------------------------

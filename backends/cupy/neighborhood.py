@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from arrayattn._op import Kernel
+from arrayattn.neighborhood import window_kernel
 
 from ._module import function
 
@@ -171,49 +171,6 @@ def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scal
 # -- Kernel ---------------------------------------------------------------------------------------
 
 
-def _fwd(xp, arrays, static, save):
-    from arrayattn.neighborhood import _boundary_of, _lift_1d, windows_of
-
-    import cupy as cp
-
-    a = _lift_1d(cp, {n: x for n, x in arrays.items() if n != "rel_pos"}, static)
-    rel = arrays.get("rel_pos") or {}
-    r_h, r_w = rel.get("r_h"), rel.get("r_w")
-    wy, wx = windows_of(static, a["q"].shape)
-    out, lse = window_attention_forward(
-        a["q"], a["k"], a["v"], wy, wx, boundary=_boundary_of(static), scale=static["scale"],
-        rel_bias=a.get("rel_bias"), r_h=r_h, r_w=r_w,
-    )
-    if static["kind"] == "na1d":
-        out, lse = out[..., 0, :, :], lse[..., 0, :]
-    saved = {}
-    if save:
-        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                 "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
-    return (out,), saved
-
-
-def _bwd(xp, saved, static, cotangents):
-    from arrayattn.neighborhood import _boundary_of, _lift_1d, _pack_rel_grads, windows_of
-
-    import cupy as cp
-
-    (dout,) = cotangents
-    a = _lift_1d(cp, dict(saved, dout=dout), static)
-    wy, wx = windows_of(static, a["q"].shape)
-    dq, dk, dv, dbias, drh, drw = window_attention_backward(
-        a["q"], a["k"], a["v"], a["out"], a["lse"], a["dout"], wy, wx,
-        boundary=_boundary_of(static), scale=static["scale"], rel_bias=a.get("rel_bias"),
-        r_h=saved.get("r_h"), r_w=saved.get("r_w"),
-    )
-    if static["kind"] == "na1d":
-        dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
-        if dbias is not None:
-            dbias = dbias[..., 0, :]
-    return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
-            "rel_pos": _pack_rel_grads(static, drh, drw)}
-
-
 def _supports(call):
     q, v = call.arrays["q"], call.arrays["v"]
     if np.dtype(q.dtype).name not in _CTYPES:
@@ -223,7 +180,7 @@ def _supports(call):
     return None
 
 
-_KERNEL = Kernel(_fwd, _bwd, _supports)
+_KERNEL = window_kernel(window_attention_forward, window_attention_backward, _supports)
 
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,

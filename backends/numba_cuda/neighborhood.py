@@ -30,9 +30,8 @@ import math
 import numpy as np
 from numba import cuda
 
-from arrayattn._op import Kernel
 from arrayattn._reference.neighborhood import inverse_windows
-from arrayattn.neighborhood import _boundary_of, _lift_1d, _pack_rel_grads, windows_of
+from arrayattn.neighborhood import window_kernel
 
 from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
 
@@ -460,49 +459,6 @@ def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scal
 # -- Kernel ---------------------------------------------------------------------------------------
 
 
-def _rel_tables(arrays):
-    rel = arrays.get("rel_pos")
-    if rel is not None:
-        return rel.get("r_h"), rel.get("r_w")
-    return arrays.get("r_h"), arrays.get("r_w")
-
-
-def _fwd(xp, arrays, static, save):
-    lib = lib_of(as_lib(arrays["q"]))
-    a = _lift_1d(lib, {n: as_lib(x) for n, x in arrays.items() if n != "rel_pos"}, static)
-    r_h, r_w = _rel_tables(arrays)
-    wy, wx = windows_of(static, a["q"].shape)
-    out, lse = window_attention_forward(
-        a["q"], a["k"], a["v"], wy, wx, boundary=_boundary_of(static), scale=static["scale"],
-        rel_bias=a.get("rel_bias"), r_h=r_h, r_w=r_w,
-    )
-    if static["kind"] == "na1d":
-        out, lse = out[..., 0, :, :], lse[..., 0, :]
-    saved = {}
-    if save:
-        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                 "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
-    return (out,), saved
-
-
-def _bwd(xp, saved, static, cotangents):
-    (dout,) = cotangents
-    lib = lib_of(as_lib(saved["q"]))
-    a = _lift_1d(lib, {n: as_lib(x) for n, x in dict(saved, dout=dout).items()}, static)
-    wy, wx = windows_of(static, a["q"].shape)
-    dq, dk, dv, dbias, drh, drw = window_attention_backward(
-        a["q"], a["k"], a["v"], a["out"], a["lse"], a["dout"], wy, wx,
-        boundary=_boundary_of(static), scale=static["scale"], rel_bias=a.get("rel_bias"),
-        r_h=saved.get("r_h"), r_w=saved.get("r_w"),
-    )
-    if static["kind"] == "na1d":
-        dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
-        if dbias is not None:
-            dbias = dbias[..., 0, :]
-    return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
-            "rel_pos": _pack_rel_grads(static, drh, drw)}
-
-
 def _supports(call):
     q = call.arrays["q"]
     if np.dtype(q.dtype) not in (np.float32, np.float64):
@@ -510,7 +466,7 @@ def _supports(call):
     return None
 
 
-_KERNEL = Kernel(_fwd, _bwd, _supports)
+_KERNEL = window_kernel(window_attention_forward, window_attention_backward, _supports)
 
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,
