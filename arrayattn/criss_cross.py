@@ -13,18 +13,27 @@ __all__ = ["criss_cross_attention", "criss_cross_block"]
 # -- criss-cross attention ----------------------------------------------------------------------
 
 
-def _cca_ref_fwd(xp, arrays, static, save):
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, lse = criss_cross_forward(xp, q, k, v, scale=static["scale"])
-    return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
+def criss_cross_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
+    """The :class:`~arrayattn._op.Kernel` of criss_cross_attention from a backend's pair.
 
+    ``forward(q, k, v, *, scale) -> (out, lse)`` and
+    ``backward(q, k, v, out, lse, dout, *, scale) -> (dq, dk, dv)``; with ``takes_xp`` both take
+    the namespace first (the reference).
+    """
 
-def _cca_ref_bwd(xp, saved, static, cotangents):
-    dq, dk, dv = criss_cross_backward(
-        xp, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
-        scale=static["scale"],
-    )
-    return {"q": dq, "k": dk, "v": dv}
+    def fwd(xp, arrays, static, save):
+        q, k, v = arrays["q"], arrays["k"], arrays["v"]
+        out, lse = forward(*((xp,) if takes_xp else ()), q, k, v, scale=static["scale"])
+        return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
+
+    def bwd(xp, saved, static, cotangents):
+        dq, dk, dv = backward(
+            *((xp,) if takes_xp else ()), saved["q"], saved["k"], saved["v"], saved["out"],
+            saved["lse"], cotangents[0], scale=static["scale"],
+        )
+        return {"q": dq, "k": dk, "v": dv}
+
+    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
 
 def _cca_examples(rng):
@@ -41,7 +50,7 @@ def _cca_examples(rng):
 
 @op(
     differentiable=("q", "k", "v"),
-    reference=Kernel(_cca_ref_fwd, _cca_ref_bwd),
+    reference=criss_cross_kernel(criss_cross_forward, criss_cross_backward, takes_xp=True),
     examples=_cca_examples,
 )
 def criss_cross_attention(q: Array, k: Array, v: Array, *, scale: float = 1.0) -> Call:

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from arrayattn._op import Kernel
+from arrayattn.criss_cross import criss_cross_kernel
 
 from ._common import as_lib, lib_of, nblocks, numba_dtype
 
@@ -216,20 +216,6 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape)
 
 
-def _fwd(xp, arrays, static, save):
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, lse = criss_cross_forward(q, k, v, scale=static["scale"])
-    return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
-
-
-def _bwd(xp, saved, static, cotangents):
-    dq, dk, dv = criss_cross_backward(
-        saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
-        scale=static["scale"],
-    )
-    return {"q": dq, "k": dk, "v": dv}
-
-
 def _supports(call):
     q = call.arrays["q"]
     if np.dtype(q.dtype) not in (np.float32, np.float64):
@@ -237,4 +223,4 @@ def _supports(call):
     return None
 
 
-KERNELS = {"criss_cross_attention": Kernel(_fwd, _bwd, _supports)}
+KERNELS = {"criss_cross_attention": criss_cross_kernel(criss_cross_forward, criss_cross_backward, _supports)}

@@ -36,20 +36,20 @@ def test_matches_reference(rng, dtype, shape):
 
 def test_kernel_interface_and_determinism(rng):
     import arrayattn as aa
-    from arrayattn.criss_cross import _cca_ref_bwd, _cca_ref_fwd
 
+    ref = aa.criss_cross_attention.reference
     kern = nc.KERNELS["criss_cross_attention"]
     q, k, v = (rng.standard_normal((1, 2, 3, 2)) for _ in range(3))
     call = aa.criss_cross_attention._prepare(q, k, v, scale=0.5)
     assert kern.supports(call) is None
     outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
-    routs, rsaved = _cca_ref_fwd(np, dict(call.arrays), dict(call.static), True)
+    routs, rsaved = ref.fwd(np, dict(call.arrays), dict(call.static), True)
     np.testing.assert_allclose(outs[0], routs[0], rtol=0, atol=1e-12)
     assert set(saved) == set(rsaved)
     ct = (rng.standard_normal(outs[0].shape),)
     g1 = kern.bwd(np, saved, dict(call.static), ct)
     g2 = kern.bwd(np, saved, dict(call.static), ct)
-    rg = _cca_ref_bwd(np, rsaved, dict(call.static), ct)
+    rg = ref.bwd(np, rsaved, dict(call.static), ct)
     for key in rg:
         np.testing.assert_allclose(g1[key], rg[key], rtol=0, atol=1e-12)
         assert np.array_equal(g1[key], g2[key])
