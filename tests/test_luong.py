@@ -571,3 +571,54 @@ def test_numba_equals_reference(family, kind, local, dtype, rng):
                 assert_close_rel(g[key], w[key], 20 * tol, f"{name}[{key}]")
         elif w is not None:
             assert_close_rel(g, w, 20 * tol, name)
+
+
+WIDE_CASES = [
+    ("additive", None),
+    ("concat", None),
+    ("concat", {"window": 2, "mode": "predictive"}),
+    ("general", {"window": 2, "mode": "predictive", "center": "round"}),
+    ("dot", {"window": 1, "offset": 1}),
+]
+
+
+@pytest.mark.parametrize("kind,local", WIDE_CASES)
+@pytest.mark.parametrize("parallel,min_items", [(False, 8), (True, 1)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_kernel_paths_equal_reference(kind, local, parallel, min_items, dtype, rng, monkeypatch):
+    """The serial and parallel twins of the numba kernels (and the additive backward with per-chunk
+    dkb buffers (3 chunks of 5 steps) and without), with d_a and d_s wide enough for the vectorized body of the
+    inner loops plus a remainder, and some saturated tanh."""
+    luong_kernels = pytest.importorskip("arrayattn.backends.numba.luong")
+    monkeypatch.setattr(luong_kernels, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    monkeypatch.setattr(luong_kernels, "MIN_BWD_ITEMS", min_items)
+    d_t, d_s = (37, 37) if kind == "dot" else (5, 37)
+    h_t, h_s, _, mask = _inputs(rng, kind, lead=(3,), t=5, s=7, d_t=d_t, d_s=d_s)
+    params = _params(rng, kind, d_t, d_s, d_a=37)
+    params = {k: 3 * v for k, v in (params or {}).items()}
+    if local and local.get("mode") == "predictive":
+        params.update(w_p=rng.standard_normal((3, d_t)), v_p=rng.standard_normal(3))
+    params = {k: v.astype(dtype) for k, v in params.items()} or None
+    mask[1, 0, :] = False
+    h_t, h_s = h_t.astype(dtype), h_s.astype(dtype)
+    op, args, kwargs = _op_and_args(kind, h_t, h_s, params, mask, local)
+    require_kernel(op, "numba")
+    cts = (rng.standard_normal((3, 5, d_s)).astype(dtype), rng.standard_normal((3, 5, 7)).astype(dtype))
+    results = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name):
+            (c, a), res = op.fwd(*args, **kwargs)
+            assert res.backend == name
+            results[name] = (c, a, op.bwd(res, cts))
+    ref, got = results["array_api"], results["numba"]
+    tol = RTOL[dtype]
+    assert_close_rel(got[0], ref[0], tol, "context")
+    assert_close_rel(got[1], ref[1], tol, "weights")
+    assert not got[1][1].any()  # the fully masked batch element
+    for name in op.differentiable:
+        w, g = getattr(ref[2], name), getattr(got[2], name)
+        if isinstance(w, dict):
+            for key in w:
+                assert_close_rel(g[key], w[key], 20 * tol, f"{name}[{key}]")
+        elif w is not None:
+            assert_close_rel(g, w, 20 * tol, name)

@@ -46,6 +46,28 @@ def test_exp2_special_values(dtype):
     assert got[3] == 1 and got[4] == np.inf and np.isnan(got[5])
 
 
+@pytest.mark.parametrize("dtype, max_ulp", [(np.float32, 2.0), (np.float64, 2.0)])
+def test_tanh_accuracy_in_ulp(dtype, max_ulp):
+    from arrayattn.backends.numba._exp import tanh_array
+
+    tiny = np.geomspace(np.finfo(dtype).tiny, 1.0, 20_001)
+    x = np.concatenate([np.linspace(-25, 25, 400_001), np.linspace(-1, 1, 100_001), tiny, -tiny])
+    x = x.astype(dtype)
+    got = tanh_array(x)
+    assert got.dtype == dtype
+    assert _ulps(got, np.tanh(x.astype(np.float64)), dtype).max() <= max_ulp
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_special_values(dtype):
+    from arrayattn.backends.numba._exp import tanh_array
+
+    x = np.array([0.0, np.inf, -np.inf, 1e30, -1e30, 30.0, -30.0, np.nan], dtype=dtype)
+    got = tanh_array(x)
+    np.testing.assert_array_equal(got[:7], [0, 1, -1, 1, -1, 1, -1])
+    assert np.isnan(got[7])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_row_max(dtype):
     from numba import njit

@@ -10,7 +10,7 @@ import pytest
 import arrayattn as aa
 from arrayattn._gradcheck import directional_errors, numerical_gradient
 from arrayattn._xp import namespace_name
-from support import assert_close_rel, to_xp
+from support import RTOL, assert_close_rel, require_kernel, to_xp
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -92,6 +92,83 @@ def test_conv2d_forward_backward(rng, cfg):
     torch.autograd.backward(F.conv2d(xt, wt, bt, **kw), torch.tensor(dy))
     for name, t in (("x", xt), ("weight", wt), ("bias", bt)):
         assert_close_rel(getattr(g, name), t.grad.numpy(), 1e-12, name)
+
+
+@pytest.mark.parametrize(
+    "n,cfg",
+    [
+        (1, dict(c=3, o=2, k=1, stride=1, padding=1, dilation=1, groups=1)),  # 1×1 with padding
+        (1, dict(c=2, o=3, k=3, stride=1, padding=0, dilation=1, groups=1)),
+        (3, dict(c=6, o=4, k=2, stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2)),
+        (2, dict(c=1, o=1, k=3, stride=3, padding=1, dilation=1, groups=1)),  # stride > kernel
+    ],
+)
+def test_conv2d_layouts(rng, n, cfg):
+    """Batch sizes and options where the channel-major im2col layout could yield views or
+    non-contiguous results: values against torch, C-contiguous fresh outputs."""
+    x = rng.standard_normal((n, cfg["c"], 7, 6))
+    w = rng.standard_normal((cfg["o"], cfg["c"] // cfg["groups"], cfg["k"], cfg["k"]))
+    b = rng.standard_normal(cfg["o"])
+    kw = {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
+    y, res = aa.conv2d.fwd(x, w, b, **kw)
+    dy = rng.standard_normal(y.shape)
+    g = aa.conv2d.bwd(res, dy)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    yt = F.conv2d(xt, wt, bt, **kw)
+    torch.autograd.backward(yt, torch.tensor(dy))
+    assert_close_rel(y, yt.detach().numpy(), 1e-12, "y")
+    for name, t in (("x", xt), ("weight", wt), ("bias", bt)):
+        assert_close_rel(getattr(g, name), t.grad.numpy(), 1e-12, name)
+    for a in (y, g.x, g.weight, g.bias):
+        assert a.flags.c_contiguous
+        assert not any(np.shares_memory(a, i) for i in (x, w, b, dy))
+
+
+CONV_BACKEND_CASES = [
+    dict(n=2, c=4, o=6, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(n=2, c=4, o=6, k=3, stride=(2, 1), padding=(0, 2), dilation=(1, 2), groups=2),
+    dict(n=3, c=4, o=8, k=3, stride=1, padding=2, dilation=2, groups=4),  # depthwise, multiplier 2
+    dict(n=1, c=4, o=8, k=1, stride=(2, 3), padding=0, dilation=1, groups=1),
+    dict(n=5, c=6, o=4, k=2, stride=3, padding=(1, 0), dilation=(2, 1), groups=2),
+    dict(n=2, c=2, o=1, k=7, stride=1, padding=3, dilation=1, groups=1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("path", ["serial", "parallel_small_tiles"])
+def test_conv2d_numba_equals_array_api(rng, cfg, dtype, path, monkeypatch):
+    """numba == array_api for both dtypes, serial and parallel kernels, one-row and multi-row
+    tiles (several tiles per image, a partial last tile) and several backward chunks."""
+    require_kernel(aa.conv2d, "numba")
+    from arrayattn.backends.numba import primitives as conv_kernels
+
+    if path == "parallel_small_tiles":
+        monkeypatch.setattr(conv_kernels, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(conv_kernels, "TILE_ELEMENTS", 1)
+        monkeypatch.setattr(conv_kernels, "MIN_TILE_PIXELS", 9)  # 2 rows of 8 (or fewer) outputs
+        monkeypatch.setattr(conv_kernels, "MAX_BWD_CHUNKS", 2)
+    else:
+        monkeypatch.setattr(conv_kernels, "PARALLEL_MIN_WORK", 1 << 62)
+    x = rng.standard_normal((cfg["n"], cfg["c"], 9, 8)).astype(dtype)
+    w = rng.standard_normal((cfg["o"], cfg["c"] // cfg["groups"], cfg["k"], cfg["k"])).astype(dtype)
+    b = rng.standard_normal(cfg["o"]).astype(dtype)
+    kw = {k: cfg[k] for k in ("stride", "padding", "dilation", "groups")}
+    out = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name):
+            y, res = aa.conv2d.fwd(x, w, b, **kw)
+            assert res.backend == name
+            if "dy" not in out:
+                out["dy"] = rng.standard_normal(y.shape).astype(dtype)
+            out[name] = (y, aa.conv2d.bwd(res, out["dy"]))
+    (y0, g0), (y1, g1) = out["array_api"], out["numba"]
+    tol = RTOL[dtype]
+    assert y1.dtype == dtype and y1.flags.c_contiguous
+    assert_close_rel(y1, y0, tol, "y")
+    for name in ("x", "weight", "bias"):
+        assert getattr(g1, name).dtype == dtype
+        assert_close_rel(getattr(g1, name), getattr(g0, name), tol, name)
 
 
 def test_conv2d_numerical_gradient(rng):

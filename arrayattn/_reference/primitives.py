@@ -21,6 +21,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import array_api_extra as xpx
+
 from .._xp import Array, compute_dtype, device_of
 
 __all__ = [
@@ -272,14 +274,32 @@ def elu_backward(xp: Any, x: Array, dy: Array, alpha: float = 1.0) -> Array:
 # -- conv2d ---------------------------------------------------------------------------------------
 
 
-def _im2col(xp, xpad, kernel, stride, dilation, out, groups):
-    """(N, G, Cg·kh·kw, Ho·Wo) columns of the padded input, ordered like the weight (c, i, j)."""
-    n, c = xpad.shape[0], xpad.shape[1]
-    ho, wo = out
-    slices = [s for _, _, s in _window_slices(xpad, kernel, stride, dilation, out)]
-    cols = xp.stack(slices, axis=2)  # (N, C, kh·kw, Ho, Wo)
-    k = kernel[0] * kernel[1]
-    return xp.reshape(cols, (n, groups, (c // groups) * k, ho * wo))
+def _conv_cols(xp, xc, kernel, stride, padding, dilation, out, groups):
+    """(G, Cg·kh·kw, N·Ho·Wo) columns of ``xc`` (N, C, H, W), rows ordered like the weight (c, i, j).
+
+    Channel-major (C, N, ...) layout, so that one matrix product per group covers the whole batch
+    (a batched product over N with broadcast weights is several times slower in NumPy). The input
+    is transposed and zero-padded in one pass (a scatter into zeros); each kernel offset is then one
+    strided slice of it.
+    """
+    n, c, h, w = xc.shape
+    (kh, kw), (ph, pw), (ho, wo) = kernel, padding, out
+    xt = xp.permute_dims(xc, (1, 0, 2, 3))  # (C, N, H, W)
+    if ph or pw:
+        zeros = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=xc.dtype, device=device_of(xc))
+        xt = xpx.at(zeros, (..., slice(ph, ph + h), slice(pw, pw + w))).set(xt)
+    if (kh, kw) == (1, 1):
+        cols = xt[..., :: stride[0], :: stride[1]][..., :ho, :wo]
+    else:
+        slices = [s for _, _, s in _window_slices(xt, kernel, stride, dilation, out)]
+        cols = xp.stack(slices, axis=1)  # (C, kh·kw, N, Ho, Wo)
+    return xp.reshape(cols, (groups, (c // groups) * kh * kw, n * ho * wo))
+
+
+def _nchw(xp, y, n, o, ho, wo):
+    """(O, N·Ho·Wo) → C-contiguous (N, O, Ho, Wo) (the reshape of the transposed view copies)."""
+    y = xp.permute_dims(xp.reshape(y, (o, n, ho * wo)), (1, 0, 2))
+    return xp.reshape(xp.reshape(y, (n, o * ho * wo)), (n, o, ho, wo))
 
 
 def conv2d_forward(
@@ -296,26 +316,19 @@ def conv2d_forward(
     """2-D cross-correlation as ``torch.nn.functional.conv2d`` (zero padding).
 
     x (N, C, H, W), weight (O, C/groups, kh, kw), bias (O,) → y (N, O, Ho, Wo). im2col by one
-    strided slice per kernel offset, then one (batched over groups) matrix product.
+    strided slice per kernel offset into (G, Cg·kh·kw, N·Ho·Wo) columns, then one matrix product
+    per group over the whole batch.
     """
     cdt = compute_dtype(xp, x.dtype)
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
     ho, wo = conv2d_output_size((h, w), (kh, kw), stride, padding, dilation)
-    wc = _cast(xp, weight, cdt)
-    xc = _cast(xp, x, cdt)
-    if (kh, kw) == (1, 1) and padding == (0, 0):
-        xs = xc[..., :: stride[0], :: stride[1]][..., :ho, :wo]
-        cols = xp.reshape(xs, (n, groups, cg, ho * wo))
-    else:
-        xpad = pad2d(xp, xc, padding[0], padding[0], padding[1], padding[1])
-        cols = _im2col(xp, xpad, (kh, kw), stride, dilation, (ho, wo), groups)
-    wm = xp.reshape(wc, (groups, o // groups, cg * kh * kw))
-    y = xp.matmul(wm, cols)  # (N, G, Og, Ho·Wo)
-    y = xp.reshape(y, (n, o, ho, wo))
+    cols = _conv_cols(xp, _cast(xp, x, cdt), (kh, kw), stride, padding, dilation, (ho, wo), groups)
+    wm = xp.reshape(_cast(xp, weight, cdt), (groups, o // groups, cg * kh * kw))
+    y = xp.reshape(xp.matmul(wm, cols), (o, n * ho * wo))  # (G, Og, N·Ho·Wo)
     if bias is not None:
-        y = y + xp.reshape(_cast(xp, bias, cdt), (o, 1, 1))
-    return xp.astype(y, x.dtype)
+        y = y + xp.reshape(_cast(xp, bias, cdt), (o, 1))
+    return _cast(xp, _nchw(xp, y, n, o, ho, wo), x.dtype)  # a fresh array: no copy needed
 
 
 def conv2d_backward(
@@ -332,42 +345,40 @@ def conv2d_backward(
 ) -> tuple[Array, Array, Array | None]:
     """Gradients of :func:`conv2d_forward`: ``(dx, dweight, dbias)``.
 
-    ``dweight = Σ_n dY cols(x)ᵀ``; ``dcols = Wᵀ dY`` and ``dx`` is its col2im: the sum over kernel
-    offsets of each offset's slice placed back (zero-dilated by the stride, zero-padded) where
-    forward read it, cropped by the padding.
+    ``dweight = dY cols(x)ᵀ`` (one product over the whole batch, computed as ``(cols dYᵀ)ᵀ`` with
+    both operands C-contiguous); ``dcols = Wᵀ dY`` and ``dx``
+    is its col2im: each kernel offset's slice scatter-added (``array_api_extra.at``) where forward
+    read it, then the padding cropped.
     """
     cdt = compute_dtype(xp, x.dtype)
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
     ho, wo = dy.shape[-2], dy.shape[-1]
     og = o // groups
-    dyc = xp.reshape(_cast(xp, dy, cdt), (n, groups, og, ho * wo))
-    xc = _cast(xp, x, cdt)
-    pointwise = (kh, kw) == (1, 1) and padding == (0, 0)
-    if pointwise:
-        xs = xc[..., :: stride[0], :: stride[1]][..., :ho, :wo]
-        cols = xp.reshape(xs, (n, groups, cg, ho * wo))
-    else:
-        xpad = pad2d(xp, xc, padding[0], padding[0], padding[1], padding[1])
-        cols = _im2col(xp, xpad, (kh, kw), stride, dilation, (ho, wo), groups)
-    dw = xp.sum(xp.matmul(dyc, xp.matrix_transpose(cols)), axis=0)  # (G, Og, Cg·K)
-    dw = xp.reshape(dw, (o, cg, kh, kw))
-    db = xp.astype(xp.reshape(xp.sum(dyc, axis=(0, 3)), (o,)), x.dtype) if with_bias else None
+    ph, pw = padding
+    (sh, sw), (dh, dw_) = stride, dilation
+    # Every matmul operand is made C-contiguous (a reshape of a transposed view copies): NumPy
+    # falls back to a loop far slower than BLAS for some transposed operands.
+    dy4 = xp.reshape(_cast(xp, dy, cdt), (n, groups, og, ho * wo))
+    dyt = xp.reshape(xp.permute_dims(dy4, (1, 2, 0, 3)), (groups, og, n * ho * wo))
+    dyt_t = xp.reshape(xp.permute_dims(dy4, (1, 0, 3, 2)), (groups, n * ho * wo, og))
+    cols = _conv_cols(xp, _cast(xp, x, cdt), (kh, kw), stride, padding, dilation, (ho, wo), groups)
+    dw = xp.matrix_transpose(xp.matmul(cols, dyt_t))  # (G, Og, Cg·K)
+    dw = xp.reshape(xp.reshape(dw, (o * cg * kh * kw,)), (o, cg, kh, kw))  # flattening copies: C order
+    db = xp.astype(xp.reshape(xp.sum(dy4, axis=(0, 3)), (o,)), x.dtype) if with_bias else None
     wm = xp.reshape(_cast(xp, weight, cdt), (groups, og, cg * kh * kw))
-    dcols = xp.matmul(xp.matrix_transpose(wm), dyc)  # (N, G, Cg·K, Ho·Wo)
-    if pointwise:
-        g = xp.reshape(dcols, (n, c, ho, wo))
-        dx = _place(xp, g, 0, 0, stride, h, w)
-    else:
-        dcols = xp.reshape(dcols, (n, c, kh * kw, ho, wo))
-        hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-        dxp = None
-        for i in range(kh):
-            for j in range(kw):
-                part = _place(xp, dcols[:, :, i * kw + j, ...], i * dilation[0], j * dilation[1], stride, hp, wp)
-                dxp = part if dxp is None else dxp + part
-        dx = dxp[..., padding[0] : padding[0] + h, padding[1] : padding[1] + w]
-    return xp.astype(dx, x.dtype), xp.astype(dw, x.dtype), db
+    wm_t = xp.reshape(xp.reshape(xp.matrix_transpose(wm), (o * cg * kh * kw,)), (groups, cg * kh * kw, og))
+    dcols = xp.reshape(xp.matmul(wm_t, dyt), (c, kh * kw, n, ho, wo))
+    hp, wp = h + 2 * ph, w + 2 * pw
+    dxp = xp.zeros((c, n, hp, wp), dtype=cdt, device=device_of(dcols))
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw_
+            idx = (..., slice(r0, r0 + sh * (ho - 1) + 1, sh), slice(c0, c0 + sw * (wo - 1) + 1, sw))
+            dxp = xpx.at(dxp, idx).add(dcols[:, i * kw + j, ...])
+    dx = dxp[..., ph : ph + h, pw : pw + w]  # (C, N, H, W)
+    dx = xp.reshape(xp.reshape(xp.permute_dims(dx, (1, 0, 2, 3)), (n, c * h * w)), (n, c, h, w))
+    return _cast(xp, dx, x.dtype), xp.astype(dw, x.dtype), db
 
 
 # -- max / average pooling ------------------------------------------------------------------------

@@ -15,6 +15,12 @@ bits are 0, so ``exp2(-inf)`` and every underflowing argument give exactly +0.0 
 exactly 0); above it the result is +inf. NaN propagates (the clamps keep NaN, the polynomial turns it
 into NaN).
 
+``tanh(x)`` is built on ``exp2``: ``1 - 2/(2**(2x·log2 e) + 1)`` (with the sign of x) for
+|x| >= 0.55, where it loses no accuracy to cancellation, and an odd polynomial
+``x + x·u·Q(u)``, ``u = x²``, below (a relative least-squares fit of degree 4 in u for float32, the
+Taylor series to x**41 for float64); both branches are computed and one is selected, so the loop
+still vectorizes. Large |x| gives exactly ±1, NaN propagates.
+
 The kernels that use these helpers are cached by Numba (``cache=True``), and Numba invalidates a
 cache entry only when the file of the cached function changes: after editing this file alone, clear
 ``backends/numba/__pycache__`` (or touch ``attention.py``).
@@ -29,7 +35,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["exp2", "exp2_array", "row_max"]
+__all__ = ["exp2", "exp2_array", "row_max", "tanh", "tanh_array"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -159,6 +165,109 @@ def exp2_array(x):
     out = np.empty_like(x)
     for i in range(x.shape[0]):
         out[i] = exp2(x[i])
+    return out
+
+
+# -- tanh ---------------------------------------------------------------------------------------
+
+
+def _tanh_taylor(terms):
+    """Taylor coefficients of tanh: ``T_n = 2^2n (2^2n - 1) B_2n / (2n)!`` of x**(2n-1)."""
+    from fractions import Fraction
+
+    a, bern = [Fraction(0)] * (2 * terms + 1), []
+    for m in range(2 * terms + 1):  # Akiyama–Tanigawa: Bernoulli numbers B_0 .. B_2terms
+        a[m] = Fraction(1, m + 1)
+        for j in range(m, 0, -1):
+            a[j - 1] = j * (a[j - 1] - a[j])
+        bern.append(a[0])
+    return tuple(
+        float(Fraction(2 ** (2 * n) * (2 ** (2 * n) - 1)) * bern[2 * n] / math.factorial(2 * n))
+        for n in range(1, terms + 1)
+    )
+
+
+_TANH_SMALL = 0.55
+# float32: tanh(x) = x + x·u·Q(u), Q of degree 4 fitted on u in (0, 0.55²] (rel. error 1e-9).
+_G0 = np.float32(-0.3333332)
+_G1 = np.float32(0.13332632)
+_G2 = np.float32(-0.053856663)
+_G3 = np.float32(0.021088185)
+_G4 = np.float32(-0.006296012)
+_GSMALL = np.float32(_TANH_SMALL)
+_G2LOG2E = np.float32(2.0 * LOG2E)
+_GONE = np.float32(1.0)
+_GTWO = np.float32(2.0)
+# float64: the Taylor series x + T_2 x³ + ... + T_21 x**41 (truncation < 1e-17 relative at 0.55).
+_T = _tanh_taylor(21)
+(_T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13, _T14, _T15, _T16, _T17,
+ _T18, _T19, _T20, _T21) = _T
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _tanh_f32(x):
+    ax = abs(x)
+    u = x * x
+    q = _G4 * u + _G3
+    q = q * u + _G2
+    q = q * u + _G1
+    q = q * u + _G0
+    small = x + x * (u * q)
+    big = _GONE - _GTWO / (_exp2_f32(_G2LOG2E * ax) + _GONE)
+    big = big if x >= 0 else -big
+    return small if ax < _GSMALL else big
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _tanh_f64(x):
+    ax = abs(x)
+    u = x * x
+    q = _T21 * u + _T20
+    q = q * u + _T19
+    q = q * u + _T18
+    q = q * u + _T17
+    q = q * u + _T16
+    q = q * u + _T15
+    q = q * u + _T14
+    q = q * u + _T13
+    q = q * u + _T12
+    q = q * u + _T11
+    q = q * u + _T10
+    q = q * u + _T9
+    q = q * u + _T8
+    q = q * u + _T7
+    q = q * u + _T6
+    q = q * u + _T5
+    q = q * u + _T4
+    q = q * u + _T3
+    q = q * u + _T2
+    small = x + x * (u * q)
+    big = 1.0 - 2.0 / (_exp2_f64((2.0 * LOG2E) * ax) + 1.0)
+    big = big if x >= 0 else -big
+    return small if ax < _TANH_SMALL else big
+
+
+def tanh(x):
+    """``tanh(x)`` of a float32 or float64 scalar, in its own precision (use inside ``@njit``)."""
+    raise NotImplementedError("tanh is only callable from Numba-compiled code")
+
+
+@overload(tanh, inline="always")
+def _tanh_overload(x):
+    if x == types.float32:
+        return lambda x: _tanh_f32(x)
+    if x == types.float64:
+        return lambda x: _tanh_f64(x)
+    return None
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_array(x):
+    """``tanh`` over a 1-D float32/float64 array (for tests and benchmarks). Callers should compile
+    with ``error_model="numpy"``: Numba's default zero-division check keeps the loop scalar."""
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = tanh(x[i])
     return out
 
 

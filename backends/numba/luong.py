@@ -2,20 +2,24 @@
 
 * Additive scores (Luong ``concat``, Bahdanau): the projections ``qa = W h_t + b`` (T×d_a) and
   ``kb = U h_s`` (S×d_a) are BLAS products; the scores ``v · tanh(qa_t + kb_s)`` are a fused loop
-  per (batch, target step), so the T×S×d_a tensor never exists, and backward recomputes ``tanh``
-  in two deterministic passes (one parallel over target steps for ``dqa``/``dv``, one over source
-  positions for ``dkb``), never scatter-adding across threads.
+  per (batch, target step), so the T×S×d_a tensor never exists. Backward recomputes ``tanh`` once
+  per (t, s, a) in one pass over (batch, chunk of target steps) that feeds ``dqa``, ``dv`` and a
+  per-chunk ``dkb`` buffer (the buffers are added in a fixed order: deterministic, no races).
 * Local attention (local-m / local-p; dot, general or concat scores): scores, softmax, Gaussian
   and context are evaluated only inside each step's window of 2D+1 positions; the dense
-  (..., T, S) weights are written because they are the op's output. Backward: pass 1, parallel
-  over (batch, step), does the window softmax VJP, ``dp_t`` and the query-side gradients; pass 2,
-  parallel over batch and serial over steps, scatters into the source-side gradients.
+  (..., T, S) weights are written because they are the op's output. Backward: pass 1, over
+  (batch, step), does the window softmax VJP, ``dp_t`` and the query-side gradients; pass 2, over
+  batch and serial over steps, scatters into the source-side gradients.
+* The innermost loops run over the contiguous d_a / d_s axis and vectorize (``tanh`` and ``exp2``
+  of ``_exp``, no libm calls). Every kernel has a serial twin used for calls below
+  ``PARALLEL_MIN_WORK``; such small calls also keep OpenBLAS single-threaded.
 
 Arithmetic runs in the input dtype (float32 or float64); other dtypes are left to ``array_api``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,191 +27,331 @@ from numba import njit, prange
 
 from arrayattn._op import Kernel
 
+from ._exp import LOG2E, exp2, tanh
+from .attention import _BLAS_REASON, _single_threaded_blas
+
 __all__ = ["KERNELS"]
 
 
 # -- jitted loops ----------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
-def _additive_fwd(qa, kb, v, keep, probs):
-    nb, nt, da = qa.shape
-    ns = kb.shape[1]
-    for idx in prange(nb * nt):
-        b, t = idx // nt, idx % nt
-        row = probs[b, t]
-        m = -np.inf
-        for s in range(ns):
-            if keep[b, t, s]:
-                z = 0.0
-                for a in range(da):
-                    z += v[a] * math.tanh(qa[b, t, a] + kb[b, s, a])
-                row[s] = z
-                if z > m:
-                    m = z
-        if m == -np.inf:
-            m = 0.0  # nothing kept: the row stays 0
-        total = 0.0
-        for s in range(ns):
-            if keep[b, t, s]:
-                e = math.exp(row[s] - m)
-                row[s] = e
-                total += e
-        if total > 0:
-            for s in range(ns):
-                row[s] = row[s] / total
+# Kernels that call the vectorizable ``tanh``/``exp2`` of ``_exp`` use ``error_model="numpy"`` (a
+# Python-style zero-division check in ``tanh``'s division would keep the loops scalar) and allow
+# reassociation and FMA contraction, so that the d_a loops (innermost, contiguous) vectorize.
+_FAST = {"reassoc", "contract"}
+
+#: Calls with fewer tanh evaluations than this (N·T·S·d_a) run the serial twin of a kernel. One
+#: vectorized pass does ~4 M tanh per millisecond on one core, while entering a parallel region
+#: cost 4–12 ms on the shared 2-core development machine (a trivial ``prange``, OpenMP layer) and
+#: tens of microseconds on an idle one; 2**24 (a pass of several ms) keeps that cost bounded.
+PARALLEL_MIN_WORK = 1 << 24
+#: The additive backward splits each batch element's target steps into chunks (each with a dkb
+#: buffer of its own, added in a fixed order afterwards) until there are this many work items; a
+#: function of the shapes only, so the result never depends on the thread count.
+MIN_BWD_ITEMS = 8
 
 
-@njit(cache=True, parallel=True)
-def _additive_bwd_q(qa, kb, v, dz, dqa, dv_part):
-    nb, nt, da = qa.shape
-    ns = kb.shape[1]
-    for idx in prange(nb * nt):
-        b, t = idx // nt, idx % nt
-        for s in range(ns):
-            g_s = dz[b, t, s]
-            if g_s == 0.0:
-                continue
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _additive_fwd_row(qa, kb, v, keep, log2e, ninf, probs, b, t):
+    """Scores ``v · tanh(qa_t + kb_s)`` of one (batch, target step) and their softmax over s."""
+    ns, da = kb.shape[1], qa.shape[2]
+    zero = log2e - log2e
+    row = probs[b, t]
+    q = qa[b, t]
+    m = ninf
+    for s in range(ns):
+        if keep[b, t, s]:
+            k = kb[b, s]
+            z = zero
             for a in range(da):
-                g = math.tanh(qa[b, t, a] + kb[b, s, a])
-                dqa[b, t, a] += g_s * v[a] * (1.0 - g * g)
-                dv_part[b, t, a] += g_s * g
+                z += v[a] * tanh(q[a] + k[a])
+            row[s] = z
+            if z > m:
+                m = z
+    if m == ninf:
+        m = zero  # nothing kept: the row stays 0
+    total = zero
+    for s in range(ns):
+        if keep[b, t, s]:
+            e = exp2((row[s] - m) * log2e)
+            row[s] = e
+            total += e
+    if total > zero:
+        for s in range(ns):
+            row[s] = row[s] / total
 
 
-@njit(cache=True, parallel=True)
-def _additive_bwd_k(qa, kb, v, dz, dkb):
-    nb, nt, da = qa.shape
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
+def _additive_fwd_par(qa, kb, v, keep, log2e, ninf, probs):
+    nt = qa.shape[1]
+    for idx in prange(qa.shape[0] * nt):
+        _additive_fwd_row(qa, kb, v, keep, log2e, ninf, probs, idx // nt, idx % nt)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _additive_fwd_ser(qa, kb, v, keep, log2e, ninf, probs):
+    nt = qa.shape[1]
+    for idx in range(qa.shape[0] * nt):
+        _additive_fwd_row(qa, kb, v, keep, log2e, ninf, probs, idx // nt, idx % nt)
+
+
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, b, c):
+    """Target steps of chunk ``c`` of batch element ``b``: ``g = tanh(qa_t + kb_s)`` once per
+    (t, s, a) feeds ``dqa_t``, ``dv_t`` and the chunk's own ``dkb`` buffer."""
+    nt, da = qa.shape[1], qa.shape[2]
     ns = kb.shape[1]
-    for idx in prange(nb * ns):
-        b, s = idx // ns, idx % ns
-        for t in range(nt):
-            g_s = dz[b, t, s]
-            if g_s == 0.0:
+    dk = dkb_part[c, b]
+    for t in range(c * nt // nchunks, (c + 1) * nt // nchunks):
+        q = qa[b, t]
+        dq = dqa[b, t]
+        dvr = dv_part[b, t]
+        for s in range(ns):
+            gs = dz[b, t, s]
+            if gs == 0:
                 continue
+            k = kb[b, s]
+            dks = dk[s]
             for a in range(da):
-                g = math.tanh(qa[b, t, a] + kb[b, s, a])
-                dkb[b, s, a] += g_s * v[a] * (1.0 - g * g)
+                g = tanh(q[a] + k[a])
+                h = gs * v[a] * (one - g * g)
+                dq[a] += h
+                dks[a] += h
+                dvr[a] += gs * g
 
 
-@njit(cache=True)
-def _score(additive, q, hs, qa, kb, v, b, t, s):
-    z = 0.0
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
+def _additive_bwd_par(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part):
+    for w in prange(qa.shape[0] * nchunks):
+        _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _additive_bwd_ser(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part):
+    for w in range(qa.shape[0] * nchunks):
+        _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks)
+
+
+def _additive_forward(qa, kb, v, keep, probs, parallel):
+    cdt = qa.dtype.type
+    kernel = _additive_fwd_par if parallel else _additive_fwd_ser
+    kernel(qa, kb, v, keep, cdt(LOG2E), cdt(-np.inf), probs)
+
+
+def _additive_backward(qa, kb, v, dz, parallel):
+    """(dqa, dv_part, dkb) of the additive scores given dz = dL/dscores."""
+    nb, nt = qa.shape[0], qa.shape[1]
+    cdt = qa.dtype.type
+    nchunks = max(1, min(nt, -(-MIN_BWD_ITEMS // max(nb, 1))))
+    dqa, dv_part = np.zeros_like(qa), np.zeros_like(qa)
+    dkb_part = np.zeros((nchunks,) + kb.shape, dtype=kb.dtype)
+    kernel = _additive_bwd_par if parallel else _additive_bwd_ser
+    kernel(qa, kb, v, dz, cdt(1), nchunks, dqa, dv_part, dkb_part)
+    dkb = dkb_part[0] if nchunks == 1 else np.sum(dkb_part, axis=0)
+    return dqa, dv_part, dkb
+
+
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _score(additive, q, hs, qa, kb, v, zero, b, t, s):
+    z = zero
     if additive:
+        qr, kr = qa[b, t], kb[b, s]
         for a in range(v.shape[0]):
-            z += v[a] * math.tanh(qa[b, t, a] + kb[b, s, a])
+            z += v[a] * tanh(qr[a] + kr[a])
     else:
-        for i in range(hs.shape[2]):
-            z += q[b, t, i] * hs[b, s, i]
+        qr, hr = q[b, t], hs[b, s]
+        for i in range(hr.shape[0]):
+            z += qr[i] * hr[i]
     return z
 
 
-@njit(cache=True, parallel=True)
-def _local_fwd(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius,
-               align, weights, context):
-    nb, nt = lo.shape
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
+                   ninf, align, weights, context, b, t):
     ds = hs.shape[2]
+    zero = log2e - log2e
     sigma2 = (radius / 2.0) ** 2
-    for idx in prange(nb * nt):
-        b, t = idx // nt, idx % nt
-        s0, s1 = lo[b, t], hi[b, t]
-        m = -np.inf
+    s0, s1 = lo[b, t], hi[b, t]
+    ar = align[b, t]
+    m = ninf
+    for s in range(s0, s1):
+        if keep[b, t, s]:
+            z = _score(additive, q, hs, qa, kb, v, zero, b, t, s)
+            ar[s] = z
+            if z > m:
+                m = z
+    if m != ninf:  # else nothing in the window: weights and context stay 0
+        total = zero
         for s in range(s0, s1):
             if keep[b, t, s]:
-                z = _score(additive, q, hs, qa, kb, v, b, t, s)
-                align[b, t, s] = z
-                if z > m:
-                    m = z
-        if m == -np.inf:
-            continue  # nothing in the window: weights and context stay 0
-        total = 0.0
-        for s in range(s0, s1):
-            if keep[b, t, s]:
-                e = math.exp(align[b, t, s] - m)
-                align[b, t, s] = e
+                e = exp2((ar[s] - m) * log2e)
+                ar[s] = e
                 total += e
+        wr, ctx = weights[b, t], context[b, t]
         for s in range(s0, s1):
             if keep[b, t, s]:
-                a = align[b, t, s] / total
-                align[b, t, s] = a
-                w = a
+                a = ar[s] / total
+                ar[s] = a
+                wr[s] = a
                 if predictive:
                     diff = s - pos[b, t]
-                    w = a * math.exp(-diff * diff / (2.0 * sigma2))
-                weights[b, t, s] = w
+                    wr[s] = a * math.exp(-diff * diff / (2.0 * sigma2))
+                w = wr[s]  # in the array dtype
+                hr = hs[b, s]
                 for i in range(ds):
-                    context[b, t, i] += w * hs[b, s, i]
+                    ctx[i] += w * hr[i]
 
 
-@njit(cache=True, parallel=True)
-def _local_bwd_q(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, align,
-                 dweights, dcontext, dz, dq, dqa, dv_part, dpos):
-    """Pass 1 per (batch, step): window softmax VJP -> dz; query-side gradients; dp_t."""
-    nb, nt = lo.shape
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
+def _local_fwd_par(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
+                   ninf, align, weights, context):
+    nt = lo.shape[1]
+    for idx in prange(lo.shape[0] * nt):
+        _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
+                       ninf, align, weights, context, idx // nt, idx % nt)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _local_fwd_ser(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
+                   ninf, align, weights, context):
+    nt = lo.shape[1]
+    for idx in range(lo.shape[0] * nt):
+        _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
+                       ninf, align, weights, context, idx // nt, idx % nt)
+
+
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+                     dweights, dcontext, dz, dq, dqa, dv_part, dpos, b, t):
+    """Window softmax VJP -> dz; query-side gradients; dp_t, for one (batch, step)."""
     ds = hs.shape[2]
+    zero = one - one
     sigma2 = (radius / 2.0) ** 2
-    for idx in prange(nb * nt):
-        b, t = idx // nt, idx % nt
-        s0, s1 = lo[b, t], hi[b, t]
-        inner = 0.0
-        acc_pos = 0.0
-        for s in range(s0, s1):
-            a = align[b, t, s]
-            if a == 0.0:
-                continue
-            d = dweights[b, t, s]
+    s0, s1 = lo[b, t], hi[b, t]
+    ar, dzr, dwr, dcr = align[b, t], dz[b, t], dweights[b, t], dcontext[b, t]
+    inner = zero
+    acc_pos = 0.0
+    for s in range(s0, s1):
+        a = ar[s]
+        if a == zero:
+            continue
+        d = dwr[s]
+        hr = hs[b, s]
+        for i in range(ds):
+            d += dcr[i] * hr[i]
+        dzr[s] = d
+        if predictive:
+            diff = s - pos[b, t]
+            g = math.exp(-diff * diff / (2.0 * sigma2))
+            acc_pos += d * a * g * diff / sigma2
+            dzr[s] = d * g
+        inner += a * dzr[s]
+    dpos[b, t] = acc_pos
+    for s in range(s0, s1):
+        a = ar[s]
+        if a == zero:
+            continue
+        g_s = a * (dzr[s] - inner)
+        dzr[s] = g_s
+        if additive:
+            qr, kr, dqr, dvr = qa[b, t], kb[b, s], dqa[b, t], dv_part[b, t]
+            for k in range(v.shape[0]):
+                g = tanh(qr[k] + kr[k])
+                dqr[k] += g_s * v[k] * (one - g * g)
+                dvr[k] += g_s * g
+        else:
+            hr, dqr = hs[b, s], dq[b, t]
             for i in range(ds):
-                d += dcontext[b, t, i] * hs[b, s, i]
+                dqr[i] += g_s * hr[i]
+
+
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_q_par(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+                     dweights, dcontext, dz, dq, dqa, dv_part, dpos):
+    nt = lo.shape[1]
+    for idx in prange(lo.shape[0] * nt):
+        _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+                         dweights, dcontext, dz, dq, dqa, dv_part, dpos, idx // nt, idx % nt)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_q_ser(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+                     dweights, dcontext, dz, dq, dqa, dv_part, dpos):
+    nt = lo.shape[1]
+    for idx in range(lo.shape[0] * nt):
+        _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+                         dweights, dcontext, dz, dq, dqa, dv_part, dpos, idx // nt, idx % nt)
+
+
+@njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
+                      dcontext, dhs, dkb, b):
+    """Batch element ``b``, serial over steps: scatter into the source-side gradients."""
+    nt = lo.shape[1]
+    ds = dhs.shape[2]
+    zero = one - one
+    sigma2 = (radius / 2.0) ** 2
+    wbuf = np.empty(1, dhs.dtype)
+    for t in range(nt):
+        ar, dzr, dcr = align[b, t], dz[b, t], dcontext[b, t]
+        for s in range(lo[b, t], hi[b, t]):
+            a = ar[s]
+            if a == zero:
+                continue
+            wbuf[0] = a
             if predictive:
                 diff = s - pos[b, t]
-                g = math.exp(-diff * diff / (2.0 * sigma2))
-                acc_pos += d * a * g * diff / sigma2
-                d = d * g
-            dz[b, t, s] = d
-            inner += a * d
-        dpos[b, t] = acc_pos
-        for s in range(s0, s1):
-            a = align[b, t, s]
-            if a == 0.0:
-                continue
-            g_s = a * (dz[b, t, s] - inner)
-            dz[b, t, s] = g_s
+                wbuf[0] = a * math.exp(-diff * diff / (2.0 * sigma2))
+            w = wbuf[0]  # in the array dtype
+            g_s = dzr[s]
+            dhr = dhs[b, s]
+            for i in range(ds):
+                dhr[i] += w * dcr[i]
             if additive:
+                qr, kr, dkr = qa[b, t], kb[b, s], dkb[b, s]
                 for k in range(v.shape[0]):
-                    g = math.tanh(qa[b, t, k] + kb[b, s, k])
-                    dqa[b, t, k] += g_s * v[k] * (1.0 - g * g)
-                    dv_part[b, t, k] += g_s * g
+                    g = tanh(qr[k] + kr[k])
+                    dkr[k] += g_s * v[k] * (one - g * g)
             else:
+                qr = q[b, t]
                 for i in range(ds):
-                    dq[b, t, i] += g_s * hs[b, s, i]
+                    dhr[i] += g_s * qr[i]
 
 
-@njit(cache=True, parallel=True)
-def _local_bwd_k(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, align, dz,
-                 dcontext, dhs, dkb):
-    """Pass 2 per batch element, serial over steps: scatter into the source-side gradients."""
-    nb, nt = lo.shape
-    ds = dhs.shape[2]
-    sigma2 = (radius / 2.0) ** 2
-    for b in prange(nb):
-        for t in range(nt):
-            for s in range(lo[b, t], hi[b, t]):
-                a = align[b, t, s]
-                if a == 0.0:
-                    continue
-                w = a
-                if predictive:
-                    diff = s - pos[b, t]
-                    w = a * math.exp(-diff * diff / (2.0 * sigma2))
-                g_s = dz[b, t, s]
-                for i in range(ds):
-                    dhs[b, s, i] += w * dcontext[b, t, i]
-                if additive:
-                    for k in range(v.shape[0]):
-                        g = math.tanh(qa[b, t, k] + kb[b, s, k])
-                        dkb[b, s, k] += g_s * v[k] * (1.0 - g * g)
-                else:
-                    for i in range(ds):
-                        dhs[b, s, i] += g_s * q[b, t, i]
+@njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_k_par(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
+                     dcontext, dhs, dkb):
+    for b in prange(lo.shape[0]):
+        _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
+                          dcontext, dhs, dkb, b)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _local_bwd_k_ser(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
+                     dcontext, dhs, dkb):
+    for b in range(lo.shape[0]):
+        _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
+                          dcontext, dhs, dkb, b)
+
+
+def _parallel(static, h_t, h_s, p):
+    """Whether a call is large enough for the parallel kernels (and multi-threaded BLAS): its
+    score-loop length N·T·S·(d_a or d_s), S capped at the window 2D+1 for local attention."""
+    nb = math.prod(h_t.shape[:-2])
+    nt, ns = h_t.shape[-2], h_s.shape[-2]
+    width = p["v_a"].shape[0] if static["score"] in ("concat", "additive") else h_s.shape[-1]
+    if static.get("mode") is not None:
+        ns = min(ns, 2 * static["window"] + 1)
+    return nb * nt * ns * width >= PARALLEL_MIN_WORK
+
+
+def _blas_threads(parallel):
+    """Small calls keep OpenBLAS single-threaded too: their products take well under a
+    millisecond, less than waking the BLAS thread pool costs on a busy machine."""
+    if parallel or _BLAS_REASON is not None:
+        return contextlib.nullcontext()
+    return _single_threaded_blas()
 
 
 # -- Python side ----------------------------------------------------------------------------------
@@ -250,6 +394,12 @@ def _outer(dy, x):
 
 
 def _fwd(xp, arrays, static, save):
+    parallel = _parallel(static, arrays["h_t"], arrays["h_s"], arrays["params"] or {})
+    with _blas_threads(parallel):
+        return _fwd_body(arrays, static, save, parallel)
+
+
+def _fwd_body(arrays, static, save, parallel):
     h_t, h_s, p, mask = arrays["h_t"], arrays["h_s"], arrays["params"], arrays["mask"]
     dtype = h_t.dtype
     lead, nt, ns = tuple(h_t.shape[:-2]), h_t.shape[-2], h_s.shape[-2]
@@ -273,7 +423,7 @@ def _fwd(xp, arrays, static, save):
     align = np.zeros((nb, nt, ns), dtype)
     saved = {}
     if static.get("mode") is None:
-        _additive_fwd(qa, kb, v, keep, align)
+        _additive_forward(qa, kb, v, keep, align, parallel)
         weights = align.copy() if save else align  # the residual must not alias the output
         context = align @ hs
     else:
@@ -294,8 +444,9 @@ def _fwd(xp, arrays, static, save):
         hi = np.clip(centre + radius + 1, 0, ns).astype(np.int64)
         weights = np.zeros((nb, nt, ns), dtype)
         context = np.zeros((nb, nt, d_s), dtype)
-        _local_fwd(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius,
-                   align, weights, context)
+        kernel = _local_fwd_par if parallel else _local_fwd_ser
+        kernel(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, dtype.type(LOG2E),
+               dtype.type(-np.inf), align, weights, context)
         saved.update(pos=pos, lo=lo, hi=hi)
     context = context.astype(dtype, copy=False).reshape(lead + (nt, d_s))
     weights = weights.reshape(lead + (nt, ns))
@@ -308,6 +459,13 @@ def _fwd(xp, arrays, static, save):
 
 
 def _bwd(xp, saved, static, cotangents):
+    p = {k[len("params."):]: a for k, a in saved.items() if k.startswith("params.")}
+    parallel = _parallel(static, saved["h_t"], saved["h_s"], p)
+    with _blas_threads(parallel):
+        return _bwd_body(saved, static, cotangents, parallel)
+
+
+def _bwd_body(saved, static, cotangents, parallel):
     h_t, h_s = saved["h_t"], saved["h_s"]
     p = {k[len("params."):]: a for k, a in saved.items() if k.startswith("params.")}
     dtype = h_t.dtype
@@ -325,10 +483,7 @@ def _bwd(xp, saved, static, cotangents):
         qa, kb, v = saved["qa"], saved["kb"], p["v_a"]
         da = dw + dc @ hs.transpose(0, 2, 1)
         dz = np.ascontiguousarray(align * (da - np.sum(align * da, axis=-1, keepdims=True)))
-        dqa, dv_part = np.zeros_like(qa), np.zeros_like(qa)
-        dkb = np.zeros_like(kb)
-        _additive_bwd_q(qa, kb, v, dz, dqa, dv_part)
-        _additive_bwd_k(qa, kb, v, dz, dkb)
+        dqa, dv_part, dkb = _additive_backward(qa, kb, v, dz, parallel)
         dhs = align.transpose(0, 2, 1) @ dc
         dq = None
     else:
@@ -344,12 +499,15 @@ def _bwd(xp, saved, static, cotangents):
         dq = np.zeros((nb, nt, d_s), dtype) if not additive else empty
         dqa, dv_part = (np.zeros_like(qa), np.zeros_like(qa)) if additive else (empty, empty)
         dpos = np.zeros((nb, nt), dtype)
-        _local_bwd_q(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, align,
-                     dw, dc, dz, dq, dqa, dv_part, dpos)
+        one = dtype.type(1)
+        kernel = _local_bwd_q_par if parallel else _local_bwd_q_ser
+        kernel(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
+               dw, dc, dz, dq, dqa, dv_part, dpos)
         dhs = np.zeros((nb, ns, d_s), dtype)
         dkb = np.zeros_like(kb) if additive else empty
-        _local_bwd_k(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, align, dz, dc,
-                     dhs, dkb)
+        kernel = _local_bwd_k_par if parallel else _local_bwd_k_ser
+        kernel(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dc,
+               dhs, dkb)
         if predictive:
             scale = ns if static["p_scale"] == "S" else ns - 1
             sig, hidden = saved["sig"], saved["hidden"]
