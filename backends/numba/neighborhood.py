@@ -364,5 +364,6 @@ _KERNEL = Kernel(_fwd, _bwd, _supports)
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,
     "neighborhood_attention_1d": _KERNEL,
-    "halo_attention": _KERNEL,
 }
+# halo_attention: the block-by-block BLAS kernel of backends/numba/halo.py (empty arrays come
+# back to _KERNEL)

@@ -1,0 +1,356 @@
+"""Numba CPU kernel of HaloNet blocked local attention, block by block with BLAS.
+
+Every ``b×b`` query block of HaloNet shares one ``(b+2h)×(b+2h)`` key window, so the block is a
+small dense attention: per (batch·head, query block) the window's keys and values are gathered
+into a per-thread buffer (zero rows for the zero padding: padded keys stay in the softmax with the
+relative term alone, as in timm and the reference), the logits are one GEMM
+``Q_blk K_winᵀ`` (plus the relative terms ``q·r_h``, ``q·r_w``: one GEMM of the block's queries
+against each table, then a gather-add per slot), the softmax uses the vectorizable ``exp2`` of
+:mod:`._exp`, and the output is one GEMM ``P V_win``.
+
+Backward (spec section 3.3): ``P`` is recomputed from the saved logsumexp, ``dV_win = Pᵀ dO``,
+``dP = dO V_winᵀ``, ``dS = P ⊙ (dP − D)``, ``dQ = scale·dS K_win`` (+ relative terms),
+``dK_win = scale·dSᵀ Q``. The window gradients of neighbouring blocks overlap; they are added to
+``dk``/``dv`` in phases: blocks ``(I, J)`` with the same ``(I mod S, J mod S)``,
+``S = 1 + ceil(2h/b)``, have disjoint windows and run in parallel, and the ``S²`` phases run in a
+fixed order, so every key's gradient is summed in an order that does not depend on the threads.
+The relative-table gradients are kept per block and reduced in block order afterwards.
+Only per-block buffers are allocated: no unfolded copy of the keys/values, no ``HW×HW`` matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from arrayattn._op import Kernel
+
+from ._exp import LOG2E, exp2, row_max
+from .attention import _BLAS_REASON, _gemm, _single_threaded_blas
+from .neighborhood import _KERNEL as _WINDOW
+from .neighborhood import _flat, _prepare, _tables
+
+__all__ = ["KERNELS", "halo_backward", "halo_forward"]
+
+
+@njit(cache=True)
+def _gather(src, bh, y0, x0, n, length_y, length_x, buf):
+    """buf[(a·n + c), :] = src[bh, y0 + a, x0 + c, :] (zero rows outside the image)."""
+    width = src.shape[3]
+    for a in range(n):
+        y = y0 + a
+        for c in range(n):
+            x = x0 + c
+            row = buf[a * n + c]
+            if 0 <= y < length_y and 0 <= x < length_x:
+                s = src[bh, y, x]
+                for e in range(width):
+                    row[e] = s[e]
+            else:
+                for e in range(width):
+                    row[e] = 0
+
+
+@njit(cache=True)
+def _gather_block(src, bh, y0, x0, b, buf):
+    width = src.shape[3]
+    for r in range(b):
+        for c in range(b):
+            s = src[bh, y0 + r, x0 + c]
+            row = buf[r * b + c]
+            for e in range(width):
+                row[e] = s[e]
+
+
+@njit(cache=True)
+def _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
+            qb, kw, qrh, qrw, s):
+    """s = log2(e)·(scale·Q Kᵀ + Q r_hᵀ[rel_y] + Q r_wᵀ[rel_x]) of block (i0, j0)."""
+    nq = b * b
+    win = b + 2 * hl
+    nk = win * win
+    d = q.shape[3]
+    _gather_block(q, bh, i0, j0, b, qb)
+    _gather(k, bh, i0 - hl, j0 - hl, win, q.shape[1], q.shape[2], kw)
+    _gemm(False, True, nq, nk, d, alpha2, qb, 0, d, kw, 0, d, 0.0, s, 0, nk)
+    if has_rh:
+        th = rh.shape[1]
+        _gemm(False, True, nq, th, d, log2e, qb, 0, d, rh, bh * th * d, d, 0.0, qrh, 0, th)
+        for p in range(nq):
+            i = i0 + p // b
+            srow = s[p]
+            qrow = qrh[p]
+            for a in range(win):
+                val = qrow[ry[a, i]]
+                base = a * win
+                for c in range(win):
+                    srow[base + c] += val
+    if has_rw:
+        tw = rw.shape[1]
+        _gemm(False, True, nq, tw, d, log2e, qb, 0, d, rw, bh * tw * d, d, 0.0, qrw, 0, tw)
+        for p in range(nq):
+            j = j0 + p % b
+            srow = s[p]
+            qrow = qrw[p]
+            for c in range(win):
+                val = qrow[rx[c, j]]
+                for a in range(win):
+                    srow[a * win + c] += val
+
+
+@njit(parallel=True, cache=True)
+def _forward(q, k, v, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, log2e, out, lse):
+    nbh, hh, ww, d = q.shape
+    dv = v.shape[3]
+    nby, nbx = hh // b, ww // b
+    win = b + 2 * hl
+    nq, nk = b * b, win * win
+    th, tw = rh.shape[1], rw.shape[1]
+    zero = log2e - log2e
+    one = log2e / log2e
+    ninf = -np.inf
+    ln2 = one / log2e
+    for t in prange(nbh * nby * nbx):
+        bh = t // (nby * nbx)
+        blk = t - bh * (nby * nbx)
+        i0 = (blk // nbx) * b
+        j0 = (blk % nbx) * b
+        qb = np.empty((nq, d), q.dtype)
+        kw = np.empty((nk, d), q.dtype)
+        vw = np.empty((nk, dv), q.dtype)
+        qrh = np.empty((nq, th), q.dtype)
+        qrw = np.empty((nq, tw), q.dtype)
+        s = np.empty((nq, nk), q.dtype)
+        ob = np.empty((nq, dv), q.dtype)
+        _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
+                qb, kw, qrh, qrw, s)
+        _gather(v, bh, i0 - hl, j0 - hl, win, hh, ww, vw)
+        ls = np.empty(nq, q.dtype)
+        ms = np.empty(nq, q.dtype)
+        for p in range(nq):
+            srow = s[p]
+            m = row_max(srow, nk, srow[0])
+            m = zero if m == ninf else m
+            acc = zero
+            for c in range(nk):
+                e = exp2(srow[c] - m)
+                srow[c] = e
+                acc += e
+            ls[p] = acc
+            ms[p] = m
+        _gemm(False, False, nq, dv, nk, 1.0, s, 0, nk, vw, 0, dv, 0.0, ob, 0, dv)
+        for p in range(nq):
+            i = i0 + p // b
+            j = j0 + p % b
+            orow = out[bh, i, j]
+            brow = ob[p]
+            if ls[p] == zero:
+                for e in range(dv):
+                    orow[e] = zero
+                lse[bh, i, j] = np.inf
+            else:
+                inv = one / ls[p]
+                for e in range(dv):
+                    orow[e] = brow[e] * inv
+                lse[bh, i, j] = (ms[p] + np.log2(ls[p])) * ln2
+
+
+@njit(parallel=True, cache=True)
+def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, scale,
+              log2e, stride, dq, dk, dv, drh_blocks, drw_blocks):
+    nbh, hh, ww, d = q.shape
+    dvw = v.shape[3]
+    nby, nbx = hh // b, ww // b
+    win = b + 2 * hl
+    nq, nk = b * b, win * win
+    th, tw = rh.shape[1], rw.shape[1]
+    for phase in range(stride * stride):
+        py, px = phase // stride, phase % stride
+        my = (nby - py + stride - 1) // stride  # blocks of this phase along each axis
+        mx = (nbx - px + stride - 1) // stride
+        for t in prange(nbh * my * mx):
+            bh = t // (my * mx)
+            rest = t - bh * (my * mx)
+            bi = py + (rest // mx) * stride
+            bj = px + (rest % mx) * stride
+            i0, j0 = bi * b, bj * b
+            item = (bh * nby + bi) * nbx + bj
+            qb = np.empty((nq, d), q.dtype)
+            kw = np.empty((nk, d), q.dtype)
+            vw = np.empty((nk, dvw), q.dtype)
+            dob = np.empty((nq, dvw), q.dtype)
+            qrh = np.empty((nq, th), q.dtype)
+            qrw = np.empty((nq, tw), q.dtype)
+            p = np.empty((nq, nk), q.dtype)
+            ds = np.empty((nq, nk), q.dtype)
+            dqb = np.empty((nq, d), q.dtype)
+            dkw = np.empty((nk, d), q.dtype)
+            dvwin = np.empty((nk, dvw), q.dtype)
+            _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
+                    qb, kw, qrh, qrw, p)
+            _gather(v, bh, i0 - hl, j0 - hl, win, hh, ww, vw)
+            _gather_block(dout, bh, i0, j0, b, dob)
+            for r in range(nq):
+                shift = lse2[bh, i0 + r // b, j0 + r % b]
+                prow = p[r]
+                for c in range(nk):
+                    prow[c] = exp2(prow[c] - shift)
+            # dV_win = Pᵀ dO ; dP = dO V_winᵀ ; dS = P ⊙ (dP − D)
+            _gemm(True, False, nk, dvw, nq, 1.0, p, 0, nk, dob, 0, dvw, 0.0, dvwin, 0, dvw)
+            _gemm(False, True, nq, nk, dvw, 1.0, dob, 0, dvw, vw, 0, dvw, 0.0, ds, 0, nk)
+            for r in range(nq):
+                dl = delta[bh, i0 + r // b, j0 + r % b]
+                prow = p[r]
+                srow = ds[r]
+                for c in range(nk):
+                    srow[c] = prow[c] * (srow[c] - dl)
+            # dQ = scale dS K_win ; dK_win = scale dSᵀ Q
+            _gemm(False, False, nq, d, nk, scale, ds, 0, nk, kw, 0, d, 0.0, dqb, 0, d)
+            _gemm(True, False, nk, d, nq, scale, ds, 0, nk, qb, 0, d, 0.0, dkw, 0, d)
+            if has_rh:
+                # dqrh[p, row] = Σ over the slots of p reading table row 'row' of dS
+                for r in range(nq):
+                    i = i0 + r // b
+                    hrow = qrh[r]
+                    for e in range(th):
+                        hrow[e] = 0
+                    srow = ds[r]
+                    for a in range(win):
+                        acc = srow[a * win]
+                        for c in range(1, win):
+                            acc += srow[a * win + c]
+                        hrow[ry[a, i]] += acc
+                _gemm(False, False, nq, d, th, 1.0, qrh, 0, th, rh, bh * th * d, d,
+                      1.0, dqb, 0, d)
+                _gemm(True, False, th, d, nq, 1.0, qrh, 0, th, qb, 0, d, 0.0,
+                      drh_blocks, item * th * d, d)
+            if has_rw:
+                for r in range(nq):
+                    j = j0 + r % b
+                    wrow = qrw[r]
+                    for e in range(tw):
+                        wrow[e] = 0
+                    srow = ds[r]
+                    for c in range(win):
+                        acc = srow[c]
+                        for a in range(1, win):
+                            acc += srow[a * win + c]
+                        wrow[rx[c, j]] += acc
+                _gemm(False, False, nq, d, tw, 1.0, qrw, 0, tw, rw, bh * tw * d, d,
+                      1.0, dqb, 0, d)
+                _gemm(True, False, tw, d, nq, 1.0, qrw, 0, tw, qb, 0, d, 0.0,
+                      drw_blocks, item * tw * d, d)
+            for r in range(nq):
+                dst = dq[bh, i0 + r // b, j0 + r % b]
+                src = dqb[r]
+                for e in range(d):
+                    dst[e] = src[e]
+            # window gradients of in-image keys (the padding's are discarded)
+            for a in range(win):
+                y = i0 - hl + a
+                if y < 0 or y >= hh:
+                    continue
+                for c in range(win):
+                    x = j0 - hl + c
+                    if x < 0 or x >= ww:
+                        continue
+                    slot = a * win + c
+                    gk = dk[bh, y, x]
+                    sk = dkw[slot]
+                    for e in range(d):
+                        gk[e] += sk[e]
+                    gv = dv[bh, y, x]
+                    sv = dvwin[slot]
+                    for e in range(dvw):
+                        gv[e] += sv[e]
+
+
+# -- glue -------------------------------------------------------------------------------------------
+
+
+def _geometry(static):
+    return static["block_size"], static["halo_size"]
+
+
+def _empty(arrays):
+    return 0 in arrays["q"].shape or 0 in arrays["v"].shape
+
+
+def halo_forward(xp, arrays, static, save):
+    if _empty(arrays):  # nothing to block: the generic window kernel handles empty arrays
+        return _WINDOW.fwd(xp, arrays, static, save)
+    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
+    q = a["q"]
+    dtype = q.dtype
+    cdt = dtype.type
+    b, hl = _geometry(static)
+    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
+    out = np.empty(vf.shape, dtype=dtype)
+    lse = np.empty(qf.shape[:-1], dtype=dtype)
+    with _single_threaded_blas():
+        _forward(qf, kf, vf, tabs["rh"], tabs["rw"], _tables(wy)[2], _tables(wx)[2],
+                 bool(flags[1]), bool(flags[2]), b, hl, cdt(static["scale"] * LOG2E),
+                 cdt(LOG2E), out, lse)
+    out = out.reshape(tuple(batch) + out.shape[1:])
+    lse = lse.reshape(tuple(batch) + lse.shape[1:])
+    saved = {}
+    if save:
+        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
+                 "rel_bias": None, "r_h": r_h, "r_w": r_w}
+    return (out,), saved
+
+
+def halo_backward(xp, saved, static, cotangents):
+    from arrayattn._xp import sum_to_shape
+    from arrayattn.neighborhood import _pack_rel_grads
+
+    if _empty(saved):
+        return _WINDOW.bwd(xp, saved, static, cotangents)
+    (dout,) = cotangents
+    arrays = dict(saved, dout=dout)
+    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
+    q = a["q"]
+    dtype = q.dtype
+    cdt = dtype.type
+    b, hl = _geometry(static)
+    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
+    of, dof = _flat(a["out"], dtype), _flat(a["dout"], dtype)
+    nbh, hh, ww, d = qf.shape
+    lse2 = np.ascontiguousarray(a["lse"].reshape(qf.shape[:-1]), dtype=dtype) * cdt(LOG2E)
+    delta = np.einsum("bijc,bijc->bij", dof, of)
+    has_rh, has_rw = bool(flags[1]), bool(flags[2])
+    nblocks = nbh * (hh // b) * (ww // b)
+    th, tw = tabs["rh"].shape[1], tabs["rw"].shape[1]
+    drh_blocks = np.empty((nblocks, th, d) if has_rh else (1, 1, 1), dtype=dtype)
+    drw_blocks = np.empty((nblocks, tw, d) if has_rw else (1, 1, 1), dtype=dtype)
+    dq = np.empty_like(qf)
+    dk = np.zeros_like(kf)
+    dv = np.zeros_like(vf)
+    stride = 1 + -(-2 * hl // b)
+    with _single_threaded_blas():
+        _backward(qf, kf, vf, dof, lse2, delta, tabs["rh"], tabs["rw"], _tables(wy)[2],
+                  _tables(wx)[2], has_rh, has_rw, b, hl, cdt(static["scale"] * LOG2E),
+                  cdt(static["scale"]), cdt(LOG2E), stride, dq, dk, dv, drh_blocks, drw_blocks)
+    lead = tuple(batch)
+
+    def reduce(blocks, tail, like):
+        per = blocks.reshape((nbh, -1) + tail).sum(axis=1).reshape(lead + tail)
+        return sum_to_shape(np, per, like.shape).astype(like.dtype, copy=False)
+
+    drh = reduce(drh_blocks, (th, d), r_h) if has_rh else None
+    drw = reduce(drw_blocks, (tw, d), r_w) if has_rw else None
+    return {"q": dq.reshape(q.shape), "k": dk.reshape(a["k"].shape),
+            "v": dv.reshape(a["v"].shape), "rel_bias": None,
+            "rel_pos": _pack_rel_grads(static, drh, drw)}
+
+
+def _supports(call):
+    if _BLAS_REASON is not None:
+        return _BLAS_REASON
+    q = call.arrays["q"]
+    if q.dtype not in (np.float32, np.float64):
+        return f"takes float32 or float64 arrays, got {q.dtype}"
+    return None
+
+
+KERNELS = {"halo_attention": Kernel(halo_forward, halo_backward, _supports)}
