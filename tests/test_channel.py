@@ -10,7 +10,7 @@ import pytest
 import arrayattn as aa
 from arrayattn._gradcheck import directional_errors, numerical_gradient
 from arrayattn._xp import namespace_name
-from support import assert_close_rel, to_xp
+from support import assert_close_rel, require_kernel, to_xp
 
 OPS = [aa.squeeze_excitation, aa.cbam, aa.spatial_pyramid_attention, aa.attention_condenser]
 
@@ -377,3 +377,111 @@ def test_bad_x(rng):
         aa.squeeze_excitation(rng.standard_normal((2, 5, 6, 6)), p)
     with pytest.raises(TypeError, match="params"):
         aa.squeeze_excitation(rng.standard_normal((2, 4, 6, 6)), [1, 2])
+
+
+# -- numba kernels (SE, CBAM): equal to the array_api reference, finite differences ---------------
+
+
+NUMBA_SHAPES = [(2, 6, 5, 4), (1, 1, 1, 1), (3, 5, 1, 7), (2, 3, 6, 1)]
+
+
+def _block_params(rng, op, c, bias, k):
+    hidden = max(1, c // 2)
+    return cbam_params(rng, c, hidden, k=k, bias=bias) if op is aa.cbam else mlp_params(rng, c, hidden, c, bias)
+
+
+def _compare_backends(op, x, p, kwargs, dtype, rng):
+    x = x.astype(dtype)
+    p = {k: v.astype(dtype) for k, v in p.items()}
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    out = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name):
+            y, res = op.fwd(x, p, **kwargs)
+            assert res.backend == name
+            out[name] = (y, op.bwd(res, dy))
+    (y0, g0), (y1, g1) = out["array_api"], out["numba"]
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    assert y1.dtype == dtype and g1.x.dtype == dtype
+    assert_close_rel(y1, y0, tol, "y")
+    assert_close_rel(g1.x, g0.x, tol, "x")
+    assert sorted(g1.params) == sorted(g0.params)
+    for key in g0.params:
+        assert g1.params[key].shape == p[key].shape and g1.params[key].dtype == dtype
+        assert_close_rel(g1.params[key], g0.params[key], tol, key)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", NUMBA_SHAPES)
+@pytest.mark.parametrize(
+    "op,kwargs,bias,k",
+    [
+        (aa.squeeze_excitation, {}, True, 0),
+        (aa.squeeze_excitation, {}, False, 0),
+        (aa.cbam, {"pool_order": "avg_max"}, True, 3),
+        (aa.cbam, {"pool_order": "max_avg"}, False, 7),
+        (aa.cbam, {"pool_order": "max_avg"}, True, 5),
+    ],
+    ids=["se-bias", "se", "cbam-avg_max-bias-k3", "cbam-max_avg-k7", "cbam-max_avg-bias-k5"],
+)
+def test_numba_equals_reference(rng, op, kwargs, bias, k, shape, dtype):
+    require_kernel(op, "numba")
+    x = rng.standard_normal(shape)
+    _compare_backends(op, x, _block_params(rng, op, shape[1], bias, k), kwargs, dtype, rng)
+
+
+@pytest.mark.parametrize("pool_order", ["avg_max", "max_avg"])
+def test_numba_cbam_ties_route_to_first_maximum(rng, pool_order):
+    """Integer-valued x ties the spatial maxima; zero MLP weights make every channel gate 1/2, so
+    the channel maxima tie too: both backends must route to the first maximum."""
+    require_kernel(aa.cbam, "numba")
+    x = rng.integers(-2, 3, size=(2, 4, 5, 6)).astype(np.float64)
+    p = cbam_params(rng, 4, 2, k=3, bias=False)
+    p["w1"], p["w2"] = np.zeros_like(p["w1"]), np.zeros_like(p["w2"])
+    for dtype in (np.float64, np.float32):
+        _compare_backends(aa.cbam, x, p, {"pool_order": pool_order}, dtype, rng)
+
+
+@pytest.mark.parametrize("op", [aa.squeeze_excitation, aa.cbam], ids=lambda o: o.name)
+def test_numba_directional_finite_differences(op):
+    require_kernel(op, "numba")
+    rng = np.random.default_rng(12)
+    with aa.use_backend("numba"):
+        for args, kwargs in op.examples(rng):
+            _, res = op.fwd(*args, **kwargs)
+            assert res.backend == "numba"
+            errors = directional_errors(op, args, kwargs, rng=rng)
+            assert max(errors.values()) < 1e-6, (kwargs, errors)
+
+
+@pytest.mark.parametrize("op", [aa.squeeze_excitation, aa.cbam], ids=lambda o: o.name)
+def test_numba_parallel_path_equals_reference(rng, monkeypatch, op):
+    """The prange kernels (used above PARALLEL_MIN_WORK) agree with the reference too (float32,
+    the dtype they run in production: a parallel compile costs seconds per dtype)."""
+    require_kernel(op, "numba")
+    kernels = pytest.importorskip("arrayattn.backends.numba.channel")
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    x = rng.standard_normal((3, 5, 4, 6))
+    kwargs = {"pool_order": "max_avg"} if op is aa.cbam else {}
+    _compare_backends(op, x, _block_params(rng, op, 5, True, 3), kwargs, np.float32, rng)
+
+
+@pytest.mark.parametrize("op", [aa.squeeze_excitation, aa.cbam], ids=lambda o: o.name)
+def test_numba_non_finite_like_reference(rng, op):
+    """A NaN and an inf in x give NaN/inf at the same places as the reference (max pools take a
+    NaN as the maximum, as max/argmax); the finite entries agree."""
+    require_kernel(op, "numba")
+    x = rng.standard_normal((3, 4, 5, 6))
+    x[1, 2, 3, 4], x[2, 1, 0, 0] = np.nan, np.inf
+    p = _block_params(rng, op, 4, False, 3)
+    out = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name), np.errstate(all="ignore"):
+            y, res = op.fwd(x, p)
+            g = op.bwd(res, np.ones_like(y))
+            out[name] = [y, g.x, *(g.params[k] for k in sorted(p))]
+    for a, b in zip(out["numba"], out["array_api"]):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
+        fin = np.isfinite(b)
+        np.testing.assert_allclose(a[fin], b[fin], rtol=1e-12, atol=1e-12)
