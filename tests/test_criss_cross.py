@@ -276,3 +276,30 @@ def test_block_bad_inputs(rng):
         CCB(x, params, recurrence=1.5)
     with pytest.raises(TypeError, match="params"):
         CCB(x, [1, 2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("use_blas", [False, True], ids=["loops", "gemm"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 3, 7), (1, 3, 9, 2, 4), (1, 1, 4, 1, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_numba_paths_match_array_api(rng, monkeypatch, dtype, use_blas, shape):
+    """Both numba code paths (strided BLAS GEMMs, plain loops) == the array_api reference."""
+    require_kernel(CCA, "numba")
+    from arrayattn.backends.numba import criss_cross as kernels
+
+    if use_blas and kernels._BLAS is None:
+        pytest.skip("no CBLAS: the GEMM path is off")
+    monkeypatch.setattr(kernels, "USE_BLAS", use_blas)
+    q, k, v, do = _inputs(rng, *shape, dtype=dtype, lead=(2,))
+    results = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name):
+            out, res = CCA.fwd(q, k, v, scale=0.6)
+            assert res.backend == name
+            results[name] = (out, *CCA.bwd(res, do))
+    ref = oracle(q, k, v, do, scale=0.6)
+    names = ("out", "dq", "dk", "dv")
+    for a, b, want, what in zip(results["array_api"], results["numba"], ref, names):
+        assert b.dtype == dtype and b.shape == want.shape, what
+        assert_close_rel(b, a, RTOL[dtype], what)
+        assert_close_rel(b, want, RTOL[dtype], what)

@@ -18,6 +18,23 @@ backward
 
 No scatter crosses tasks and no atomics are used: results are bitwise reproducible. The residuals
 are ``q, k, v``, the output and ``p`` (the backward pass needs no exponential).
+
+Two implementations of these passes, the same split and the same ownership:
+
+GEMM path (``USE_BLAS``, the default where NumPy's OpenBLAS is found)
+    every product is a strided single-threaded BLAS GEMM (``attention._gemm`` inside
+    ``attention._single_threaded_blas``) read straight from the ``(B, H, W, c)`` arrays — a row
+    is a ``(W, c)`` block, a column an ``(H, c)`` block with leading dimension ``W·c``, so the
+    column pass needs no transposed copy: forward = column logits ``Q_col K_colᵀ`` (one pass),
+    then per row the row logits ``Q_row K_rowᵀ``, the softmax over the ``W + H`` slots and
+    ``O_row = P_row V_row``, then per column ``O_col += P_col V_col``; backward per row
+    ``dP = dO V_rowᵀ``, ``ds = P (dP - D)``, ``dq = ds K``, ``dk = dsᵀ Q``, ``dv = Pᵀ dO``
+    (written), per column the same (added). The logits are carried in base 2 (``scale·log2 e``
+    folded into the GEMM) so that the softmax uses the vectorizable ``_exp.exp2``/``row_max`` in
+    float32 and float64 alike. Only a ``(W, W)`` / ``(H, H)`` ``ds`` tile per task
+    is allocated. The summation order is fixed by the shapes, so results stay reproducible.
+loop path (no BLAS)
+    the loop kernels below (``_fwd_rows`` ...), vectorized over the keys.
 """
 
 from __future__ import annotations
@@ -29,7 +46,14 @@ from numba import njit, prange
 
 from arrayattn._op import Kernel
 
+from ._exp import LOG2E, exp2, row_max
+from .attention import _BLAS, _gemm, _single_threaded_blas
+
 __all__ = ["KERNELS"]
+
+#: Run the products as single-threaded BLAS GEMMs (NumPy's OpenBLAS, through ``attention._gemm``);
+#: False (or no BLAS found) selects the loop kernels. A module attribute so tests cover both paths.
+USE_BLAS = _BLAS is not None
 
 # fast-math without "no NaNs / no infs" (the running maximum starts at -inf)
 _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -214,6 +238,123 @@ def _bwd_cols(q, k_cols, v, p, dout, delta, scale, dq, dk, dv):
                 dk[b, y2, x, c] += dkt[c, y2]
 
 
+# -- GEMM path -------------------------------------------------------------------------------------
+# Every product is a strided row-major GEMM on the (B, H, W, c) arrays: a row (b, y) is a
+# (W, c) block with leading dimension c, a column (b, x) an (H, c) block with leading dimension
+# W·c; in p the row part of a row is (W, W) with ld W + H, the column part of a column (H, H) at
+# offset W with ld W·(W + H).
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_fwd_col_logits(q, k, scale, p):
+    nb, h, w, nd = q.shape
+    nk = w + h
+    for t in prange(nb * w):
+        b = t // w
+        x = t % w
+        off = b * h * w + x
+        _gemm(False, True, h, h, nd, scale, q, off * nd, w * nd, k, off * nd, w * nd,
+              0.0, p, off * nk + w, w * nk)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_fwd_rows(q, k, v, scale2, out, p):
+    # the logits are carried in base 2 (scale2 = scale·log2 e; the column part was written so by
+    # _gemm_fwd_col_logits): p = exp2(s2 - max) / sum, with the vectorizable exp2 and row_max
+    nb, h, w, nd = q.shape
+    dv = v.shape[3]
+    nk = w + h
+    ninf = q.dtype.type(-np.inf)
+    one = q.dtype.type(1.0)
+    for t in prange(nb * h):
+        b = t // h
+        y = t % h
+        base = (b * h + y) * w
+        _gemm(False, True, w, w, nd, scale2, q, base * nd, nd, k, base * nd, nd,
+              0.0, p, base * nk, nk)
+        for x in range(w):
+            px = p[b, y, x]
+            px[w + y] = ninf  # the self key is counted once, in the row part
+            m = row_max(px, nk, ninf)
+            l = q.dtype.type(0.0)
+            for n in range(nk):
+                e = exp2(px[n] - m)  # exactly 0 for the -inf self slot
+                px[n] = e
+                l += e
+            inv = one / l
+            for n in range(nk):
+                px[n] *= inv
+        _gemm(False, False, w, dv, w, 1.0, p, base * nk, nk, v, base * dv, dv,
+              0.0, out, base * dv, dv)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_fwd_cols(v, p, out):
+    nb, h, w, dv = v.shape
+    nk = w + h
+    for t in prange(nb * w):
+        b = t // w
+        x = t % w
+        off = b * h * w + x
+        _gemm(False, False, h, dv, h, 1.0, p, off * nk + w, w * nk, v, off * dv, w * dv,
+              1.0, out, off * dv, w * dv)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_bwd_rows(q, k, v, out, p, dout, scale, dq, dk, dv, delta):
+    nb, h, w, nd = q.shape
+    nv = v.shape[3]
+    nk = w + h
+    for t in prange(nb * h):
+        b = t // h
+        y = t % h
+        base = (b * h + y) * w
+        ds = np.empty((w, w), dtype=q.dtype)
+        _gemm(False, True, w, w, nv, 1.0, dout, base * nv, nv, v, base * nv, nv, 0.0, ds, 0, w)
+        for x in range(w):
+            do = dout[b, y, x]
+            ox = out[b, y, x]
+            dd = q.dtype.type(0.0)
+            for c in range(nv):
+                dd += do[c] * ox[c]
+            delta[b, y, x] = dd
+            px = p[b, y, x]
+            dsx = ds[x]
+            for x2 in range(w):
+                dsx[x2] = px[x2] * (dsx[x2] - dd) * scale
+        _gemm(False, False, w, nd, w, 1.0, ds, 0, w, k, base * nd, nd, 0.0, dq, base * nd, nd)
+        _gemm(True, False, w, nd, w, 1.0, ds, 0, w, q, base * nd, nd, 0.0, dk, base * nd, nd)
+        _gemm(True, False, w, nv, w, 1.0, p, base * nk, nk, dout, base * nv, nv,
+              0.0, dv, base * nv, nv)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_bwd_cols(q, k, v, p, dout, delta, scale, dq, dk, dv):
+    nb, h, w, nd = q.shape
+    nv = v.shape[3]
+    nk = w + h
+    for t in prange(nb * w):
+        b = t // w
+        x = t % w
+        off = b * h * w + x
+        ds = np.empty((h, h), dtype=q.dtype)
+        _gemm(False, True, h, h, nv, 1.0, dout, off * nv, w * nv, v, off * nv, w * nv,
+              0.0, ds, 0, h)
+        for y in range(h):
+            dd = delta[b, y, x]
+            px = p[b, y, x]
+            dsy = ds[y]
+            for y2 in range(h):
+                dsy[y2] = px[w + y2] * (dsy[y2] - dd) * scale  # p = 0 on the self slot
+        _gemm(False, False, h, nd, h, 1.0, ds, 0, h, k, off * nd, w * nd,
+              1.0, dq, off * nd, w * nd)
+        _gemm(True, False, h, nd, h, 1.0, ds, 0, h, q, off * nd, w * nd,
+              1.0, dk, off * nd, w * nd)
+        _gemm(True, False, h, nv, h, 1.0, p, off * nk + w, w * nk, dout, off * nv, w * nv,
+              1.0, dv, off * nv, w * nv)
+
+
+
 def _flat(a):
     """(..., H, W, c) -> contiguous (B, H, W, c)."""
     return np.ascontiguousarray(a.reshape((-1,) + a.shape[-3:]))
@@ -223,9 +364,16 @@ def _fwd_kernel(xp, arrays, static, save):
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     nb, h, w, _ = qf.shape
-    out = np.zeros(vf.shape, dtype=q.dtype)
+    gemm = bool(nb and h and w and USE_BLAS)  # every output element is written with beta = 0
+    out = (np.empty if gemm else np.zeros)(vf.shape, dtype=q.dtype)
     p = np.empty((nb, h, w, w + h), dtype=q.dtype)
-    if nb and h and w:
+    if gemm:
+        scale2 = q.dtype.type(static["scale"] * LOG2E)  # base-2 logits
+        with _single_threaded_blas():
+            _gemm_fwd_col_logits(qf, kf, scale2, p)
+            _gemm_fwd_rows(qf, kf, vf, scale2, out, p)
+            _gemm_fwd_cols(vf, p, out)
+    elif nb and h and w:
         # float32: the vectorizable exponential (numba's exp is a scalar libm call here)
         k_rows = np.ascontiguousarray(kf.transpose(0, 1, 3, 2))
         k_cols = np.ascontiguousarray(kf.transpose(0, 2, 3, 1))
@@ -241,12 +389,19 @@ def _fwd_kernel(xp, arrays, static, save):
 def _bwd_kernel(xp, saved, static, cotangents):
     q, k, v, out, p = (saved[n] for n in ("q", "k", "v", "out", "p"))
     (dout,) = cotangents
-    qf, kf, vf, of, df = (_flat(a) for a in (q, k, v, out, dout))
+    qf, kf, vf, of = (_flat(a) for a in (q, k, v, out))
+    df = _flat(np.asarray(dout, dtype=q.dtype))
     nb, h, w, _ = qf.shape
     scale = q.dtype.type(static["scale"])
-    dq, dk = np.zeros(qf.shape, q.dtype), np.zeros(qf.shape, q.dtype)
-    dv = np.zeros(vf.shape, q.dtype)
-    if nb and h and w:
+    gemm = bool(nb and h and w and USE_BLAS)  # the rows pass writes dq, dk, dv with beta = 0
+    alloc = np.empty if gemm else np.zeros
+    dq, dk, dv = alloc(qf.shape, q.dtype), alloc(qf.shape, q.dtype), alloc(vf.shape, q.dtype)
+    if gemm:
+        delta = np.empty((nb, h, w), dtype=q.dtype)
+        with _single_threaded_blas():
+            _gemm_bwd_rows(qf, kf, vf, of, p, df, scale, dq, dk, dv, delta)
+            _gemm_bwd_cols(qf, kf, vf, p, df, delta, scale, dq, dk, dv)
+    elif nb and h and w:
         delta = np.empty((nb, h, w), dtype=q.dtype)
         k_rows = np.ascontiguousarray(kf.transpose(0, 1, 3, 2))
         k_cols = np.ascontiguousarray(kf.transpose(0, 2, 3, 1))
