@@ -303,3 +303,22 @@ def test_numba_paths_match_array_api(rng, monkeypatch, dtype, use_blas, shape):
         assert b.dtype == dtype and b.shape == want.shape, what
         assert_close_rel(b, a, RTOL[dtype], what)
         assert_close_rel(b, want, RTOL[dtype], what)
+
+
+@pytest.mark.parametrize("dk, dv", [(0, 3), (2, 0)])
+def test_empty_feature_axes(backend, dk, dv):
+    """dk = 0 (all logits 0: uniform weights) or dv = 0 (empty output) must not crash."""
+    require_kernel(aa.criss_cross_attention, backend)
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 3, 4, dk)), rng.standard_normal((2, 3, 4, dk))
+    v = rng.standard_normal((2, 3, 4, dv))
+    out, res = aa.criss_cross_attention.fwd(q, k, v)
+    g = aa.criss_cross_attention.bwd(res, np.ones_like(out))
+    assert out.shape == (2, 3, 4, dv) and g.q.shape == q.shape and g.v.shape == v.shape
+    if dk == 0:  # uniform weights over the H + W - 1 keys of each pixel's cross
+        keys = np.zeros((2, 3, 4, 3 + 4 - 1))
+        expected = np.stack([
+            np.stack([(v[:, y, :, :].sum(1) + v[:, :, x, :].sum(1) - v[:, y, x, :]) / keys.shape[-1]
+                      for x in range(4)], axis=1)
+            for y in range(3)], axis=1)
+        np.testing.assert_allclose(out, expected, rtol=1e-12)

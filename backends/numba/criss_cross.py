@@ -357,7 +357,8 @@ def _gemm_bwd_cols(q, k, v, p, dout, delta, scale, dq, dk, dv):
 
 def _flat(a):
     """(..., H, W, c) -> contiguous (B, H, W, c)."""
-    return np.ascontiguousarray(a.reshape((-1,) + a.shape[-3:]))
+    # An explicit batch size: reshape cannot infer -1 when a trailing axis is empty (dk = 0).
+    return np.ascontiguousarray(a.reshape((math.prod(a.shape[:-3]),) + a.shape[-3:]))
 
 
 def _fwd_kernel(xp, arrays, static, save):
