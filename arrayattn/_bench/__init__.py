@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 from .cases import CASES
@@ -77,7 +78,15 @@ def _progress(done: int, total: int, label: str) -> None:
     sys.stderr.flush()
 
 
-def compare(specs: list[dict[str, Any]], repeat: int, label: str = "") -> list[list[float]]:
+#: Pause before each timed call. An OpenMP or OpenBLAS pool keeps spinning for a while after its
+#: last parallel region; without the pause the previous worker's spinning threads take the cores
+#: from the next worker's call (a 10 ms two-thread kernel measured 6x slower that way).
+GAP_SECONDS = 0.25
+
+
+def compare(
+    specs: list[dict[str, Any]], repeat: int, label: str = "", gap: float = GAP_SECONDS
+) -> list[list[float]]:
     """Times of every spec, alternating one call each per round; each spec in its own process."""
     workers = []
     try:
@@ -86,6 +95,7 @@ def compare(specs: list[dict[str, Any]], repeat: int, label: str = "") -> list[l
         times: list[list[float]] = [[] for _ in specs]
         for r in range(repeat):
             for i, w in enumerate(workers):
+                time.sleep(gap)
                 times[i].append(w.time())
             _progress(r + 1, repeat, label)
         return times
@@ -115,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all)")
     p.add_argument("--no-torch", action="store_true", help="time arrayattn only")
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=GAP_SECONDS,
+        help="seconds of idle before each timed call, so the other worker's thread pool sleeps",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -136,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
             specs = [{**base, "impl": "arrayattn", "backend": b} for b in args.backend or ["auto"]]
             if have_torch and case.torch is not None:
                 specs.append({**base, "impl": "torch"})
-            times = compare(specs, args.repeat, f"{name} {mode}")
+            times = compare(specs, args.repeat, f"{name} {mode}", args.gap)
             flops = case.flops(params, mode)
             meds = [statistics.median(t) for t in times]
             torch_median = meds[-1] if specs[-1]["impl"] == "torch" else None
