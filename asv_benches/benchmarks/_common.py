@@ -65,3 +65,67 @@ def sgemm_gflops() -> float:
     from arrayattn._bench import sgemm_rate
 
     return sgemm_rate(None)
+
+
+class _CaseBenchmark:
+    """asv benchmarks of one ``arrayattn._bench`` case, parametrized by backend and size.
+
+    Subclasses set ``case`` (the case name), ``op`` (the op whose kernel decides whether a backend
+    is available; for a composite op, the op it dispatches) and ``sizes`` (name -> case params),
+    and list ``params = [list(CPU_BACKENDS), list(sizes)]``. ``track_time_over_torch`` times
+    arrayattn and the case's PyTorch runner each in a process of its own with alternating calls.
+    """
+
+    case: str
+    op: str
+    sizes: dict
+    param_names = ["backend", "size"]
+    timeout = 900
+    number = 1
+    repeat = (1, 10, 20.0)
+    warmup_time = 0.0
+
+    def setup_cache(self):
+        return sgemm_gflops()
+
+    def setup(self, sgemm, backend, size):
+        from arrayattn._bench.cases import CASES
+
+        require_backend(backend, self.op)
+        self.p = dict(self.sizes[size])
+        self.flops = CASES[self.case].flops(self.p, "fwd_bwd")
+        self.fwd = build(self.case, self.p, "float32", "fwd", backend)  # also warms the JIT
+        self.fwd_bwd = build(self.case, self.p, "float32", "fwd_bwd", backend)
+        self.backend = backend
+
+    def time_fwd(self, sgemm, backend, size):
+        self.fwd()
+
+    def time_fwd_bwd(self, sgemm, backend, size):
+        self.fwd_bwd()
+
+    def peakmem_fwd_bwd(self, sgemm, backend, size):
+        self.fwd_bwd()
+
+    def track_gflops_fwd_bwd(self, sgemm, backend, size):
+        return self.flops / median_seconds(self.fwd_bwd, 3) / 1e9
+
+    track_gflops_fwd_bwd.unit = "GFLOP/s"
+
+    def track_fraction_of_sgemm(self, sgemm, backend, size):
+        return self.flops / median_seconds(self.fwd_bwd, 3) / 1e9 / sgemm
+
+    track_fraction_of_sgemm.unit = "fraction of sgemm"
+
+    def track_time_over_torch(self, sgemm, backend, size):
+        from arrayattn._bench import compare
+
+        try:
+            import torch  # noqa: F401  (only whether it is installed)
+        except ImportError:
+            raise NotImplementedError("torch is not installed") from None
+        base = {"case": self.case, "params": self.p, "dtype": "float32", "mode": "fwd_bwd", "threads": None}
+        ours, theirs = compare([{**base, "impl": "arrayattn", "backend": self.backend}, {**base, "impl": "torch"}], 5)
+        return statistics.median(ours) / statistics.median(theirs)
+
+    track_time_over_torch.unit = "ratio"

@@ -10,73 +10,15 @@ each timed in a process of its own with alternating calls (``arrayattn._bench.co
 
 from __future__ import annotations
 
-import statistics
-
-from ._common import CPU_BACKENDS, build, median_seconds, require_backend, sgemm_gflops
+from ._common import CPU_BACKENDS, _CaseBenchmark
 
 _BLOCK_SIZES = ("small", "paper")
 _BLOCK = {"small": {"N": 8, "C": 64, "H": 28, "W": 28, "r": 16}, "paper": {"N": 32, "C": 256, "H": 28, "W": 28, "r": 16}}
 
 
-def _cases():
-    from arrayattn._bench.cases import CASES
-
-    return CASES
-
-
-class _Block:
-    case: str
-    op: str
-    param_names = ["backend", "size"]
+class _Block(_CaseBenchmark):
     params = [list(CPU_BACKENDS), list(_BLOCK_SIZES)]
-    timeout = 900
-    number = 1
-    repeat = (1, 10, 20.0)
-    warmup_time = 0.0
     sizes = _BLOCK
-
-    def setup_cache(self):
-        return sgemm_gflops()
-
-    def setup(self, sgemm, backend, size):
-        require_backend(backend, self.op)
-        self.p = dict(self.sizes[size])
-        self.flops = _cases()[self.case].flops(self.p, "fwd_bwd")
-        self.fwd = build(self.case, self.p, "float32", "fwd", backend)
-        self.fwd_bwd = build(self.case, self.p, "float32", "fwd_bwd", backend)
-        self.backend = backend
-
-    def time_fwd(self, sgemm, backend, size):
-        self.fwd()
-
-    def time_fwd_bwd(self, sgemm, backend, size):
-        self.fwd_bwd()
-
-    def peakmem_fwd_bwd(self, sgemm, backend, size):
-        self.fwd_bwd()
-
-    def track_gflops_fwd_bwd(self, sgemm, backend, size):
-        return self.flops / median_seconds(self.fwd_bwd, 3) / 1e9
-
-    track_gflops_fwd_bwd.unit = "GFLOP/s"
-
-    def track_fraction_of_sgemm(self, sgemm, backend, size):
-        return self.flops / median_seconds(self.fwd_bwd, 3) / 1e9 / sgemm
-
-    track_fraction_of_sgemm.unit = "fraction of sgemm"
-
-    def track_time_over_torch(self, sgemm, backend, size):
-        from arrayattn._bench import compare
-
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise NotImplementedError("torch is not installed") from None
-        base = {"case": self.case, "params": self.p, "dtype": "float32", "mode": "fwd_bwd", "threads": None}
-        ours, theirs = compare([{**base, "impl": "arrayattn", "backend": self.backend}, {**base, "impl": "torch"}], 5)
-        return statistics.median(ours) / statistics.median(theirs)
-
-    track_time_over_torch.unit = "ratio"
 
 
 class SqueezeExcitation(_Block):
