@@ -52,48 +52,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _op
+from ._adapt import call_arguments, generated_module
 from ._config import get_backend, use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
 
-_WRAPPERS: dict[str, Callable[..., Any]] = {}
 
 
-def __getattr__(name: str) -> Callable[..., Any]:
-    ops = _op.registered_ops()
-    if name not in ops:
-        raise AttributeError(f"module 'arrayattn.jax' has no attribute {name!r}")
-    if name not in _WRAPPERS:
-        _WRAPPERS[name] = _make_wrapper(ops[name])
-    return _WRAPPERS[name]
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_op.registered_ops()))
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
-def _call_arguments(op: _op.Op, leaves: tuple, options: tuple, arrays: tuple) -> tuple[list, dict]:
-    """(args, kwargs) of ``op`` with the arrays put back where they came from."""
-    arguments: dict[str, Any] = dict(options)
-    for (name, key), a in zip(leaves, arrays):
-        if key is None:
-            arguments[name] = a
-        else:
-            arguments.setdefault(name, {})[key] = a
-    args, kwargs = [], {}
-    for p in inspect.signature(op).parameters.values():
-        if p.name not in arguments:
-            continue
-        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
-            args.append(arguments.pop(p.name))
-        elif p.kind is not inspect.Parameter.VAR_KEYWORD:
-            kwargs[p.name] = arguments.pop(p.name)
-    kwargs.update(arguments)
-    return args, kwargs
 
 
 class _Static:
@@ -139,7 +110,7 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
     op = _op.registered_ops()[name]
 
     def reference(*arrays):
-        args, kwargs = _call_arguments(op, leaves, options, arrays)
+        args, kwargs = call_arguments(op, leaves, options, arrays)
         with use_backend("array_api"):
             return op(*args, **kwargs)
 
@@ -150,7 +121,7 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
             return reference(*arrays)
 
         def f_fwd(*arrays):
-            args, kwargs = _call_arguments(op, leaves, options, arrays)
+            args, kwargs = call_arguments(op, leaves, options, arrays)
             with use_backend("array_api"):
                 out, res = op.fwd(*args, **kwargs)
             return out, (dict(res.arrays), _Static(res.backend, res.static, res.outputs), arrays)
@@ -168,14 +139,14 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
     # -- host callbacks into the NumPy backends ------------------------------------------------
 
     def host_forward(*arrays):
-        args, kwargs = _call_arguments(op, leaves, options, tuple(np.asarray(a) for a in arrays))
+        args, kwargs = call_arguments(op, leaves, options, tuple(np.asarray(a) for a in arrays))
         with use_backend(setting):
             out = op(*args, **kwargs)
         return tuple(np.asarray(o) for o in (out if isinstance(out, tuple) else (out,)))
 
     def host_backward(arrays, cts):
         arrays = tuple(np.asarray(a) for a in arrays)
-        args, kwargs = _call_arguments(op, leaves, options, arrays)
+        args, kwargs = call_arguments(op, leaves, options, arrays)
         with use_backend(setting):
             out, res = op.fwd(*args, **kwargs)
         outs = out if isinstance(out, tuple) else (out,)
@@ -289,3 +260,6 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
         "See :mod:`arrayattn.jax`.\n"
     )
     return wrapper
+
+
+__getattr__, __dir__ = generated_module("arrayattn.jax", globals(), _make_wrapper)

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from . import _op, _registry
+from ._adapt import call_arguments, generated_module
 from ._config import get_backend, use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
@@ -71,20 +72,8 @@ __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.regist
 _NAMESPACE = "arrayattn"
 _BACKEND_NAMES = tuple(_registry._BACKENDS)
 _SETTINGS = ("auto", *_BACKEND_NAMES)
-_WRAPPERS: dict[str, Callable[..., Any]] = {}
 
 
-def __getattr__(name: str) -> Callable[..., Any]:
-    ops = _op.registered_ops()
-    if name not in ops:
-        raise AttributeError(f"module 'arrayattn.torch' has no attribute {name!r}")
-    if name not in _WRAPPERS:
-        _WRAPPERS[name] = _make_wrapper(ops[name])
-    return _WRAPPERS[name]
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_op.registered_ops()))
 
 
 # -- the static part of a call: JSON with tuples, lists and dicts kept apart ----------------------
@@ -143,22 +132,7 @@ def _parse_spec(spec: str) -> tuple[tuple[tuple[str, str | None], ...], dict[str
 def _call_arguments(op: _op.Op, spec: str, arrays: list) -> tuple[list, dict]:
     """(args, kwargs) of ``op`` with the arrays put back where the spec says they came from."""
     leaves, options = _parse_spec(spec)
-    arguments: dict[str, Any] = dict(options)
-    for (name, key), a in zip(leaves, arrays):
-        if key is None:
-            arguments[name] = a
-        else:
-            arguments.setdefault(name, {})[key] = a
-    args, kwargs = [], {}
-    for p in inspect.signature(op).parameters.values():
-        if p.name not in arguments:
-            continue
-        if p.kind is inspect.Parameter.POSITIONAL_ONLY:
-            args.append(arguments.pop(p.name))
-        elif p.kind is not inspect.Parameter.VAR_KEYWORD:
-            kwargs[p.name] = arguments.pop(p.name)
-    kwargs.update(arguments)  # **kwargs of the op, if it has them
-    return args, kwargs
+    return call_arguments(op, leaves, options, arrays)
 
 
 # -- tensors <-> NumPy / CuPy arrays --------------------------------------------------------------
@@ -501,3 +475,6 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
         "See :mod:`arrayattn.torch`.\n"
     )
     return wrapper
+
+
+__getattr__, __dir__ = generated_module("arrayattn.torch", globals(), _make_wrapper)
