@@ -28,6 +28,7 @@ shared tiles have compile-time sizes. float32 and float64 run on CUDA cores; hal
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -52,16 +53,12 @@ def tile_sizes(d: int, dv: int, itemsize: int) -> tuple[int, int]:
     return BLOCK_Q, max(1, min(BLOCK_K, SHARED_BYTES // per_row))
 
 
-_CACHE: dict = {}
-
-
 def _kernels(dtype, d, dv, bq, bk):
-    key = (np.dtype(dtype), d, dv, bq, bk)
-    if key not in _CACHE:
-        _CACHE[key] = _build(np.dtype(dtype), d, dv, bq, bk)
-    return _CACHE[key]
+    """The compiled kernels for these sizes (compiled once per process, then reused)."""
+    return _build(np.dtype(dtype), d, dv, bq, bk)
 
 
+@functools.cache
 def _build(npdtype, d, dv, bq, bk):
     nbt = numba_dtype(npdtype)
     cast = npdtype.type

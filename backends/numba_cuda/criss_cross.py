@@ -13,6 +13,7 @@ column (one joint softmax). Maps are viewed as (B, H, W, c) with B the flattened
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -25,16 +26,12 @@ from ._common import as_lib, lib_of, nblocks, numba_dtype
 __all__ = ["KERNELS", "criss_cross_backward", "criss_cross_forward"]
 
 THREADS = 64
-_CACHE: dict = {}
-
-
 def _kernels(dtype, d, dv):
-    key = (np.dtype(dtype), d, dv)
-    if key not in _CACHE:
-        _CACHE[key] = _build(np.dtype(dtype), d, dv)
-    return _CACHE[key]
+    """The compiled kernels for these sizes (compiled once per process, then reused)."""
+    return _build(np.dtype(dtype), d, dv)
 
 
+@functools.cache
 def _build(npdtype, d, dv):
     nbt = numba_dtype(npdtype)
     cast = npdtype.type

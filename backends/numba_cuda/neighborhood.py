@@ -25,6 +25,7 @@ Every gradient has a single writer: the backward is bitwise deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -38,7 +39,6 @@ from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
 __all__ = ["KERNELS", "axis_tables", "window_attention_backward", "window_attention_forward"]
 
 THREADS = 64
-_CACHE: dict = {}
 
 
 # -- window tables --------------------------------------------------------------------------------
@@ -100,12 +100,11 @@ def _device_tables(lib, win):
 
 
 def _kernels(dtype, d, dv):
-    key = (np.dtype(dtype), d, dv)
-    if key not in _CACHE:
-        _CACHE[key] = _build(np.dtype(dtype), d, dv)
-    return _CACHE[key]
+    """The compiled kernels for these sizes (compiled once per process, then reused)."""
+    return _build(np.dtype(dtype), d, dv)
 
 
+@functools.cache
 def _build(npdtype, d, dv):
     nbt = numba_dtype(npdtype)
     cast = npdtype.type
