@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ __all__ = [
     "Array",
     "compute_dtype",
     "device_of",
+    "flat_rows",
     "is_low_precision",
     "namespace_name",
     "sum_to_shape",
@@ -36,6 +38,15 @@ def namespace_name(xp: Any) -> str:
         if test(xp):
             return name
     return getattr(xp, "__name__", repr(xp))
+
+
+def flat_rows(xp: Any, x: Array) -> Array:
+    """``x`` as a matrix (rows = every leading position, columns = the last axis).
+
+    Spelled with the row count rather than ``-1``, which is ambiguous (an error) for a
+    zero-width last axis.
+    """
+    return xp.reshape(x, (math.prod(x.shape[:-1]), x.shape[-1]))
 
 
 def is_low_precision(xp: Any, dtype: Any) -> bool:

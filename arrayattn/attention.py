@@ -6,7 +6,7 @@ import math
 from . import _checks as checks
 from ._op import Call, Kernel, op
 from ._reference.attention import sdpa_backward, sdpa_forward
-from ._xp import Array, compute_dtype
+from ._xp import Array, compute_dtype, flat_rows
 
 __all__ = ["multi_head_attention", "scaled_dot_product_attention", "sdpa_kernel"]
 
@@ -246,8 +246,7 @@ def _linear_bwd(xp, x, w, dy, cdt, with_bias):
     dyc = xp.astype(dy, cdt, copy=False)
     xc = xp.astype(x, cdt, copy=False)
     dx = xp.matmul(dyc, xp.astype(w, cdt, copy=False))
-    flat_dy = xp.reshape(dyc, (-1, dyc.shape[-1]))
-    flat_x = xp.reshape(xc, (-1, xc.shape[-1]))
+    flat_dy, flat_x = flat_rows(xp, dyc), flat_rows(xp, xc)
     dw = xp.matmul(xp.matrix_transpose(flat_dy), flat_x)
     db = xp.sum(flat_dy, axis=0) if with_bias else None
     return dx, dw, db

@@ -189,9 +189,12 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
     Notes
     -----
     Shape legend: ``...`` batch dimensions, ``La``/``Lb`` lengths, ``d`` width, ``k``/``k_n``
-    projection widths. ``M`` is dense (La×Lb) and the L1 distances use an (La, Lb, k_n)
-    intermediate in forward and backward. The L1 subgradient at a tie
-    ``F_N(a_i)_t = F_N(b_j)_t`` is 0. No official code is known. Derivation in
+    projection widths. ``M`` is dense (La×Lb). The ``array_api`` reference computes the L1
+    distances through an (..., La, Lb, k_n) intermediate; the ``numba`` kernel fuses them (extra
+    memory O(La·Lb) per item) and runs each item in one pass, items in parallel. The L1
+    subgradient at a tie ``F_N(a_i)_t = F_N(b_j)_t`` is 0. ``‖F_N(a_i) − F_N(b_j)‖₁`` grows with
+    ``k_n``: without centring, a ``β`` much larger than ``1/k_n`` drives ``σ(N)`` towards 0 (and
+    float32 into subnormals, which are slow on CPUs). No official code is known. Derivation in
     *Co-attention: backward*.
 
     Examples

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _checks as checks
 from ._op import Call, Kernel, op
 from ._reference.criss_cross import criss_cross_backward, criss_cross_forward
-from ._xp import Array, compute_dtype
+from ._xp import Array, compute_dtype, flat_rows
 
 __all__ = ["criss_cross_attention", "criss_cross_block"]
 
@@ -142,8 +142,7 @@ def _conv1x1_bwd(xp, x_hwc, w, dy, cdt, with_bias):
     w2 = xp.reshape(xp.astype(w, cdt, copy=False), tuple(w.shape[:2]))
     dyc = xp.astype(dy, cdt, copy=False)
     dx = xp.matmul(dyc, w2)
-    flat_dy = xp.reshape(dyc, (-1, dyc.shape[-1]))
-    flat_x = xp.reshape(xp.astype(x_hwc, cdt, copy=False), (-1, x_hwc.shape[-1]))
+    flat_dy, flat_x = flat_rows(xp, dyc), flat_rows(xp, xp.astype(x_hwc, cdt, copy=False))
     dw = xp.reshape(xp.matmul(xp.matrix_transpose(flat_dy), flat_x), tuple(w.shape))
     db = xp.sum(flat_dy, axis=0) if with_bias else None
     return dx, dw, db

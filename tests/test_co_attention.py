@@ -8,7 +8,7 @@ import pytest
 import arrayattn as aa
 from arrayattn._gradcheck import numerical_gradient
 from arrayattn.co_attention import example_can_params, example_coattn_params, example_coda_params
-from support import assert_close_rel, directional_check, has_kernel, to_numpy, to_xp
+from support import RTOL, assert_close_rel, directional_check, has_kernel, require_kernel, to_numpy, to_xp
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -186,7 +186,7 @@ def test_coattn_second_softmax_matters(rng):
 
 @pytest.mark.parametrize("centering", [False, True])
 @pytest.mark.parametrize("shape_a,shape_b", [((2, 4, 5), (2, 3, 5)), ((3, 1, 2, 6), (3, 1, 7, 6)), ((1, 3), (1, 3))])
-def test_coda_oracle(rng, shape_a, shape_b, centering):
+def test_coda_oracle(rng, backend, shape_a, shape_b, centering):
     a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
     p = example_coda_params(rng, shape_a[-1], 3)
     p["b_n"] = rng.standard_normal(3)
@@ -212,7 +212,7 @@ def _coda_loss(a, b, p, da, db, centering=False):
 
 
 @pytest.mark.parametrize("centering", [False, True])
-def test_coda_elementwise_gradients(rng, centering):
+def test_coda_elementwise_gradients(rng, backend, centering):
     a, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 2, 4))
     p = example_coda_params(rng, 4, 3)
     da, db = rng.standard_normal(a.shape), rng.standard_normal(b.shape)
@@ -315,10 +315,10 @@ def test_can_elementwise_gradients(rng):
 
 
 def _calls(rng, backend="array_api"):
-    """Small calls of every op; under "numba" only those that run there (co_attention is composite:
-    its SDPA cores run on numba; coda and CAN have no numba kernel)."""
+    """Small calls of every op; under another backend only those that run there (co_attention is
+    composite: its SDPA cores run on numba; CAN has no numba kernel)."""
     calls = _all_calls(rng)
-    return [c for c in calls if backend == "array_api" or c[0].composite]
+    return [c for c in calls if backend == "array_api" or c[0].composite or has_kernel(c[0], backend)]
 
 
 def _all_calls(rng):
@@ -374,6 +374,96 @@ def test_coattn_backends_agree(rng):
         assert_close_rel(y, x, 1e-10)
 
 
+CODA_PATH_CASES = [
+    # (lead, La, Lb, d, k, k_n): one item (the reference with the fused L1 loops) and several
+    # (the per-item kernel); widths with a vectorized body and a remainder.
+    ((), 6, 5, 19, 37, 21),
+    ((1,), 6, 5, 19, 37, 21),
+    ((3,), 6, 5, 19, 37, 21),
+    ((2, 2), 1, 7, 9, 3, 40),
+]
+
+
+@pytest.mark.parametrize("lead,la,lb,d,k,kn", CODA_PATH_CASES)
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("centering", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_coda_numba_paths_equal_reference(lead, la, lb, d, k, kn, parallel, centering, dtype, rng, monkeypatch):
+    """Both numba paths (one item; several items, each in one fused pass) and their serial and
+    parallel twins equal the array-API reference, with every optional parameter present."""
+    kernels = pytest.importorskip("arrayattn.backends.numba.co_attention")
+    require_kernel(aa.coda, "numba")
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    a, b = rng.standard_normal(lead + (la, d)), rng.standard_normal(lead + (lb, d))
+    p = example_coda_params(rng, d, k)
+    p["w_n"], p["b_n"] = rng.standard_normal((kn, d)) / d**0.5, rng.standard_normal(kn)
+    p["beta"] = p["beta"] / kn  # keeps σ(N) away from 0 so that every term counts
+    a, b, p = a.astype(dtype), b.astype(dtype), {key: v.astype(dtype) for key, v in p.items()}
+    cts = (rng.standard_normal(a.shape).astype(dtype), rng.standard_normal(b.shape).astype(dtype))
+    results = {}
+    for name in ("array_api", "numba"):
+        with aa.use_backend(name):
+            outs, res = aa.coda.fwd(a, b, p, centering=centering)
+            assert res.backend == name
+            results[name] = (*outs, aa.coda.bwd(res, cts))
+    ref, got = results["array_api"], results["numba"]
+    tol = RTOL[dtype]
+    assert_close_rel(got[0], ref[0], tol, "a_out")
+    assert_close_rel(got[1], ref[1], tol, "b_out")
+    assert_close_rel(got[2].a, ref[2].a, 20 * tol, "a")
+    assert_close_rel(got[2].b, ref[2].b, 20 * tol, "b")
+    assert set(got[2].params) == set(p)
+    for key in p:
+        assert got[2].params[key].dtype == dtype
+        # b_n cancels in F_N(a_i) − F_N(b_j): its gradient is 0 up to rounding on both sides.
+        floor = float(np.max(np.abs(ref[2].params["w_n"]))) if key == "b_n" else 0.0
+        assert_close_rel(got[2].params[key], ref[2].params[key], 20 * tol, key, floor=floor)
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_coda_ties_have_zero_subgradient(rng, backend, lead):
+    """With b = a every F_N(a_i) − F_N(b_i) is exactly 0: those terms contribute nothing to the
+    gradients (subgradient 0), on every backend; checked against the float64 oracle's gradient
+    taken by finite differences along a direction that keeps the ties."""
+    a = rng.standard_normal(lead + (4, 6))
+    p = example_coda_params(rng, 6, 5)
+    cts = (rng.standard_normal(a.shape), rng.standard_normal(a.shape))
+    (oa, ob), res = aa.coda.fwd(a, a.copy(), p)
+    g = aa.coda.bwd(res, cts)
+    ra, rb = coda_oracle(a, a, p)
+    assert_close_rel(oa, ra, 1e-12)
+    assert_close_rel(ob, rb, 1e-12)
+    # The diagonal distances are 0 whatever a is, so the loss is smooth along a direction
+    # applied to both arguments at once; its derivative must be the sum of the two gradients.
+    u = rng.standard_normal(a.shape)
+    loss = lambda t: float(sum(np.sum(o * c) for o, c in zip(coda_oracle(a + t * u, a + t * u, p), cts)))  # noqa: E731
+    h = 1e-6
+    numeric = (loss(h) - loss(-h)) / (2 * h)
+    assert abs(float(np.sum((g.a + g.b) * u)) - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    # That derivative cannot see the value taken at a tie (it cancels between a and b); the
+    # reference's xp.sign(0) = 0 is the convention, and each kernel must follow it.
+    with aa.use_backend("array_api"):
+        want = aa.coda.bwd(aa.coda.fwd(a, a.copy(), p)[1], cts)
+    assert_close_rel(g.a, want.a, 1e-12, "a")
+    assert_close_rel(g.b, want.b, 1e-12, "b")
+    for key in p:
+        assert_close_rel(g.params[key], want.params[key], 1e-12, key)
+
+
+@pytest.mark.parametrize("shape_a,shape_b,d", [((2, 0), (2, 3), 5), ((0, 4), (0, 3), 5), ((2, 4), (2, 0), 5), ((4,), (3,), 0)])
+@pytest.mark.parametrize("centering", [False, True])
+def test_coda_empty(rng, backend, shape_a, shape_b, d, centering):
+    """Empty lengths, batch or width: empty outputs, zero gradients, no warning, no NaN."""
+    a, b = rng.standard_normal(shape_a + (d,)), rng.standard_normal(shape_b + (d,))
+    p = example_coda_params(rng, d, 3) if d else {"w_e": np.ones((3, 0)), "w_n": np.ones((2, 0))}
+    (oa, ob), res = aa.coda.fwd(a, b, p, centering=centering)
+    assert oa.shape == a.shape and ob.shape == b.shape
+    g = aa.coda.bwd(res, (np.ones_like(oa), np.ones_like(ob)))
+    assert g.a.shape == a.shape and g.b.shape == b.shape
+    for key, v in g.params.items():
+        assert v.shape == p[key].shape and not np.any(v), key
+
+
 def test_reference_on_namespaces(xp, rng):
     for op_, args, kwargs in _calls(rng):
         cts = tuple(rng.standard_normal(o.shape) for o in op_(*args, **kwargs))
@@ -405,8 +495,8 @@ def test_float32(rng, backend):
         assert all(v.dtype == np.float32 for v in g.params.values())
 
 
-def test_read_only_inputs(rng):
-    for op_, args, kwargs in _calls(rng):
+def test_read_only_inputs(rng, backend):
+    for op_, args, kwargs in _calls(rng, backend):
         arrays = [a for x in args for a in (x.values() if isinstance(x, dict) else [x])]
         for a in arrays:
             a.setflags(write=False)

@@ -6,7 +6,9 @@ Plain ``xp.*`` code, no in-place writes. Conventions: images ``(N, C, H, W)`` fl
 * COSNet ``'paper'``: both column softmaxes of ``S = V_bᵀ W V_a`` are attention cores run through
   :func:`arrayattn.scaled_dot_product_attention` (``Z_a``: q = W a, k = v = b; ``Z_b``: q = b,
   k = W a, v = a); ``'code'``: the second softmax is of probabilities, so the Pb×Pa map is dense.
-* CoDA: dense La×Lb quasi-attention; the L1 distances use an (La, Lb, k) intermediate.
+* CoDA: dense La×Lb quasi-attention; the L1 distances use an (La, Lb, k) intermediate here.
+  They are the one part that is not a matrix product, so ``coda_forward``/``coda_backward`` take
+  them as a pair of functions (``l1=``) that a backend replaces by fused loops.
 * CAN: dense m×m correlation (m = H·W, 36 in the paper).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._xp import Array, compute_dtype, device_of
+from .._xp import Array, compute_dtype, device_of, flat_rows
 from .non_local import flat, transpose
 
 __all__ = [
@@ -158,8 +160,28 @@ def _scalar(xp, p, key, cdt, like):
     return xp.ones((), dtype=cdt, device=device_of(like))
 
 
+def l1_distances(xp: Any, ga: Array, gb: Array) -> Array:
+    """``dist[..., i, j] = ‖ga[..., i, :] − gb[..., j, :]‖₁`` through an (..., La, Lb, k) intermediate."""
+    return xp.sum(xp.abs(ga[..., :, None, :] - gb[..., None, :, :]), axis=-1)
+
+
+def l1_distances_backward(xp: Any, ga: Array, gb: Array, ddist: Array) -> tuple[Array, Array]:
+    """VJP of :func:`l1_distances`: ``dga_i = Σ_j ddist_ij sign(ga_i − gb_j)``, ``dgb_j = −Σ_i …``
+    (subgradient 0 at a tie)."""
+    sgn = xp.sign(ga[..., :, None, :] - gb[..., None, :, :])  # (..., La, Lb, k)
+    return xp.sum(ddist[..., None] * sgn, axis=-2), -xp.sum(ddist[..., None] * sgn, axis=-3)
+
+
+_L1 = (l1_distances, l1_distances_backward)
+
+
+def _pair_mean(xp: Any, x: Array) -> Array:
+    """Mean over the last two axes; 0 (not NaN with a warning) when La or Lb is 0."""
+    return xp.sum(x, axis=(-2, -1), keepdims=True) / max(x.shape[-2] * x.shape[-1], 1)
+
+
 def coda_forward(
-    xp: Any, a: Array, b: Array, p: dict[str, Array], centering: bool, save: bool
+    xp: Any, a: Array, b: Array, p: dict[str, Array], centering: bool, save: bool, *, l1=_L1
 ) -> tuple[tuple[Array, Array], dict[str, Any]]:
     dtype = a.dtype
     cdt = compute_dtype(xp, dtype)
@@ -168,11 +190,11 @@ def coda_forward(
     fa, fb = _lin(xp, ac, p["w_e"], p.get("b_e"), cdt), _lin(xp, bc, p["w_e"], p.get("b_e"), cdt)
     ga, gb = _lin(xp, ac, p["w_n"], p.get("b_n"), cdt), _lin(xp, bc, p["w_n"], p.get("b_n"), cdt)
     sim = xp.matmul(fa, xp.matrix_transpose(fb))  # F_E(a_i)ᵀ F_E(b_j)
-    dist = xp.sum(xp.abs(ga[..., :, None, :] - gb[..., None, :, :]), axis=-1)  # ‖.‖₁ (..., La, Lb)
+    dist = l1[0](xp, ga, gb)  # ‖F_N(a_i) − F_N(b_j)‖₁ (..., La, Lb)
     e = alpha * sim
     nn = -beta * dist
     if centering:
-        nn = nn - xp.mean(nn, axis=(-2, -1), keepdims=True)
+        nn = nn - _pair_mean(xp, nn)
     t, sg = xp.tanh(e), _sigmoid(xp, nn)
     m = t * sg
     oa = xp.matmul(m, bc)  # A' = M B
@@ -186,13 +208,12 @@ def coda_forward(
 
 def _lin_bwd(xp, x, dy, with_bias):
     """(dw, db) of ``y = x wᵀ + b`` summed over every leading axis."""
-    fx = xp.reshape(x, (-1, x.shape[-1]))
-    fdy = xp.reshape(dy, (-1, dy.shape[-1]))
+    fx, fdy = flat_rows(xp, x), flat_rows(xp, dy)
     return xp.matmul(xp.matrix_transpose(fdy), fx), (xp.sum(fdy, axis=0) if with_bias else None)
 
 
 def coda_backward(
-    xp: Any, saved: dict[str, Any], centering: bool, doa: Array, dob: Array
+    xp: Any, saved: dict[str, Any], centering: bool, doa: Array, dob: Array, *, l1=_L1
 ) -> tuple[Array, Array, dict[str, Array]]:
     a, b = saved["a"], saved["b"]
     p = {k[2:]: v for k, v in saved.items() if k.startswith("p_") and v is not None}
@@ -209,7 +230,7 @@ def coda_backward(
     de = dm * sg * (1.0 - t * t)
     dn = dm * t * sg * (1.0 - sg)
     if centering:
-        dn = dn - xp.mean(dn, axis=(-2, -1), keepdims=True)
+        dn = dn - _pair_mean(xp, dn)
     grads: dict[str, Array] = {}
     if "alpha" in p:
         grads["alpha"] = xp.reshape(xp.sum(de * saved["sim"]), (1,))
@@ -220,9 +241,7 @@ def coda_backward(
     fa, fb, ga, gb = saved["fa"], saved["fb"], saved["ga"], saved["gb"]
     dfa = xp.matmul(dsim, fb)
     dfb = xp.matmul(xp.matrix_transpose(dsim), fa)
-    sgn = xp.sign(ga[..., :, None, :] - gb[..., None, :, :])  # (..., La, Lb, k)
-    dga = xp.sum(ddist[..., None] * sgn, axis=-2)
-    dgb = -xp.sum(ddist[..., None] * sgn, axis=-3)
+    dga, dgb = l1[1](xp, ga, gb, ddist)
     for key, dxa, dxb in (("e", dfa, dfb), ("n", dga, dgb)):
         w = _c(xp, p[f"w_{key}"], cdt)
         da = da + xp.matmul(dxa, w)

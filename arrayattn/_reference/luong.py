@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._xp import Array, compute_dtype, device_of
+from .._xp import Array, compute_dtype, device_of, flat_rows
 
 __all__ = [
     "additive_backward",
@@ -41,12 +41,12 @@ def _linear(xp: Any, x: Array, w: Array, b: Array | None = None) -> Array:
 def _flat_outer(xp: Any, dy: Array, x: Array) -> Array:
     """``Σ_rows dyᵀ x`` over every leading dimension: the weight gradient of a Linear map."""
     return xp.matmul(
-        xp.matrix_transpose(xp.reshape(dy, (-1, dy.shape[-1]))), xp.reshape(x, (-1, x.shape[-1]))
+        xp.matrix_transpose(flat_rows(xp, dy)), flat_rows(xp, x)
     )
 
 
 def _flat_sum(xp: Any, x: Array) -> Array:
-    return xp.sum(xp.reshape(x, (-1, x.shape[-1])), axis=0)
+    return xp.sum(flat_rows(xp, x), axis=0)
 
 
 def masked_softmax(xp: Any, z: Array, keep: Array | None) -> Array:

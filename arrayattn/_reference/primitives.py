@@ -23,7 +23,7 @@ from typing import Any
 
 import array_api_extra as xpx
 
-from .._xp import Array, compute_dtype, device_of
+from .._xp import Array, compute_dtype, device_of, flat_rows
 
 __all__ = [
     "adaptive_avg_pool2d_backward",
@@ -161,8 +161,7 @@ def linear_backward(
     cdt = compute_dtype(xp, x.dtype)
     dyc = _cast(xp, dy, cdt)
     dx = xp.matmul(dyc, _cast(xp, weight, cdt))
-    flat_dy = xp.reshape(dyc, (-1, dyc.shape[-1]))
-    flat_x = xp.reshape(_cast(xp, x, cdt), (-1, x.shape[-1]))
+    flat_dy, flat_x = flat_rows(xp, dyc), flat_rows(xp, _cast(xp, x, cdt))
     dw = xp.matmul(xp.matrix_transpose(flat_dy), flat_x)
     db = xp.astype(xp.sum(flat_dy, axis=0), x.dtype) if with_bias else None
     return xp.astype(dx, x.dtype), xp.astype(dw, x.dtype), db

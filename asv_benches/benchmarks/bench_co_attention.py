@@ -1,30 +1,30 @@
 """COSNet co-attention, CoDA and CAN cross attention: forward and forward+backward times.
 
-No PyTorch comparison here (the test-suite checks them against the official semantics); sizes are
-those of the papers' feature maps at a small batch. ``co_attention`` is composite (its 'paper' mode
-runs two SDPA cores on the active backend); ``coda`` and ``cross_attention_fewshot`` run on the
-array-API reference only.
+``CoAttention``: ``co_attention`` and ``cross_attention_fewshot`` at the papers' feature-map sizes
+and a small batch, no PyTorch comparison (the test-suite checks them against the official
+semantics). ``co_attention`` is composite (its 'paper' mode runs two SDPA cores on the active
+backend); ``cross_attention_fewshot`` runs on the array-API reference only.
+
+``Coda``: ``coda`` (which has a Numba kernel) through the ``arrayattn._bench`` case, with
+``track_time_over_torch`` against the paper's equations in PyTorch (``torch.cdist(p=1)``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._common import CPU_BACKENDS, require_backend
+from ._common import CPU_BACKENDS, _CaseBenchmark, require_backend
 
 
 def _make(op_name: str, size: str):
     import arrayattn as aa
-    from arrayattn.co_attention import example_can_params, example_coattn_params, example_coda_params
+    from arrayattn.co_attention import example_can_params, example_coattn_params
 
     rng = np.random.default_rng(0)
     f32 = lambda t: {k: v.astype(np.float32) for k, v in t.items()} if isinstance(t, dict) else t.astype(np.float32)  # noqa: E731
     if op_name == "co_attention":
         c, hw = (64, 16) if size == "small" else (256, 32)
         args = (rng.standard_normal((2, c, hw, hw)), rng.standard_normal((2, c, hw, hw)), example_coattn_params(rng, c))
-    elif op_name == "coda":
-        d, length = (64, 32) if size == "small" else (300, 128)
-        args = (rng.standard_normal((8, length, d)), rng.standard_normal((8, length + 3, d)), example_coda_params(rng, d, d // 2))
     else:
         n, c = (10, 64) if size == "small" else (75, 512)
         args = (rng.standard_normal((n, c, 6, 6)), rng.standard_normal((n, c, 6, 6)), example_can_params(rng, 36, 6))
@@ -33,7 +33,7 @@ def _make(op_name: str, size: str):
 
 class CoAttention:
     param_names = ["op", "backend", "size"]
-    params = [["co_attention", "coda", "cross_attention_fewshot"], list(CPU_BACKENDS), ["small", "paper"]]
+    params = [["co_attention", "cross_attention_fewshot"], list(CPU_BACKENDS), ["small", "paper"]]
     timeout = 600
     number = 1
     repeat = (1, 10, 20.0)
@@ -69,3 +69,17 @@ class CoAttention:
 
     def peakmem_fwd_bwd(self, op_name, backend, size):
         self.run_fwd_bwd()
+
+
+class Coda(_CaseBenchmark):
+    """``coda`` vs the paper's equations in PyTorch; "paper": sentence-pair sizes (d = 300 word
+    vectors), "long": one item of 1024 × 1024 positions (the one-item path of the numba kernel)."""
+
+    case = "coda"
+    op = "coda"
+    sizes = {
+        "small": {"N": 4, "La": 32, "Lb": 35, "d": 64, "k": 32},
+        "paper": {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},
+        "long": {"N": 1, "La": 1024, "Lb": 1024, "d": 300, "k": 150},
+    }
+    params = [list(CPU_BACKENDS), list(sizes)]

@@ -23,6 +23,7 @@ import glob
 import math
 import os
 import threading
+import contextlib
 from contextlib import contextmanager
 
 import llvmlite.binding as llvm
@@ -114,6 +115,15 @@ def _single_threaded_blas():
             _blas_users -= 1
             if _blas_users == 0 and _blas_saved != 1:
                 _set_threads(_blas_saved)
+
+
+def _blas_threads(parallel):
+    """For kernels with serial twins: a call too small for the parallel twin keeps OpenBLAS
+    single-threaded too, since its products take well under a millisecond, less than waking the
+    BLAS thread pool costs on a busy machine; a parallel call leaves BLAS as it is."""
+    if parallel or _BLAS_REASON is not None:
+        return contextlib.nullcontext()
+    return _single_threaded_blas()
 
 
 _ROW, _NT, _T = 101, 111, 112  # CblasRowMajor, CblasNoTrans, CblasTrans

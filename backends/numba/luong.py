@@ -19,7 +19,6 @@ Arithmetic runs in the input dtype (float32 or float64); other dtypes are left t
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -28,7 +27,7 @@ from numba import njit, prange
 from arrayattn._op import Kernel
 
 from ._exp import LOG2E, exp2, tanh
-from .attention import _BLAS_REASON, _single_threaded_blas
+from .attention import _blas_threads
 
 __all__ = ["KERNELS"]
 
@@ -346,14 +345,6 @@ def _parallel(static, h_t, h_s, p):
     return nb * nt * ns * width >= PARALLEL_MIN_WORK
 
 
-def _blas_threads(parallel):
-    """Small calls keep OpenBLAS single-threaded too: their products take well under a
-    millisecond, less than waking the BLAS thread pool costs on a busy machine."""
-    if parallel or _BLAS_REASON is not None:
-        return contextlib.nullcontext()
-    return _single_threaded_blas()
-
-
 # -- Python side ----------------------------------------------------------------------------------
 
 
@@ -389,8 +380,12 @@ def _split(score, p, d_t):
     return p["w_a"], p["u_a"]
 
 
+def _rows(x):
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: a zero width is allowed
+
+
 def _outer(dy, x):
-    return dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return _rows(dy).T @ _rows(x)
 
 
 def _fwd(xp, arrays, static, save):
@@ -512,7 +507,7 @@ def _bwd_body(saved, static, cotangents, parallel):
             scale = ns if static["p_scale"] == "S" else ns - 1
             sig, hidden = saved["sig"], saved["hidden"]
             dwp = dpos * (scale * sig * (1 - sig))
-            grads["v_p"] = np.sum((dwp[..., None] * hidden).reshape(-1, hidden.shape[-1]), axis=0)
+            grads["v_p"] = np.sum(_rows(dwp[..., None] * hidden), axis=0)
             dpre = (dwp[..., None] * p["v_p"]) * (1 - hidden * hidden)
             grads["w_p"] = _outer(dpre, ht)
             dpre_ht = dpre @ p["w_p"]
@@ -520,9 +515,9 @@ def _bwd_body(saved, static, cotangents, parallel):
         w_q, w_k = _split(score, p, d_t)
         dht = dqa @ w_q
         dhs = dhs + dkb @ w_k
-        grads["v_a"] = np.sum(dv_part.reshape(-1, dv_part.shape[-1]), axis=0)
+        grads["v_a"] = np.sum(_rows(dv_part), axis=0)
         if "b_a" in p:
-            grads["b_a"] = np.sum(dqa.reshape(-1, dqa.shape[-1]), axis=0)
+            grads["b_a"] = np.sum(_rows(dqa), axis=0)
         if score == "concat":
             grads["w_a"] = np.concatenate([_outer(dqa, ht), _outer(dkb, hs)], axis=1)
         else:

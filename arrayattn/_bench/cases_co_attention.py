@@ -1,0 +1,95 @@
+"""Benchmark case of CoDA (compositional de-attention).
+
+The PyTorch side is the straightforward formulation of the paper's equations with autograd:
+``nn.functional.linear`` projections, ``torch.cdist(p=1)`` for the L1 distances, ``tanh · sigmoid``
+and two batched products (no official code is known).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .case import Case
+
+__all__ = ["CASES"]
+
+
+def _coda_flops(p: dict, mode: str) -> float:
+    n, la, lb, d, k = p["N"], p["La"], p["Lb"], p["d"], p["k"]
+    proj = 2.0 * n * (la + lb) * d * 2 * k  # F_E and F_N of both sides
+    pairs = n * la * lb * (2.0 * k + 3.0 * k + 2 * 2.0 * d)  # similarity, L1, A' = MB, B' = MᵀA
+    fwd = proj + pairs
+    return fwd if mode == "fwd" else 3.0 * fwd
+
+
+def _coda_inputs(p: dict, dtype: str):
+    from arrayattn.co_attention import example_coda_params
+
+    rng = np.random.default_rng(0)
+    n, la, lb, d = p["N"], p["La"], p["Lb"], p["d"]
+    f = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
+    params = {key: v.astype(dtype) for key, v in example_coda_params(rng, d, p["k"]).items()}
+    # ‖F_N(a_i) − F_N(b_j)‖₁ grows like k; β ~ 1/k keeps N = −β·dist of order 1. With β ~ 0.5 and
+    # k = 150, σ(N) ≈ e^(−85) would be subnormal in float32 for a fifth of the pairs, and
+    # subnormal arithmetic, not the op, would dominate both sides' times.
+    params["beta"] = np.full(1, 1.0 / p["k"], dtype)
+    return f(n, la, d), f(n, lb, d), params, f(n, la, d), f(n, lb, d)
+
+
+def _coda_arrayattn(p: dict, dtype: str, mode: str):
+    import arrayattn as aa
+
+    a, b, params, da, db = _coda_inputs(p, dtype)
+    if mode == "fwd":
+        return lambda: aa.coda(a, b, params)
+
+    def run():
+        _, res = aa.coda.fwd(a, b, params)
+        return aa.coda.bwd(res, (da, db))
+
+    return run
+
+
+def _coda_torch(p: dict, dtype: str, mode: str):
+    import torch
+    from torch.nn.functional import linear
+
+    a, b, params, da, db = (
+        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
+        for x in _coda_inputs(p, dtype)
+    )
+
+    def forward():
+        fa, fb = linear(a, params["w_e"], params["b_e"]), linear(b, params["w_e"], params["b_e"])
+        ga, gb = linear(a, params["w_n"]), linear(b, params["w_n"])
+        e = params["alpha"] * torch.bmm(fa, fb.transpose(1, 2))
+        nn = -params["beta"] * torch.cdist(ga, gb, p=1)
+        m = torch.tanh(e) * torch.sigmoid(nn)
+        return torch.bmm(m, b), torch.bmm(m.transpose(1, 2), a)
+
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                return forward()
+
+        return run
+    leaves = [a, b, *params.values()]
+    for x in leaves:
+        x.requires_grad_()
+
+    def run():
+        return torch.autograd.grad(forward(), leaves, (da, db))
+
+    return run
+
+
+CASES: dict[str, Case] = {
+    "coda": Case(
+        "coda",
+        {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},
+        _coda_flops,
+        _coda_arrayattn,
+        _coda_torch,
+    ),
+}
