@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -53,20 +53,7 @@ def _sdpa_torch(p: dict, dtype: str, mode: str):
 
     q, k, v, do = (torch.from_numpy(a) for a in _sdpa_inputs(p, dtype))
     causal = bool(p.get("causal"))
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return torch.autograd.grad(out, (q, k, v), do)
-
-    return run
+    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do, mode)
 
 
 # -- multi-head attention -----------------------------------------------------------------------
@@ -115,20 +102,7 @@ def _mha_torch(p: dict, dtype: str, mode: str):
         m.in_proj_weight.copy_(torch.from_numpy(np.concatenate([params["w_q"], params["w_k"], params["w_v"]])))
         m.out_proj.weight.copy_(torch.from_numpy(params["w_o"]))
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return m(xt, xt, xt, need_weights=False)[0]
-
-        return run
-    xt.requires_grad_()
-
-    def run():
-        y = m(xt, xt, xt, need_weights=False)[0]
-        return torch.autograd.grad(y, [xt, *m.parameters()], dyt)
-
-    return run
+    return torch_runner(lambda: m(xt, xt, xt, need_weights=False)[0], [xt, *m.parameters()], dyt, mode)
 
 
 CASES: dict[str, Case] = {

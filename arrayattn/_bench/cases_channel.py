@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES", "torch_cbam", "torch_se"]
 
@@ -96,7 +96,7 @@ def _block_flops(p: dict, mode: str) -> float:
 
 
 def _runner(name: str):
-    def arrayattn_runner(p: dict, dtype: str, mode: str):
+    def arrayattn_side(p: dict, dtype: str, mode: str):
         import arrayattn as aa
 
         x, params, dy = _inputs(p, dtype, name == "cbam")
@@ -110,28 +110,15 @@ def _runner(name: str):
 
         return run
 
-    def torch_runner(p: dict, dtype: str, mode: str):
+    def torch_side(p: dict, dtype: str, mode: str):
         import torch
 
         x, params, dy = _inputs(p, dtype, name == "cbam")
         m = torch_cbam(params) if name == "cbam" else torch_se(params)
         xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-        if mode == "fwd":
+        return torch_runner(lambda: m(xt), [xt, *m.parameters()], dyt, mode)
 
-            def run():
-                with torch.no_grad():
-                    return m(xt)
-
-            return run
-        xt.requires_grad_()
-        leaves = [xt, *m.parameters()]
-
-        def run():
-            return torch.autograd.grad(m(xt), leaves, dyt)
-
-        return run
-
-    return arrayattn_runner, torch_runner
+    return arrayattn_side, torch_side
 
 
 # -- conv2d ---------------------------------------------------------------------------------------
@@ -172,20 +159,7 @@ def _conv_torch(p: dict, dtype: str, mode: str):
 
     x, w, dy = (torch.from_numpy(a) for a in _conv_inputs(p, dtype))
     pad = p["k"] // 2
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return F.conv2d(x, w, padding=pad)
-
-        return run
-    x.requires_grad_()
-    w.requires_grad_()
-
-    def run():
-        return torch.autograd.grad(F.conv2d(x, w, padding=pad), (x, w), dy)
-
-    return run
+    return torch_runner(lambda: F.conv2d(x, w, padding=pad), (x, w), dy, mode)
 
 
 _BLOCK = {"N": 32, "C": 256, "H": 28, "W": 28, "r": 16}

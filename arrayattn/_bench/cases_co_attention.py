@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -67,21 +67,7 @@ def _coda_torch(p: dict, dtype: str, mode: str):
         m = torch.tanh(e) * torch.sigmoid(nn)
         return torch.bmm(m, b), torch.bmm(m.transpose(1, 2), a)
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward()
-
-        return run
-    leaves = [a, b, *params.values()]
-    for x in leaves:
-        x.requires_grad_()
-
-    def run():
-        return torch.autograd.grad(forward(), leaves, (da, db))
-
-    return run
+    return torch_runner(forward, [a, b, *params.values()], (da, db), mode)
 
 
 CASES: dict[str, Case] = {

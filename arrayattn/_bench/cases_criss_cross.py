@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES", "ccnet_torch_attention"]
 
@@ -76,20 +76,7 @@ def _torch(p: dict, dtype: str, mode: str):
     import torch
 
     q, k, v, do = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) for a in _inputs(p, dtype))
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return ccnet_torch_attention(q, k, v)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = ccnet_torch_attention(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), do)
-
-    return run
+    return torch_runner(lambda: ccnet_torch_attention(q, k, v), (q, k, v), do, mode)
 
 
 CASES: dict[str, Case] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -91,23 +91,8 @@ def _torch(name: str):
             return t["gamma"] * torch.bmm(F.softmax(energy, dim=-1), a).view(b, c, h, w) + xx
 
         block = pam if name == "pam" else cam
-        if mode == "fwd":
-
-            def run():
-                with torch.no_grad():
-                    return block(xt)
-
-            return run
-        xt.requires_grad_()
         used = t if name == "pam" else {"gamma": t["gamma"]}
-        for v in used.values():
-            v.requires_grad_()
-        leaves = [xt, *used.values()]
-
-        def run():
-            return torch.autograd.grad(block(xt), leaves, dyt)
-
-        return run
+        return torch_runner(lambda: block(xt), [xt, *used.values()], dyt, mode)
 
     return runner
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -45,20 +45,7 @@ def _torch(p: dict, dtype: str, mode: str):
     import torch.nn.functional as F
 
     q, k, v, dy = (torch.from_numpy(a) for a in _inputs(p, dtype))
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(q, k, v).mean(dim=-2)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = F.scaled_dot_product_attention(q, k, v).mean(dim=-2)
-        return torch.autograd.grad(out, (q, k, v), dy)
-
-    return run
+    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v).mean(dim=-2), (q, k, v), dy, mode)
 
 
 CASES: dict[str, Case] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -53,19 +53,7 @@ def _torch_runner(fn):
 
         q, k, v, do = (torch.from_numpy(a) for a in _inputs(p, dtype))
         causal = bool(p.get("causal"))
-        if mode == "fwd":
-
-            def run():
-                with torch.no_grad():
-                    return fn(q, k, v, causal)
-
-            return run
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-        def run():
-            return torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
-
-        return run
+        return torch_runner(lambda: fn(q, k, v, causal), (q, k, v), do, mode)
 
     return make
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -68,22 +68,7 @@ def _bahdanau_torch(p: dict, dtype: str, mode: str):
         align = torch.softmax(e, -1)
         return torch.bmm(align, h), align
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward()
-
-        return run
-    leaves = [s_prev, h, *params.values()]
-    for x in leaves:
-        x.requires_grad_()
-
-    def run():
-        c, a = forward()
-        return torch.autograd.grad((c, a), leaves, (dc, da))
-
-    return run
+    return torch_runner(forward, [s_prev, h, *params.values()], (dc, da), mode)
 
 
 # -- Luong local-p attention ----------------------------------------------------------------------
@@ -138,22 +123,7 @@ def _local_torch(p: dict, dtype: str, mode: str):
         a = torch.softmax(z, -1) * gauss
         return torch.bmm(a, h_s), a
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward()
-
-        return run
-    leaves = [h_t, h_s, *params.values()]
-    for x in leaves:
-        x.requires_grad_()
-
-    def run():
-        c, a = forward()
-        return torch.autograd.grad((c, a), leaves, (dc, da))
-
-    return run
+    return torch_runner(forward, [h_t, h_s, *params.values()], (dc, da), mode)
 
 
 CASES: dict[str, Case] = {

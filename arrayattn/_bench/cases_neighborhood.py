@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -77,20 +77,7 @@ def _na2d_torch(p: dict, dtype: str, mode: str):
         probs = torch.softmax(logits, dim=-1)
         return torch.einsum("bhnk,bhnkd->bhnd", probs, vg).reshape(b, heads, h, w, -1)
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward(q, k, v)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = forward(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), do)
-
-    return run
+    return torch_runner(lambda: forward(q, k, v), (q, k, v), do, mode)
 
 
 # -- HaloNet ---------------------------------------------------------------------------------------
@@ -147,20 +134,7 @@ def _halo_torch(p: dict, dtype: str, mode: str):
         out = out.reshape(-1, h // blk, w // blk, blk, blk, d).permute(0, 1, 3, 2, 4, 5)
         return out.reshape(bsz, heads, h, w, d)
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward(q, k, v)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = forward(q, k, v)
-        return torch.autograd.grad(out, (q, k, v), do)
-
-    return run
+    return torch_runner(lambda: forward(q, k, v), (q, k, v), do, mode)
 
 
 CASES: dict[str, Case] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -64,22 +64,7 @@ def _torch(p: dict, dtype: str, mode: str):
         y = torch.matmul(F.softmax(torch.matmul(th, ph), dim=-1), g).permute(0, 2, 1).reshape(b, ci, *xx.shape[2:])
         return F.conv2d(y, t["w_z"], t["b_z"]) + xx
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return block(xt)
-
-        return run
-    xt.requires_grad_()
-    for v in t.values():
-        v.requires_grad_()
-    leaves = [xt, *t.values()]
-
-    def run():
-        return torch.autograd.grad(block(xt), leaves, dyt)
-
-    return run
+    return torch_runner(lambda: block(xt), [xt, *t.values()], dyt, mode)
 
 
 CASES: dict[str, Case] = {

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -58,7 +58,7 @@ def _isab_torch(p: dict, dtype: str, mode: str):
     import torch.nn.functional as F
 
     x, params, dy = (None if a is None else a for a in _isab_inputs(p, dtype))
-    t = {k: torch.from_numpy(v).requires_grad_() for k, v in params.items()}
+    t = {k: torch.from_numpy(v) for k, v in params.items()}
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
     heads = p["heads"]
 
@@ -75,19 +75,7 @@ def _isab_torch(p: dict, dtype: str, mode: str):
         h = mab(t["I"][None].repeat(xt.size(0), 1, 1), xt, "mab0.")
         return mab(xt, h, "mab1.")
 
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return forward()
-
-        return run
-    xt.requires_grad_()
-
-    def run():
-        return torch.autograd.grad(forward(), [xt, *t.values()], dyt)
-
-    return run
+    return torch_runner(forward, [xt, *t.values()], dyt, mode)
 
 
 CASES: dict[str, Case] = {

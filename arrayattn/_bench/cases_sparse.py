@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case
+from .case import Case, torch_runner
 
 __all__ = ["CASES"]
 
@@ -79,20 +79,7 @@ def _torch(p: dict, dtype: str, mode: str):
 
     q, k, v, do = (torch.from_numpy(a) for a in _inputs(p, dtype))
     mask = torch.from_numpy(aa.sparse_attention_mask(p["L"], pattern="strided", stride=p["l"]))
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-        return run
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def run():
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return torch.autograd.grad(out, (q, k, v), do)
-
-    return run
+    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), do, mode)
 
 
 _SIZE = {"B": 1, "H": 1, "L": 8192, "l": 128, "d": 64}

@@ -464,7 +464,7 @@ def _bwd_body(saved, static, cotangents, parallel):
     h_t, h_s = saved["h_t"], saved["h_s"]
     p = {k[len("params."):]: a for k, a in saved.items() if k.startswith("params.")}
     dtype = h_t.dtype
-    lead, nt, ns = tuple(h_t.shape[:-2]), h_t.shape[-2], h_s.shape[-2]
+    nt, ns = h_t.shape[-2], h_s.shape[-2]
     d_t, d_s = h_t.shape[-1], h_s.shape[-1]
     ht, hs = _flat(h_t, (nt, d_t)), _flat(h_s, (ns, d_s))
     nb = ht.shape[0]
