@@ -139,14 +139,7 @@ def test_gpu_backend_matches_array_api(rng, op_name, backend, dtype):
         rg = op.bwd(r_res, tuple(c.astype("float64") for c in cts) if len(cts) > 1
                     else cts[0].astype("float64"))
     if dtype == "float16":
-        # FlashAttention's criterion: error <= 2 x the naive same-dtype error (+ eps)
-        with aa.use_backend("array_api"):
-            n_outs = op(*x, **kw)
-        n_outs = n_outs if isinstance(n_outs, tuple) else (n_outs,)
-        for o, r, n in zip(outs, r_outs, n_outs):
-            err = float(cupy.max(cupy.abs(cupy.nan_to_num(o.astype("float64") - r, posinf=0))))
-            nerr = float(cupy.max(cupy.abs(cupy.nan_to_num(n.astype("float64") - r, posinf=0))))
-            assert err <= 2 * nerr + 1e-3
+        _check_half(cupy, op, x, kw, outs, g, r_outs, rg, cts)
         return
     tol = TOL[dtype]
     for o, r in zip(outs, r_outs):
@@ -165,6 +158,45 @@ def test_gpu_backend_matches_array_api(rng, op_name, backend, dtype):
     for name in op.differentiable:
         if getattr(g, name) is not None:
             assert bool(cupy.all(getattr(g, name) == getattr(g2, name)))
+
+
+def _check_half(cupy, op, x, kw, outs, g, r_outs, rg, cts):
+    """FlashAttention's criterion, outputs and gradients: the error against the float64 result is
+    at most twice that of the array_api reference run on the same float16 inputs (+ eps)."""
+    with aa.use_backend("array_api"):
+        n_outs, n_res = op.fwd(*x, **kw)
+        n_outs = n_outs if isinstance(n_outs, tuple) else (n_outs,)
+        ng = op.bwd(n_res, cts if len(cts) > 1 else cts[0])
+
+    def err(a, ref):
+        return float(cupy.max(cupy.abs(cupy.nan_to_num(a.astype("float64") - ref, posinf=0, neginf=0))))
+
+    for o, r, n in zip(outs, r_outs, n_outs):
+        assert err(o, r) <= 2 * err(n, r) + 1e-3
+    for name in op.differentiable:
+        for a, b, n in zip(_leaves(getattr(g, name)), _leaves(getattr(rg, name)), _leaves(getattr(ng, name))):
+            scale = max(1.0, float(cupy.max(cupy.abs(b))))
+            assert err(a, b) <= 2 * err(n, b) + 1e-3 * scale, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,dv", [(32, 32), (64, 48), (128, 128), (160, 64)])
+@pytest.mark.parametrize("causal", [None, "top_left"])
+def test_gpu_sdpa_half_widths(rng, d, dv, causal):
+    """float16 SDPA forward and backward at each padded width of the tensor-core kernels (32, 64,
+    128) and beyond them (160: CUDA cores), lengths that leave partial tiles."""
+    cupy = _cupy()
+    x = [cupy.asarray(rng.standard_normal(shape).astype("float16"))
+         for shape in ((2, 3, 77, d), (2, 3, 93, d), (2, 3, 93, dv))]
+    op = aa.scaled_dot_product_attention
+    with aa.use_backend("cupy"):
+        outs, res = op.fwd(*x, causal=causal)
+    cts = (cupy.asarray(rng.standard_normal(outs.shape).astype("float16")),)
+    g = op.bwd(res, cts[0])
+    with aa.use_backend("array_api"):
+        r_outs, r_res = op.fwd(*[a.astype("float64") for a in x], causal=causal)
+        rg = op.bwd(r_res, cts[0].astype("float64"))
+    _check_half(cupy, op, x, {"causal": causal}, (outs,), g, (r_outs,), rg, cts)
 
 
 def _leaves(tree):

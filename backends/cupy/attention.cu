@@ -13,11 +13,17 @@
 //                               accumulation): 4 warps x 16 query rows, S = Q K^T and O += P V by
 //                               wmma; the online-softmax row state in shared memory.
 //   sdpa_delta<T, Acc>          D = rowsum(dO * O) - dlse.
+//   sdpa_dkdv_wmma<T, DP>       float16/bfloat16 backward on tensor cores: 4 warps x 16 key rows,
+//                               S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q by wmma
+//                               (P and dS rounded to T for the products, float32 accumulation).
+//   sdpa_dq_wmma<T, DP>         4 warps x 16 query rows: S = Q K^T, dP = dO V^T, dQ += dS K.
 //   sdpa_dkdv<T, Acc, DMAX>     one block per (kv head, key tile), one thread per key row, looping
 //                               over the query heads of its group and the query tiles.
 //   sdpa_dq<T, Acc, DMAX>       one block per (b, query tile), one thread per query row.
 //   sdpa_dbias<T, Acc>          one thread per element of the bias as given (before broadcast).
 // The backward passes own their outputs (no atomics): results are bitwise deterministic.
+// Validated without a GPU only: compiled with NVRTC (sm_80, sm_90) and run as host C++ through
+// tests/host_cuda/shim.h (tests/test_cupy_on_host.py).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -147,6 +153,21 @@ namespace wm = nvcuda::wmma;
 #define WMMA_BK 32
 #define WMMA_WARPS 4
 
+// dst (rows x DP) = rows [0, rows) of the row-major (n_valid x width) matrix at src, zero padded
+// (rows at or past n_valid, columns at or past width). Called by the whole block.
+template <typename T, int DP>
+__device__ __forceinline__ void stage_tile(T* dst, const T* src, int rows, int n_valid, int width) {
+    const T zero = from_acc<T>(0.0f);
+    for (int e = threadIdx.x; e < rows * DP; e += blockDim.x) {
+        const int r = e / DP, c = e % DP;
+        dst[e] = (r < n_valid && c < width) ? src[(i64)r * width + c] : zero;
+    }
+}
+
+__device__ __forceinline__ void zero_fill(float* p, int n) {
+    for (int e = threadIdx.x; e < n; e += blockDim.x) p[e] = 0.0f;
+}
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(128)
 sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -176,13 +197,9 @@ sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     const i64 moff = has_mask ? moffs[bh] : 0;
     const i64 boff = has_bias ? boffs[bh] : 0;
     const float ninf = neg_inf<float>();
-    const T tzero = from_acc<T>(0.0f);
 
-    for (int e = tid; e < WMMA_BQ * DP; e += blockDim.x) {
-        const int r = e / DP, c = e % DP;
-        qs[e] = (i0 + r < lq && c < d) ? q[((i64)bh * lq + i0 + r) * d + c] : tzero;
-        os[e] = 0.0f;
-    }
+    stage_tile<T, DP>(qs, q + ((i64)bh * lq + i0) * d, WMMA_BQ, lq - i0, d);
+    zero_fill(os, WMMA_BQ * DP);
     for (int r = tid; r < WMMA_BQ; r += blockDim.x) { row_m[r] = ninf; row_l[r] = 0.0f; }
     const int last = min(i0 + WMMA_BQ, lq) - 1;
     const int wr = warp * 16;  // first row of this warp inside the tile
@@ -190,12 +207,8 @@ sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
     for (int j0 = 0; j0 < lk; j0 += WMMA_BK) {
         if (causal && (i64)j0 > last + coff) break;
         __syncthreads();
-        for (int e = tid; e < WMMA_BK * DP; e += blockDim.x) {
-            const int r = e / DP, c = e % DP;
-            const bool in = j0 + r < lk;
-            ks[e] = (in && c < d) ? k[((i64)kvh * lk + j0 + r) * d + c] : tzero;
-            vs[e] = (in && c < dv) ? v[((i64)kvh * lk + j0 + r) * dv + c] : tzero;
-        }
+        stage_tile<T, DP>(ks, k + ((i64)kvh * lk + j0) * d, WMMA_BK, lk - j0, d);
+        stage_tile<T, DP>(vs, v + ((i64)kvh * lk + j0) * dv, WMMA_BK, lk - j0, dv);
         __syncthreads();
         // S (16 x BK per warp) = Q_w K^T
         for (int n = 0; n < WMMA_BK / 16; ++n) {
@@ -444,4 +457,195 @@ __global__ void sdpa_dbias(const T* __restrict__ q, const T* __restrict__ k, con
         }
     }
     dbias[e] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward, tensor cores (float16 / bfloat16 storage, float32 accumulation)
+// ---------------------------------------------------------------------------------------------
+
+// C_w (16 x n, float, row-major, ldc) = [C_w +] A_w (16 x kdim, T, row-major, lda) B, where B
+// (kdim x n) is row-major with ldb (B_ROW) or given as its transpose, n x kdim row-major with ldb.
+// n and kdim are multiples of 16; every pointer is 32-byte aligned, lda/ldb multiples of 16.
+template <typename T, bool B_ROW>
+__device__ __forceinline__ void warp_mma(float* c, int ldc, const T* a, int lda, const T* b, int ldb,
+                                         int n, int kdim, bool accumulate) {
+    for (int nn = 0; nn < n / 16; ++nn) {
+        wm::fragment<wm::accumulator, 16, 16, 16, float> cf;
+        if (accumulate) wm::load_matrix_sync(cf, c + nn * 16, ldc, wm::mem_row_major);
+        else wm::fill_fragment(cf, 0.0f);
+        for (int kk = 0; kk < kdim / 16; ++kk) {
+            wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> af;
+            wm::load_matrix_sync(af, a + kk * 16, lda);
+            if constexpr (B_ROW) {
+                wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> bf;
+                wm::load_matrix_sync(bf, b + kk * 16 * ldb + nn * 16, ldb);
+                wm::mma_sync(cf, af, bf, cf);
+            } else {
+                wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::col_major> bf;
+                wm::load_matrix_sync(bf, b + nn * 16 * ldb + kk * 16, ldb);
+                wm::mma_sync(cf, af, bf, cf);
+            }
+        }
+        wm::store_matrix_sync(c + nn * 16, cf, ldc, wm::mem_row_major);
+    }
+}
+
+#define WMMA_KEYS 64  // key rows per block of sdpa_dkdv_wmma (16 per warp)
+#define WMMA_QB 32    // query rows per staged tile of sdpa_dkdv_wmma
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128)
+sdpa_dkdv_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+               const T* __restrict__ dout, const float* __restrict__ lse,
+               const float* __restrict__ delta, int nb, int lq, int lk, int d, int dv, int groups,
+               float scale,
+               const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
+               const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+               int causal, i64 coff, T* __restrict__ dk, T* __restrict__ dvv) {
+    // shared: K, V (KEYS x DP) T | Q, dO (QB x DP) T | S^T then dP^T (KEYS x QB) float |
+    //         P^T (KEYS x QB) float | P^T then dS^T (KEYS x QB) T | dK, dV (KEYS x DP) float |
+    //         lse, D (QB) float
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* ks = reinterpret_cast<T*>(smem_raw);
+    T* vs = ks + WMMA_KEYS * DP;
+    T* qs = vs + WMMA_KEYS * DP;
+    T* dos = qs + WMMA_QB * DP;
+    float* st = reinterpret_cast<float*>(dos + WMMA_QB * DP);
+    float* pf = st + WMMA_KEYS * WMMA_QB;
+    T* pt = reinterpret_cast<T*>(pf + WMMA_KEYS * WMMA_QB);
+    float* dks = reinterpret_cast<float*>(pt + WMMA_KEYS * WMMA_QB);
+    float* dvs = dks + WMMA_KEYS * DP;
+    float* ls = dvs + WMMA_KEYS * DP;
+    float* dl = ls + WMMA_QB;
+
+    const int nkt = (lk + WMMA_KEYS - 1) / WMMA_KEYS;
+    const int kvh = blockIdx.x / nkt;
+    const int j0 = (blockIdx.x % nkt) * WMMA_KEYS;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wr = warp * 16;  // first key row of this warp inside the tile
+    const Plan pl{mask, moffs, mrs, mcs, has_mask, coff, causal};
+
+    stage_tile<T, DP>(ks, k + ((i64)kvh * lk + j0) * d, WMMA_KEYS, lk - j0, d);
+    stage_tile<T, DP>(vs, v + ((i64)kvh * lk + j0) * dv, WMMA_KEYS, lk - j0, dv);
+    zero_fill(dks, 2 * WMMA_KEYS * DP);  // dK and dV
+    for (int g = 0; g < groups; ++g) {
+        const int bh = kvh * groups + g;
+        const i64 moff = has_mask ? moffs[bh] : 0;
+        const i64 boff = has_bias ? boffs[bh] : 0;
+        for (int i0 = 0; i0 < lq; i0 += WMMA_QB) {
+            const int ni = min(WMMA_QB, lq - i0);
+            if (causal && (i64)j0 > i0 + ni - 1 + coff) continue;  // uniform over the block
+            __syncthreads();  // the previous tile's products are done with Q and dO
+            stage_tile<T, DP>(qs, q + ((i64)bh * lq + i0) * d, WMMA_QB, ni, d);
+            stage_tile<T, DP>(dos, dout + ((i64)bh * lq + i0) * dv, WMMA_QB, ni, dv);
+            for (int r = tid; r < WMMA_QB; r += blockDim.x) {
+                ls[r] = r < ni ? lse[(i64)bh * lq + i0 + r] : 0.0f;
+                dl[r] = r < ni ? delta[(i64)bh * lq + i0 + r] : 0.0f;
+            }
+            __syncthreads();
+            warp_mma<T, false>(st + wr * WMMA_QB, WMMA_QB, ks + wr * DP, DP, qs, DP, WMMA_QB, DP, false);
+            __syncwarp();
+            // P^T = exp(scale S^T + bias - lse) where kept, 0 elsewhere (padding included)
+            for (int e = lane; e < 16 * WMMA_QB; e += 32) {
+                const int r = wr + e / WMMA_QB, c = e % WMMA_QB;
+                const i64 i = i0 + c, j = j0 + r;
+                const float p = (c < ni && j < lk)
+                    ? prob<T, float>(st[r * WMMA_QB + c], i, j, scale, ls[c], pl, moff, bias, boff, brs, bcs, has_bias)
+                    : 0.0f;
+                pf[r * WMMA_QB + c] = p;
+                pt[r * WMMA_QB + c] = from_acc<T>(p);
+            }
+            __syncwarp();
+            warp_mma<T, true>(dvs + wr * DP, DP, pt + wr * WMMA_QB, WMMA_QB, dos, DP, DP, WMMA_QB, true);
+            warp_mma<T, false>(st + wr * WMMA_QB, WMMA_QB, vs + wr * DP, DP, dos, DP, WMMA_QB, DP, false);
+            __syncwarp();
+            for (int e = lane; e < 16 * WMMA_QB; e += 32) {
+                const int r = wr + e / WMMA_QB, c = e % WMMA_QB;
+                const float p = pf[r * WMMA_QB + c];
+                pt[r * WMMA_QB + c] = from_acc<T>(p == 0.0f ? 0.0f : p * (st[r * WMMA_QB + c] - dl[c]));
+            }
+            __syncwarp();
+            warp_mma<T, true>(dks + wr * DP, DP, pt + wr * WMMA_QB, WMMA_QB, qs, DP, DP, WMMA_QB, true);
+        }
+    }
+    __syncthreads();
+    for (int e = tid; e < WMMA_KEYS * DP; e += blockDim.x) {
+        const int r = e / DP, c = e % DP;
+        const int j = j0 + r;
+        if (j >= lk) continue;
+        if (c < d) dk[((i64)kvh * lk + j) * d + c] = from_acc<T>(dks[e] * scale);
+        if (c < dv) dvv[((i64)kvh * lk + j) * dv + c] = from_acc<T>(dvs[e]);
+    }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128)
+sdpa_dq_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+             const T* __restrict__ dout, const float* __restrict__ lse,
+             const float* __restrict__ delta, int nb, int lq, int lk, int d, int dv, int groups,
+             float scale,
+             const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
+             const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+             int causal, i64 coff, T* __restrict__ dq) {
+    // shared: Q, dO (BQ x DP) T | K, V (BK x DP) T | S, dP (BQ x BK) float | dS (BQ x BK) T |
+    //         dQ (BQ x DP) float | lse, D (BQ) float
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* qs = reinterpret_cast<T*>(smem_raw);
+    T* dos = qs + WMMA_BQ * DP;
+    T* ks = dos + WMMA_BQ * DP;
+    T* vs = ks + WMMA_BK * DP;
+    float* ss = reinterpret_cast<float*>(vs + WMMA_BK * DP);
+    float* dps = ss + WMMA_BQ * WMMA_BK;
+    T* dss = reinterpret_cast<T*>(dps + WMMA_BQ * WMMA_BK);
+    float* dqs = reinterpret_cast<float*>(dss + WMMA_BQ * WMMA_BK);
+    float* ls = dqs + WMMA_BQ * DP;
+    float* dl = ls + WMMA_BQ;
+
+    const int nqt = (lq + WMMA_BQ - 1) / WMMA_BQ;
+    const int bh = blockIdx.x / nqt;
+    const int i0 = (blockIdx.x % nqt) * WMMA_BQ;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wr = warp * 16;
+    const int kvh = bh / groups;
+    const Plan pl{mask, moffs, mrs, mcs, has_mask, coff, causal};
+    const i64 moff = has_mask ? moffs[bh] : 0;
+    const i64 boff = has_bias ? boffs[bh] : 0;
+
+    stage_tile<T, DP>(qs, q + ((i64)bh * lq + i0) * d, WMMA_BQ, lq - i0, d);
+    stage_tile<T, DP>(dos, dout + ((i64)bh * lq + i0) * dv, WMMA_BQ, lq - i0, dv);
+    zero_fill(dqs, WMMA_BQ * DP);
+    for (int r = tid; r < WMMA_BQ; r += blockDim.x) {
+        const bool in = i0 + r < lq;
+        ls[r] = in ? lse[(i64)bh * lq + i0 + r] : 0.0f;
+        dl[r] = in ? delta[(i64)bh * lq + i0 + r] : 0.0f;
+    }
+    const int last = min(i0 + WMMA_BQ, lq) - 1;
+    for (int j0 = 0; j0 < lk; j0 += WMMA_BK) {
+        if (causal && (i64)j0 > last + coff) break;
+        __syncthreads();  // Q, dO, lse, D staged; the previous tile's products are done with K, V
+        stage_tile<T, DP>(ks, k + ((i64)kvh * lk + j0) * d, WMMA_BK, lk - j0, d);
+        stage_tile<T, DP>(vs, v + ((i64)kvh * lk + j0) * dv, WMMA_BK, lk - j0, dv);
+        __syncthreads();
+        warp_mma<T, false>(ss + wr * WMMA_BK, WMMA_BK, qs + wr * DP, DP, ks, DP, WMMA_BK, DP, false);
+        warp_mma<T, false>(dps + wr * WMMA_BK, WMMA_BK, dos + wr * DP, DP, vs, DP, WMMA_BK, DP, false);
+        __syncwarp();
+        // dS = P (dP - D), P = exp(scale S + bias - lse) where kept, 0 elsewhere
+        for (int e = lane; e < 16 * WMMA_BK; e += 32) {
+            const int r = wr + e / WMMA_BK, c = e % WMMA_BK;
+            const i64 i = i0 + r, j = j0 + c;
+            const float p = (i < lq && j < lk)
+                ? prob<T, float>(ss[r * WMMA_BK + c], i, j, scale, ls[r], pl, moff, bias, boff, brs, bcs, has_bias)
+                : 0.0f;
+            const float ds = p == 0.0f ? 0.0f : p * (dps[r * WMMA_BK + c] - dl[r]);
+            dss[r * WMMA_BK + c] = from_acc<T>(ds);
+        }
+        __syncwarp();
+        warp_mma<T, true>(dqs + wr * DP, DP, dss + wr * WMMA_BK, WMMA_BK, ks, DP, DP, WMMA_BK, true);
+    }
+    __syncthreads();
+    for (int e = tid; e < WMMA_BQ * DP; e += blockDim.x) {
+        const int r = e / DP, c = e % DP;
+        const int i = i0 + r;
+        if (i < lq && c < d) dq[((i64)bh * lq + i) * d + c] = from_acc<T>(dqs[e] * scale);
+    }
 }

@@ -1,13 +1,16 @@
 """CuPy launchers of ``attention.cu``: scaled dot-product attention forward and backward.
 
 float32/float64 run the CUDA-core kernels (float64 accumulates in float64); float16 (and bfloat16
-where the array library has it) run the forward on tensor cores (``sdpa_fwd_wmma``, float32
-accumulation, head widths up to 128) and the backward on CUDA cores with float32 accumulation.
-The module is compiled on first use (``cupy.RawModule`` with ``name_expressions``).
+where the array library has it) with head widths up to 128 run forward and backward on tensor
+cores (``sdpa_fwd_wmma``, ``sdpa_dkdv_wmma``, ``sdpa_dq_wmma``: float32 accumulation; ``P`` and
+``dS`` rounded to the input dtype for the products, as FlashAttention-2 does), wider heads on
+CUDA cores with float32 accumulation. The bias gradient always runs on CUDA cores. The module is
+compiled on first use (``cupy.RawModule`` with ``name_expressions``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -21,7 +24,7 @@ __all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "sdpa_backward", "sdpa_forwa
 SOURCE = "attention.cu"
 #: Register-array widths the CUDA-core kernels are instantiated for (d and dv <= DMAX).
 DMAXES = (32, 64, 128, 256)
-#: Padded head widths of the tensor-core forward.
+#: Padded head widths of the tensor-core kernels.
 WMMA_DPS = (32, 64, 128)
 _CTYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
            "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
@@ -30,6 +33,7 @@ BLOCK_Q = 64  # query (or key) rows per block of the CUDA-core kernels
 BLOCK_K = 32  # most rows of a staged tile
 SHARED_BYTES = 40 * 1024
 WMMA_BQ, WMMA_BK = 64, 32
+WMMA_KEYS, WMMA_QB = 64, 32  # key rows per block and staged query rows of sdpa_dkdv_wmma
 
 
 def _exprs() -> tuple[str, ...]:
@@ -41,15 +45,42 @@ def _exprs() -> tuple[str, ...]:
                     f"sdpa_dq<{t}, {acc}, {dmax}>"]
     for name in _HALF:
         t = _CTYPES[name][0]
-        out += [f"sdpa_fwd_wmma<{t}, {dp}>" for dp in WMMA_DPS]
+        for kernel in ("sdpa_fwd_wmma", "sdpa_dkdv_wmma", "sdpa_dq_wmma"):
+            out += [f"{kernel}<{t}, {dp}>" for dp in WMMA_DPS]
     return tuple(out)
 
 
 NAME_EXPRESSIONS = _exprs()
 
 
+@functools.cache
+def _device(device_id):
+    """(compute capability as an int, e.g. 90; opt-in shared memory per block in bytes)."""
+    import cupy as cp
+
+    dev = cp.cuda.Device(device_id)
+    return int(dev.compute_capability), dev.attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def _current_device():
+    import cupy as cp
+
+    return _device(cp.cuda.Device().id)
+
+
+def _tensor_core_ok(expr, cc):
+    """wmma needs sm_70 (float16) or sm_80 (bfloat16); other kernels run anywhere."""
+    if "_wmma<" not in expr:
+        return True
+    return cc >= (80 if "bfloat16" in expr else 70)
+
+
 def _fn(expr, shared=0):
-    return function(SOURCE, NAME_EXPRESSIONS, expr, shared)
+    # Only the instantiations this device can compile go into its module: a bfloat16 wmma
+    # instantiation would fail the whole module below sm_80.
+    cc = _current_device()[0]
+    exprs = tuple(e for e in NAME_EXPRESSIONS if _tensor_core_ok(e, cc))
+    return function(SOURCE, exprs, expr, shared)
 
 
 def _dmax(d, dv):
@@ -66,6 +97,33 @@ def _tile(d, dv, itemsize):
 def _wmma_shared(dp, itemsize):
     return ((WMMA_BQ + 2 * WMMA_BK) * dp * itemsize + WMMA_BQ * WMMA_BK * (4 + itemsize)
             + WMMA_BQ * dp * 4 + 3 * WMMA_BQ * 4)
+
+
+def _wmma_dkdv_shared(dp, itemsize):
+    return ((2 * WMMA_KEYS + 2 * WMMA_QB) * dp * itemsize + WMMA_KEYS * WMMA_QB * (8 + itemsize)
+            + 2 * WMMA_KEYS * dp * 4 + 2 * WMMA_QB * 4)
+
+
+def _wmma_dq_shared(dp, itemsize):
+    return ((2 * WMMA_BQ + 2 * WMMA_BK) * dp * itemsize + WMMA_BQ * WMMA_BK * (8 + itemsize)
+            + WMMA_BQ * dp * 4 + 2 * WMMA_BQ * 4)
+
+
+def _wmma_dp(name, d, dv, itemsize):
+    """The padded head width of the tensor-core kernels for this call, or None (CUDA cores):
+    float16/bfloat16, d and dv <= 128, and a device with the tensor cores and the shared memory
+    all three kernels need at that width (e.g. 132 KiB for the backward at 128 on sm_80/sm_90;
+    an sm_86 card, 99 KiB, takes widths up to 64 there)."""
+    if name not in _HALF:
+        return None
+    dp = next((p for p in WMMA_DPS if max(d, dv) <= p), None)
+    if dp is None:
+        return None
+    cc, shared = _current_device()
+    if not _tensor_core_ok(f"_wmma<{_CTYPES[name][0]}>", cc):
+        return None
+    need = max(_wmma_shared(dp, itemsize), _wmma_dkdv_shared(dp, itemsize), _wmma_dq_shared(dp, itemsize))
+    return dp if need <= shared else None
 
 
 def _plan(cp, a, batch, rows, cols, dtype):
@@ -116,8 +174,8 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         head = (q3, k3, v3, np.int32(nb), np.int32(lq), np.int32(lk), np.int32(d), np.int32(dv),
                 np.int32(gqa_groups))
         tail = (*m, *b, np.int32(causal is not None), coff, out, lse)
-        dp = next((p for p in WMMA_DPS if max(d, dv) <= p), None)
-        if name in _HALF and dp is not None:
+        dp = _wmma_dp(name, d, dv, q.dtype.itemsize)
+        if dp is not None:
             shared = _wmma_shared(dp, q.dtype.itemsize)
             fn = _fn(f"sdpa_fwd_wmma<{t}, {dp}>", shared)
             fn((nb * -(-lq // WMMA_BQ),), (128,), (*head, np.float32(scale), *tail),
@@ -167,12 +225,22 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
         head = (q3, k3, v3, do3, lse2, delta, np.int32(nb), np.int32(lq), np.int32(lk),
                 np.int32(d), np.int32(dv), np.int32(gqa_groups), np.int32(bt), adt(scale))
         tail = (*m, *b, np.int32(causal is not None), coff)
-        _fn(f"sdpa_dkdv<{t}, {acc}, {dmax}>")(
-            (nkv * -(-lk // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dk, dvv),
-            shared_mem=bt * (d + dv + 2) * isz)
-        _fn(f"sdpa_dq<{t}, {acc}, {dmax}>")(
-            (nb * -(-lq // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dq),
-            shared_mem=bt * (d + dv) * isz)
+        dp = _wmma_dp(name, d, dv, q.dtype.itemsize)
+        if dp is not None:
+            wmma_head = (*head[:12], np.float32(scale))
+            shared = _wmma_dkdv_shared(dp, q.dtype.itemsize)
+            _fn(f"sdpa_dkdv_wmma<{t}, {dp}>", shared)(
+                (nkv * -(-lk // WMMA_KEYS),), (128,), (*wmma_head, *tail, dk, dvv), shared_mem=shared)
+            shared = _wmma_dq_shared(dp, q.dtype.itemsize)
+            _fn(f"sdpa_dq_wmma<{t}, {dp}>", shared)(
+                (nb * -(-lq // WMMA_BQ),), (128,), (*wmma_head, *tail, dq), shared_mem=shared)
+        else:
+            _fn(f"sdpa_dkdv<{t}, {acc}, {dmax}>")(
+                (nkv * -(-lk // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dk, dvv),
+                shared_mem=bt * (d + dv + 2) * isz)
+            _fn(f"sdpa_dq<{t}, {acc}, {dmax}>")(
+                (nb * -(-lq // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dq),
+                shared_mem=bt * (d + dv) * isz)
         if bias is not None and dbias.size:
             nrows = bdata.shape[-2] if bdata.ndim >= 2 and b[2] else 1
             ncols = bdata.shape[-1] if b[3] else 1

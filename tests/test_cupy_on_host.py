@@ -1,0 +1,294 @@
+"""The ``cupy`` backend's CUDA kernels, run on a CPU.
+
+Each ``backends/cupy/*.cu`` source is compiled as host C++ with ``tests/host_cuda/shim.h`` (one
+thread per CUDA thread, blocks in turn, real barriers for ``__syncthreads``/``__syncwarp``,
+shared memory filled with NaN and guarded by a canary, wmma fragments held whole by lane 0 of
+each warp) together with a table of every template instantiation its launcher lists. The ops then
+run through the backend's real adapters and launchers, with NumPy standing in for CuPy and each
+launch executed by that library, and are compared with the array-API reference.
+
+This checks the kernels' indexing, tiling, masking, synchronisation, shared-memory layout and
+sizes, argument lists and numerics without a GPU. It cannot check the CUDA compiler (the NVRTC
+tests in ``test_gpu.py`` do that), the hardware's wmma fragment layouts, races the barriers of
+the emulation would hide, or speed. Skipped where no C++20 compiler is available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import arrayattn as aa
+
+HERE = os.path.dirname(__file__)
+CUPY_DIR = os.path.join(os.path.dirname(HERE), "backends", "cupy")
+FAMILIES = ("attention", "criss_cross", "neighborhood")
+
+
+def _registry_source(family, exprs):
+    lines = ['#include "shim.h"', f'#include "{os.path.join(CUPY_DIR, family + ".cu")}"', "",
+             'extern "C" int run_kernel(const char* expr, int nargs, const uint64_t* slots, int grid,',
+             "                          int block, size_t shared) {",
+             "    const std::string e(expr);"]
+    for expr in exprs:
+        lines.append(f'    if (e == "{expr}") return run(&{expr}, nargs, slots, grid, block, shared);')
+    lines += ["    return -4;  // not in the launcher's list", "}", ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def host_libs(tmp_path_factory):
+    """One host library per .cu source (compiled in parallel)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ or $CXX)")
+    out = tmp_path_factory.mktemp("host_cuda")
+    for header in ("cuda_fp16.h", "cuda_bf16.h", "mma.h"):  # shim.h provides what they would
+        (out / header).write_text("")
+    procs = {}
+    for family in FAMILIES:
+        launcher = importlib.import_module(f"arrayattn.backends.cupy.{family}")
+        src = out / f"{family}.cpp"
+        src.write_text(_registry_source(family, launcher.NAME_EXPRESSIONS))
+        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out}",
+               f"-I{os.path.join(HERE, 'host_cuda')}", str(src), "-o", str(out / f"{family}.so")]
+        procs[family] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    libs = {}
+    for family, proc in procs.items():
+        _, err = proc.communicate()
+        if proc.returncode:
+            if "barrier" in err or "_Float16" in err or "c++20" in err or "bit_cast" in err:
+                pytest.skip(f"the C++ compiler lacks C++20 <barrier>, <bit> or _Float16: {err[:300]}")
+            pytest.fail(f"{family}.cu does not compile as host C++:\n{err}")
+        libs[family] = ctypes.CDLL(str(out / f"{family}.so"))
+        libs[family].run_kernel.restype = ctypes.c_int
+    return libs
+
+
+def _slot(a):
+    if isinstance(a, np.ndarray):
+        assert a.flags.c_contiguous, "kernels read raw pointers: arguments must be C-contiguous"
+        return a.ctypes.data
+    if isinstance(a, (float, np.floating)):
+        return struct.unpack("<Q", struct.pack("<d", float(a)))[0]
+    return int(a) & 0xFFFFFFFFFFFFFFFF
+
+
+class _HostKernel:
+    """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args, shared_mem=...)``."""
+
+    def __init__(self, lib, expr):
+        self.lib, self.expr = lib, expr
+        self.launches = 0
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        slots = (ctypes.c_uint64 * len(args))(*map(_slot, args))
+        rc = self.lib.run_kernel(self.expr.encode(), len(args), slots, int(grid[0]), int(block[0]),
+                                 int(shared_mem))
+        reasons = {-1: "launch refused (shared memory or block size)", -2: "wrote past its shared memory",
+                   -4: "not in NAME_EXPRESSIONS", -5: "argument count differs from the kernel's"}
+        assert rc == 0, f"{self.expr}: {reasons.get(rc, rc)}"
+        LAUNCHED.append(self.expr)
+
+
+LAUNCHED: list[str] = []
+
+
+@pytest.fixture
+def host_cupy(host_libs, monkeypatch):
+    """Run ops on the ``cupy`` backend's kernels with NumPy arrays, every launch on the host."""
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    from arrayattn import _registry
+    from arrayattn.backends import cupy as backend
+
+    for family in FAMILIES:
+        module = importlib.import_module(f"arrayattn.backends.cupy.{family}")
+        lib = host_libs[family]
+        monkeypatch.setattr(module, "function", lambda name, exprs, expr, shared=0, lib=lib: _HostKernel(lib, expr))
+    monkeypatch.setattr(backend.attention, "_current_device", lambda: (90, 227 * 1024))  # an H100
+    resolve, kernel_for = _registry.resolve, _registry.kernel_for
+
+    def host_resolve(op, call):  # "array_api" stays the reference; any other setting: cupy
+        if aa.get_backend() == "array_api":
+            return resolve(op, call)
+        return "cupy", backend.KERNELS[op.name]
+
+    monkeypatch.setattr(_registry, "resolve", host_resolve)
+    monkeypatch.setattr(_registry, "kernel_for",
+                        lambda op, name: backend.KERNELS[op.name] if name == "cupy" else kernel_for(op, name))
+    LAUNCHED.clear()
+    return LAUNCHED
+
+
+# -- comparisons ----------------------------------------------------------------------------------
+
+
+def _leaves(tree):
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [tree[key] for key in sorted(tree)]
+    return list(tree) if isinstance(tree, (tuple, list)) else [tree]
+
+
+def _max_err(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    fin = np.isfinite(ref)
+    assert np.array_equal(fin, np.isfinite(a)), "the non-finite entries differ"
+    return float(np.max(np.abs(a[fin] - ref[fin]), initial=0.0))
+
+
+def _run(op, args, kwargs, cts):
+    outs, res = op.fwd(*args, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return outs, op.bwd(res, cts if len(cts) > 1 else cts[0])
+
+
+def _compare(op, args, kwargs, dtype, rng, half_criterion=False):
+    """The cupy kernels (on the host) against array_api in float64 (and, for half precision,
+    FlashAttention's criterion: at most twice the error of array_api on the same inputs)."""
+    def cast(x, dt):
+        if isinstance(x, dict):
+            return {key: cast(a, dt) for key, a in x.items()}
+        return x if x is None or not hasattr(x, "dtype") or x.dtype == bool else x.astype(dt)
+
+    x = [cast(a, dtype) for a in args]
+    kw = {k: cast(a, dtype) for k, a in kwargs.items()}
+    with aa.use_backend("array_api"):
+        outs0 = op(*x, **kw)
+    outs0 = outs0 if isinstance(outs0, tuple) else (outs0,)
+    cts = tuple(rng.standard_normal(o.shape).astype(o.dtype) for o in outs0)
+    LAUNCHED.clear()
+    ours = _run(op, x, kw, cts)
+    launched = list(LAUNCHED)
+    assert launched, "nothing ran on the host kernels"
+    with aa.use_backend("array_api"):
+        ref = _run(op, [cast(a, np.float64) for a in x], {k: cast(a, np.float64) for k, a in kw.items()},
+                   tuple(c.astype(np.float64) for c in cts))
+        base = _run(op, x, kw, cts) if half_criterion else None
+    assert LAUNCHED == launched, "the reference ran on the host kernels"
+    LAUNCHED[:] = launched  # what the test may inspect: the kernels of the cupy run
+    pairs = list(zip(ours[0], ref[0], base[0] if base else ref[0]))
+    for name in op.differentiable:
+        pairs += list(zip(_leaves(getattr(ours[1], name)), _leaves(getattr(ref[1], name)),
+                          _leaves(getattr(base[1], name)) if base else _leaves(getattr(ref[1], name))))
+    tol = {np.float64: 1e-10, np.float32: 2e-5}.get(np.dtype(dtype).type)
+    for got, want, baseline in pairs:
+        scale = max(1.0, float(np.max(np.abs(np.asarray(want, np.float64)[np.isfinite(want)]), initial=0.0)))
+        if half_criterion:
+            assert _max_err(got, want) <= 2 * _max_err(baseline, want) + 1e-3 * scale
+        else:
+            assert _max_err(got, want) <= tol * scale
+
+
+# -- scaled dot-product attention -------------------------------------------------------------------
+
+
+def _sdpa_everything(rng):
+    q, k = rng.standard_normal((2, 4, 70, 64)), rng.standard_normal((2, 2, 90, 64))
+    v = rng.standard_normal((2, 2, 90, 48))
+    mask = rng.random((1, 1, 70, 90)) > 0.2
+    mask[..., 3, :] = False  # a fully masked row
+    # The bias broadcasts over query rows: its gradient sums over them (and the emulation runs
+    # one host thread per bias element, so a full (4, 70, 90) one would be slow).
+    return (q, k, v), {"mask": mask, "bias": rng.standard_normal((4, 1, 90)), "enable_gqa": True,
+                       "causal": "bottom_right", "return_lse": True}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_sdpa_every_option(host_cupy, rng, dtype):
+    """Mask (with a fully masked row), bias and its gradient, GQA, causal, lse, partial tiles;
+    float16 on the tensor-core kernels, float32/float64 on the CUDA-core ones."""
+    args, kwargs = _sdpa_everything(rng)
+    _compare(aa.scaled_dot_product_attention, args, kwargs, dtype, rng, half_criterion=dtype == np.float16)
+    wmma = [e for e in host_cupy if "_wmma<" in e]
+    assert bool(wmma) == (dtype == np.float16), host_cupy
+
+
+@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (128, 128), (16, 100), (160, 64)])
+@pytest.mark.parametrize("causal", [False, "top_left"])
+def test_sdpa_half_widths(host_cupy, rng, d, dv, causal):
+    """float16 at each padded width of the tensor-core kernels, and past them (160: CUDA cores)."""
+    args = (rng.standard_normal((1, 2, 77, d)), rng.standard_normal((1, 2, 93, d)), rng.standard_normal((1, 2, 93, dv)))
+    _compare(aa.scaled_dot_product_attention, args, {"causal": causal}, np.float16, rng, half_criterion=True)
+    assert any("_wmma<" in e for e in host_cupy) == (max(d, dv) <= 128)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("d,dv", [(16, 8), (200, 72)])
+def test_sdpa_cuda_cores_widths(host_cupy, rng, dtype, d, dv):
+    args = (rng.standard_normal((3, 40, d)), rng.standard_normal((3, 70, d)), rng.standard_normal((3, 70, dv)))
+    _compare(aa.scaled_dot_product_attention, args, {"causal": "top_left"}, dtype, rng)
+
+
+def test_sdpa_bfloat16_tensor_cores(host_cupy, rng):
+    """bfloat16 (NumPy through ml_dtypes) on the tensor-core kernels, launcher level."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from arrayattn.backends.cupy import attention as launcher
+
+    bf = ml_dtypes.bfloat16
+    q, k = rng.standard_normal((4, 77, 64)).astype(bf), rng.standard_normal((2, 93, 64)).astype(bf)
+    v, do = rng.standard_normal((2, 93, 48)).astype(bf), rng.standard_normal((4, 77, 48)).astype(bf)
+    scale = 0.125
+    out, lse = launcher.sdpa_forward(q, k, v, causal="top_left", scale=scale, gqa_groups=2)
+    dq, dk, dv, _ = launcher.sdpa_backward(q, k, v, out, lse, do, causal="top_left", scale=scale, gqa_groups=2)
+    assert all("_wmma<__nv_bfloat16" in e for e in host_cupy if "delta" not in e)
+    opts = {"causal": "top_left", "enable_gqa": True, "scale": scale, "return_lse": True}
+    results = {}
+    for dt in (np.float64, np.float32):
+        with aa.use_backend("array_api"):
+            (o, l_), res = aa.scaled_dot_product_attention.fwd(q.astype(dt), k.astype(dt), v.astype(dt), **opts)
+            g = aa.scaled_dot_product_attention.bwd(res, (do.astype(dt), np.zeros_like(l_)))
+        results[dt] = (o, l_, g.q, g.k, g.v)
+    for got, want, f32 in zip((out, lse, dq, dk, dv), results[np.float64], results[np.float32]):
+        baseline = _max_err(f32 if f32.shape == lse.shape else f32.astype(bf), want)
+        assert _max_err(got, want) <= 2 * baseline + 1e-3 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_shared_memory_fits_sm80():
+    """The tensor-core kernels need at most sm_80's 163 KiB of opt-in shared memory."""
+    from arrayattn.backends.cupy import attention as launcher
+
+    for dp in launcher.WMMA_DPS:
+        for size in (launcher._wmma_shared(dp, 2), launcher._wmma_dkdv_shared(dp, 2), launcher._wmma_dq_shared(dp, 2)):
+            assert size <= 163 * 1024
+
+
+# -- criss-cross and neighbourhood attention --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_criss_cross(host_cupy, rng, dtype):
+    args = (rng.standard_normal((2, 9, 11, 16)), rng.standard_normal((2, 9, 11, 16)), rng.standard_normal((2, 9, 11, 8)))
+    _compare(aa.criss_cross_attention, args, {"scale": 0.3}, dtype, rng, half_criterion=dtype == np.float16)
+    assert host_cupy
+
+
+NA_CASES = {
+    "rel_bias+rel_pos, dilation 2, zero padding": (
+        (2, 3, 13, 17, 16), 24, {"kernel_size": 5, "dilation": 2, "boundary": "zero"}, True),
+    "clamp, even kernel": ((1, 2, 9, 10, 8), 8, {"kernel_size": 4, "boundary": "clamp"}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NA_CASES))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_neighborhood(host_cupy, rng, case, dtype):
+    shape, dv, kwargs, rel = NA_CASES[case]
+    q, k = rng.standard_normal(shape), rng.standard_normal(shape)
+    v = rng.standard_normal(shape[:-1] + (dv,))
+    kwargs = dict(kwargs)
+    if rel:
+        n = 2 * kwargs["kernel_size"] - 1
+        kwargs["rel_bias"] = rng.standard_normal((shape[1], n, n))
+        kwargs["rel_pos"] = {"r_h": rng.standard_normal((n, shape[-1])) / 4, "r_w": rng.standard_normal((n, shape[-1])) / 4}
+    _compare(aa.neighborhood_attention_2d, (q, k, v), kwargs, dtype, rng, half_criterion=dtype == np.float16)
+    assert host_cupy
