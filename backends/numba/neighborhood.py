@@ -34,6 +34,18 @@ __all__ = ["KERNELS"]
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 
 
+@njit(inline="always", cache=True, fastmath=_FM)
+def _rel_logits(q, b, i, j, table, rows, pos, zero, out):
+    """``out[a] = q[b, i, j] · table[b, rows[a, pos]]``: the relative-position logits of query
+    (i, j) for the window slots ``a`` of one axis (``pos`` is its coordinate on that axis)."""
+    for a in range(out.shape[0]):
+        tot = zero
+        row = rows[a, pos]
+        for e in range(q.shape[3]):
+            tot += q[b, i, j, e] * table[b, row, e]
+        out[a] = tot
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _forward(q, k, v, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags, scale, out, lse):
     nbh, h, w, d = q.shape
@@ -50,19 +62,9 @@ def _forward(q, k, v, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags, scale, out, l
         qrx = np.zeros(kx_n, dtype=q.dtype)
         for j in range(w):
             if has_rh:
-                for a in range(ky_n):
-                    tot = (scale - scale)
-                    row = ry[a, i]
-                    for e in range(d):
-                        tot += q[b, i, j, e] * rh[b, row, e]
-                    qry[a] = tot
+                _rel_logits(q, b, i, j, rh, ry, i, scale - scale, qry)
             if has_rw:
-                for c in range(kx_n):
-                    tot = (scale - scale)
-                    row = rx[c, j]
-                    for e in range(d):
-                        tot += q[b, i, j, e] * rw[b, row, e]
-                    qrx[c] = tot
+                _rel_logits(q, b, i, j, rw, rx, j, scale - scale, qrx)
             m = -np.inf
             for a in range(ky_n):
                 yy = iy[a, i]
@@ -127,19 +129,9 @@ def _backward_queries(q, k, v, out, lse, dout, iy, vy, ry, ix, vx, rx, bias, rh,
         g = np.empty(d, dtype=q.dtype)
         for j in range(w):
             if has_rh:
-                for a in range(ky_n):
-                    tot = (scale - scale)
-                    row = ry[a, i]
-                    for e in range(d):
-                        tot += q[b, i, j, e] * rh[b, row, e]
-                    qry[a] = tot
+                _rel_logits(q, b, i, j, rh, ry, i, scale - scale, qry)
             if has_rw:
-                for c in range(kx_n):
-                    tot = (scale - scale)
-                    row = rx[c, j]
-                    for e in range(d):
-                        tot += q[b, i, j, e] * rw[b, row, e]
-                    qrx[c] = tot
+                _rel_logits(q, b, i, j, rw, rx, j, scale - scale, qrx)
             big_d = (scale - scale)
             for e in range(dv):
                 big_d += dout[b, i, j, e] * out[b, i, j, e]
