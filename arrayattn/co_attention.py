@@ -99,9 +99,11 @@ def co_attention(v_a: Array, v_b: Array, params: dict[str, Array], *, second_sof
     Notes
     -----
     Shape legend: ``N`` batch, ``C`` channels, ``Pa = Ha·Wa`` exemplar and ``Pb = Hb·Wb`` query
-    positions. In ``'paper'`` mode both softmaxes are :func:`scaled_dot_product_attention` cores
-    (``scale=1``; ``Z_a``: q = W a, k = v = b; ``Z_b``: q = b, k = W a, v = a), O(P·C) memory,
-    on the active backend. ``'code'`` mode materialises the (N, Pb, Pa) map. The concat with
+    positions. In ``'paper'`` mode, up to 2²² pairs ``Pa·Pb`` per item, both softmaxes are taken
+    of one dense (N, Pb, Pa) affinity map, as the official code does; beyond, they are
+    :func:`scaled_dot_product_attention` cores (``scale=1``; ``Z_a``: q = W a, k = v = b;
+    ``Z_b``: q = b, k = W a, v = a) on the active backend, O(P·C) memory. ``'code'`` mode
+    always materialises the map. The concat with
     the input, 3×3 conv, BN and ReLU of the official model are the caller's. Derivation in
     *Co-attention: backward*.
 

@@ -357,9 +357,32 @@ def test_coattn_elementwise_gradients(rng):
             assert_close_rel(g.params[key], numerical_gradient(lambda x: loss(a, b, {**p, key: x}), p[key]), 1e-7, key)
 
 
-def test_coattn_backends_agree(rng):
+def test_coattn_paper_paths_agree(rng, backend, monkeypatch):
+    """'paper' with the dense affinity map and through two attention cores (forced by the pair
+    limit): the same outputs and gradients."""
+    from arrayattn._reference import co_attention as ref
+
+    a, b = rng.standard_normal((2, 6, 3, 5)), rng.standard_normal((2, 6, 4, 2))
+    p = example_coattn_params(rng, 6, bias=True)
+    cts = (rng.standard_normal(a.shape), rng.standard_normal(b.shape))
+    out = {}
+    for limit in (ref.DENSE_MAX_PAIRS, 0):
+        monkeypatch.setattr(ref, "DENSE_MAX_PAIRS", limit)
+        (za, zb), res = aa.co_attention.fwd(a, b, p)
+        assert (limit == 0) == any(key.startswith("attn_a/") for key, _ in res.static)
+        g = aa.co_attention.bwd(res, cts)
+        out[limit] = (za, zb, g.v_a, g.v_b, *(g.params[k] for k in sorted(p)))
+    for x, y in zip(*out.values()):
+        assert_close_rel(y, x, 1e-12)
+
+
+def test_coattn_backends_agree(rng, monkeypatch):
+    """Through attention cores (pair limit 0), they run on the active backend."""
+    from arrayattn._reference import co_attention as ref
+
     if not has_kernel(aa.scaled_dot_product_attention, "numba"):
         pytest.skip("no numba SDPA kernel here")
+    monkeypatch.setattr(ref, "DENSE_MAX_PAIRS", 0)
     a, b = rng.standard_normal((2, 8, 5, 5)), rng.standard_normal((2, 8, 4, 6))
     p = example_coattn_params(rng, 8, bias=True)
     cts = (rng.standard_normal(a.shape), rng.standard_normal(b.shape))

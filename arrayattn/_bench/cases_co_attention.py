@@ -1,8 +1,14 @@
-"""Benchmark case of CoDA (compositional de-attention).
+"""Benchmark cases of COSNet co-attention and CoDA (compositional de-attention).
 
-The PyTorch side is the straightforward formulation of the paper's equations with autograd:
-``nn.functional.linear`` projections, ``torch.cdist(p=1)`` for the L1 distances, ``tanh · sigmoid``
-and two batched products (no official code is known).
+PyTorch sides, with autograd:
+
+* ``cosnet``: ``CoattentionModel.forward`` of the official code (carrierlxk/COSNet, the revision
+  whose second softmax is of the raw affinities, ``second_softmax='paper'``) up to the gated
+  outputs: a Linear on the exemplar, ``bmm`` affinities, two softmaxes, two ``bmm``, 1×1-conv
+  sigmoid gates.
+* ``coda``: the paper's equations (no official code is known): ``nn.functional.linear``
+  projections, ``torch.cdist(p=1)`` for the L1 distances, ``tanh · sigmoid`` and two batched
+  products.
 """
 
 from __future__ import annotations
@@ -70,7 +76,65 @@ def _coda_torch(p: dict, dtype: str, mode: str):
     return torch_runner(forward, [a, b, *params.values()], (da, db), mode)
 
 
+def _cosnet_flops(p: dict, mode: str) -> float:
+    n, c, pos = p["N"], p["C"], p["H"] * p["W"]
+    fwd = 2.0 * n * pos * c * c + 3 * 2.0 * n * pos * pos * c + 2 * 2.0 * n * pos * c
+    return fwd if mode == "fwd" else 3.0 * fwd
+
+
+def _cosnet_inputs(p: dict, dtype: str):
+    from arrayattn.co_attention import example_coattn_params
+
+    rng = np.random.default_rng(0)
+    shape = (p["N"], p["C"], p["H"], p["W"])
+    f = lambda: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
+    params = {key: v.astype(dtype) for key, v in example_coattn_params(rng, p["C"]).items()}
+    return f(), f(), params, f(), f()
+
+
+def _cosnet_arrayattn(p: dict, dtype: str, mode: str):
+    import arrayattn as aa
+
+    a, b, params, da, db = _cosnet_inputs(p, dtype)
+    if mode == "fwd":
+        return lambda: aa.co_attention(a, b, params)
+
+    def run():
+        _, res = aa.co_attention.fwd(a, b, params)
+        return aa.co_attention.bwd(res, (da, db))
+
+    return run
+
+
+def _cosnet_torch(p: dict, dtype: str, mode: str):
+    import torch
+    import torch.nn.functional as F
+
+    a, b, params, da, db = (
+        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
+        for x in _cosnet_inputs(p, dtype)
+    )
+    n, c, h, w = a.shape
+
+    def forward():
+        exemplar_flat, query_flat = a.view(n, c, h * w), b.view(n, c, h * w)
+        affinity = torch.bmm(F.linear(exemplar_flat.transpose(1, 2), params["w"]), query_flat)
+        query_att = torch.bmm(exemplar_flat, F.softmax(affinity, dim=1)).view(n, c, h, w)
+        exemplar_att = torch.bmm(query_flat, F.softmax(affinity.transpose(1, 2), dim=1)).view(n, c, h, w)
+        gate = lambda x: x * torch.sigmoid(F.conv2d(x, params["w_gate"]))  # noqa: E731
+        return gate(exemplar_att), gate(query_att)
+
+    return torch_runner(forward, [a, b, *params.values()], (da, db), mode)
+
+
 CASES: dict[str, Case] = {
+    "cosnet": Case(
+        "cosnet",
+        {"N": 2, "C": 256, "H": 32, "W": 32},
+        _cosnet_flops,
+        _cosnet_arrayattn,
+        _cosnet_torch,
+    ),
     "coda": Case(
         "coda",
         {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},

@@ -3,9 +3,13 @@
 Plain ``xp.*`` code, no in-place writes. Conventions: images ``(N, C, H, W)`` flattened to
 ``(N, C, P)``; sequences ``(..., L, d)``.
 
-* COSNet ``'paper'``: both column softmaxes of ``S = V_bᵀ W V_a`` are attention cores run through
+* COSNet ``'paper'``: ``Z_a`` and ``Z_b`` take the two softmaxes (over query and over exemplar
+  positions) of one affinity map ``S = V_bᵀ W V_a``. Up to ``DENSE_MAX_PAIRS`` pairs per item the
+  Pb×Pa map is formed once and feeds both, as in the official code (3 large products forward,
+  6 backward); beyond, each softmax is an attention core run through
   :func:`arrayattn.scaled_dot_product_attention` (``Z_a``: q = W a, k = v = b; ``Z_b``: q = b,
-  k = W a, v = a); ``'code'``: the second softmax is of probabilities, so the Pb×Pa map is dense.
+  k = W a, v = a), so memory stays linear in the positions. ``'code'``: the second softmax is of
+  probabilities, so the map is always dense.
 * CoDA: dense La×Lb quasi-attention; the L1 distances use an (La, Lb, k) intermediate here.
   They are the one part that is not a matrix product, so ``coda_forward``/``coda_backward`` take
   them as a pair of functions (``l1=``) that a backend replaces by fused loops.
@@ -49,6 +53,11 @@ def _sigmoid(xp: Any, x: Array) -> Array:
 
 # -- COSNet co-attention --------------------------------------------------------------------------
 
+#: Most Pb·Pa pairs per item for which COSNet's 'paper' mode forms the dense affinity map (16 MiB
+#: in float32); a larger call runs two attention cores instead (the choice depends on the shapes
+#: only).
+DENSE_MAX_PAIRS = 1 << 22
+
 
 def _gate_fwd(xp, z, wg, bg):
     """``z ⊙ σ(w_g · z + b_g)``; z (N, C, P), wg (C,) -> (out, gate (N, 1, P))."""
@@ -81,7 +90,8 @@ def coattn_forward(
     bg = _c(xp, p["b_gate"], cdt)[0] if "b_gate" in p else None
     wa = xp.matmul(w, af)  # (N, C, Pa): W a_j
     saved: dict[str, Any] = {}
-    if second_softmax == "paper":
+    pairs = bf.shape[-1] * af.shape[-1]
+    if second_softmax == "paper" and pairs > DENSE_MAX_PAIRS:
         qa, kb = _c(xp, transpose(xp, wa), dtype), _c(xp, transpose(xp, bf), dtype)
         va = _c(xp, transpose(xp, af), dtype)
         if save:
@@ -93,7 +103,10 @@ def coattn_forward(
     else:
         s = xp.matmul(transpose(xp, bf), wa)  # (N, Pb, Pa): S_ij = b_i · W a_j
         pr = _softmax(xp, s, 2)  # over exemplar positions j (the code's A = softmax(Sᵀ, dim=1))
-        bmat = _softmax(xp, pr, 1)  # the code's B: softmax over query positions i of probabilities
+        if second_softmax == "paper":
+            bmat = _softmax(xp, s, 1)  # over query positions i
+        else:
+            bmat = _softmax(xp, pr, 1)  # the code's B: softmax over query positions of probabilities
         za = xp.matmul(bf, bmat)  # (N, C, Pa)
         zb = xp.matmul(af, transpose(xp, pr))  # (N, C, Pb)
         if save:
@@ -121,7 +134,7 @@ def coattn_backward(
     wg = _c(xp, p["w_gate"], cdt)[0, :, 0, 0]
     dza, dwg_a, dbg_a = _gate_bwd(xp, saved["za"], saved["gate_a"], wg, _c(xp, flat(xp, douta), cdt))
     dzb, dwg_b, dbg_b = _gate_bwd(xp, saved["zb"], saved["gate_b"], wg, _c(xp, flat(xp, doutb), cdt))
-    if second_softmax == "paper":
+    if "attn_a" in saved:  # 'paper' through attention cores
         ga = sdpa.bwd(saved["attn_a"], _c(xp, transpose(xp, dza), dtype))
         gb = sdpa.bwd(saved["attn_b"], _c(xp, transpose(xp, dzb), dtype))
         dwa = transpose(xp, _c(xp, ga.q, cdt) + _c(xp, gb.k, cdt))
@@ -131,9 +144,12 @@ def coattn_backward(
         pr, bmat, wa = saved["pr"], saved["bmat"], saved["wa"]
         dbmat = xp.matmul(transpose(xp, bf), dza)  # (N, Pb, Pa)
         dbf = xp.matmul(dza, transpose(xp, bmat))
-        dpr = _softmax_bwd(xp, bmat, dbmat, 1) + xp.matmul(transpose(xp, dzb), af)
+        dpr = xp.matmul(transpose(xp, dzb), af)
         daf = xp.matmul(dzb, pr)
-        ds = _softmax_bwd(xp, pr, dpr, 2)
+        if second_softmax == "paper":  # both softmaxes of S
+            ds = _softmax_bwd(xp, bmat, dbmat, 1) + _softmax_bwd(xp, pr, dpr, 2)
+        else:  # B = softmax of the probabilities pr
+            ds = _softmax_bwd(xp, pr, dpr + _softmax_bwd(xp, bmat, dbmat, 1), 2)
         dbf = dbf + xp.matmul(wa, transpose(xp, ds))
         dwa = xp.matmul(bf, ds)  # (N, C, Pa)
     dw = xp.sum(xp.matmul(dwa, transpose(xp, af)), axis=0)

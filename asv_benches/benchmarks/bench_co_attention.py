@@ -5,8 +5,9 @@ and a small batch, no PyTorch comparison (the test-suite checks them against the
 semantics). ``co_attention`` is composite (its 'paper' mode runs two SDPA cores on the active
 backend); ``cross_attention_fewshot`` runs on the array-API reference only.
 
-``Coda``: ``coda`` (which has a Numba kernel) through the ``arrayattn._bench`` case, with
-``track_time_over_torch`` against the paper's equations in PyTorch (``torch.cdist(p=1)``).
+``Cosnet`` and ``Coda``: ``co_attention`` and ``coda`` through the ``arrayattn._bench`` cases,
+with ``track_time_over_torch`` against the official COSNet module and the CoDA paper's equations
+in PyTorch (``torch.cdist(p=1)``).
 """
 
 from __future__ import annotations
@@ -82,4 +83,13 @@ class Coda(_CaseBenchmark):
         "paper": {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},
         "long": {"N": 1, "La": 1024, "Lb": 1024, "d": 300, "k": 150},
     }
+    params = [list(CPU_BACKENDS), list(sizes)]
+
+
+class Cosnet(_CaseBenchmark):
+    """``co_attention`` ('paper') vs COSNet's ``CoattentionModel`` in PyTorch (same weights)."""
+
+    case = "cosnet"
+    op = "scaled_dot_product_attention"  # composite; large calls run their cores on this op
+    sizes = {"small": {"N": 2, "C": 64, "H": 16, "W": 16}, "paper": {"N": 2, "C": 256, "H": 32, "W": 32}}
     params = [list(CPU_BACKENDS), list(sizes)]
