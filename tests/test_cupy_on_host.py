@@ -44,12 +44,26 @@ def _registry_source(family, exprs):
     return "\n".join(lines)
 
 
+def _thread_limit():
+    """The soft limit on this user's processes and threads; None where unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 @pytest.fixture(scope="module")
 def host_libs(tmp_path_factory):
     """One host library per .cu source (compiled in parallel)."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("no C++ compiler (g++ or $CXX)")
+    limit = _thread_limit()
+    if limit is not None and limit < 4096:
+        # a block runs as up to 256 host threads; failing to start one would deadlock the rest
+        pytest.skip(f"the process limit ({limit}) leaves too few threads for the emulation")
     out = tmp_path_factory.mktemp("host_cuda")
     for header in ("cuda_fp16.h", "cuda_bf16.h", "mma.h"):  # shim.h provides what they would
         (out / header).write_text("")
