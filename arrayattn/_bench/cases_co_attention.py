@@ -20,6 +20,35 @@ from .case import Case, torch_runner
 __all__ = ["CASES"]
 
 
+# Both ops take (a, b, params) and return two arrays; inputs are (a, b, params, da, db), the last
+# two the output cotangents.
+
+
+def _arrayattn_runner(op_name: str, make_inputs):
+    def factory(p: dict, dtype: str, mode: str):
+        import arrayattn as aa
+
+        op = getattr(aa, op_name)
+        a, b, params, da, db = make_inputs(p, dtype)
+        if mode == "fwd":
+            return lambda: op(a, b, params)
+
+        def run():
+            _, res = op.fwd(a, b, params)
+            return op.bwd(res, (da, db))
+
+        return run
+
+    return factory
+
+
+def _tensors(inputs):
+    import torch
+
+    return tuple({k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
+                 for x in inputs)
+
+
 def _coda_flops(p: dict, mode: str) -> float:
     n, la, lb, d, k = p["N"], p["La"], p["Lb"], p["d"], p["k"]
     proj = 2.0 * n * (la + lb) * d * 2 * k  # F_E and F_N of both sides
@@ -42,28 +71,11 @@ def _coda_inputs(p: dict, dtype: str):
     return f(n, la, d), f(n, lb, d), params, f(n, la, d), f(n, lb, d)
 
 
-def _coda_arrayattn(p: dict, dtype: str, mode: str):
-    import arrayattn as aa
-
-    a, b, params, da, db = _coda_inputs(p, dtype)
-    if mode == "fwd":
-        return lambda: aa.coda(a, b, params)
-
-    def run():
-        _, res = aa.coda.fwd(a, b, params)
-        return aa.coda.bwd(res, (da, db))
-
-    return run
-
-
 def _coda_torch(p: dict, dtype: str, mode: str):
     import torch
     from torch.nn.functional import linear
 
-    a, b, params, da, db = (
-        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
-        for x in _coda_inputs(p, dtype)
-    )
+    a, b, params, da, db = _tensors(_coda_inputs(p, dtype))
 
     def forward():
         fa, fb = linear(a, params["w_e"], params["b_e"]), linear(b, params["w_e"], params["b_e"])
@@ -92,28 +104,11 @@ def _cosnet_inputs(p: dict, dtype: str):
     return f(), f(), params, f(), f()
 
 
-def _cosnet_arrayattn(p: dict, dtype: str, mode: str):
-    import arrayattn as aa
-
-    a, b, params, da, db = _cosnet_inputs(p, dtype)
-    if mode == "fwd":
-        return lambda: aa.co_attention(a, b, params)
-
-    def run():
-        _, res = aa.co_attention.fwd(a, b, params)
-        return aa.co_attention.bwd(res, (da, db))
-
-    return run
-
-
 def _cosnet_torch(p: dict, dtype: str, mode: str):
     import torch
     import torch.nn.functional as F
 
-    a, b, params, da, db = (
-        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
-        for x in _cosnet_inputs(p, dtype)
-    )
+    a, b, params, da, db = _tensors(_cosnet_inputs(p, dtype))
     n, c, h, w = a.shape
 
     def forward():
@@ -132,14 +127,14 @@ CASES: dict[str, Case] = {
         "cosnet",
         {"N": 2, "C": 256, "H": 32, "W": 32},
         _cosnet_flops,
-        _cosnet_arrayattn,
+        _arrayattn_runner("co_attention", _cosnet_inputs),
         _cosnet_torch,
     ),
     "coda": Case(
         "coda",
         {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},
         _coda_flops,
-        _coda_arrayattn,
+        _arrayattn_runner("coda", _coda_inputs),
         _coda_torch,
     ),
 }
