@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Case", "torch_runner"]
+__all__ = ["Case", "pair_op_runner", "tensors", "torch_runner"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,33 @@ def torch_runner(forward: Callable[[], Any], leaves, cotangents, mode: str) -> C
         return torch.autograd.grad(forward(), leaves, cotangents)
 
     return run_fwd_bwd
+
+
+def pair_op_runner(op_name: str, make_inputs, options: Callable[[dict], dict] | None = None):
+    """The arrayattn side of a case whose op takes ``(x, y, params, **options(p))`` and returns two
+    arrays; ``make_inputs(p, dtype)`` gives ``(x, y, params, cotangent_0, cotangent_1)``."""
+
+    def factory(p: dict, dtype: str, mode: str):
+        import arrayattn as aa
+
+        op = getattr(aa, op_name)
+        x, y, params, ct0, ct1 = make_inputs(p, dtype)
+        kw = options(p) if options else {}
+        if mode == "fwd":
+            return lambda: op(x, y, params, **kw)
+
+        def run():
+            _, res = op.fwd(x, y, params, **kw)
+            return op.bwd(res, (ct0, ct1))
+
+        return run
+
+    return factory
+
+
+def tensors(arrays):
+    """NumPy arrays (or mappings of them) as torch tensors sharing their memory."""
+    import torch
+
+    return tuple({k: torch.from_numpy(v) for k, v in a.items()} if isinstance(a, dict) else torch.from_numpy(a)
+                 for a in arrays)

@@ -15,38 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case, torch_runner
+from .case import Case, pair_op_runner, tensors, torch_runner
 
 __all__ = ["CASES"]
-
-
-# Both ops take (a, b, params) and return two arrays; inputs are (a, b, params, da, db), the last
-# two the output cotangents.
-
-
-def _arrayattn_runner(op_name: str, make_inputs):
-    def factory(p: dict, dtype: str, mode: str):
-        import arrayattn as aa
-
-        op = getattr(aa, op_name)
-        a, b, params, da, db = make_inputs(p, dtype)
-        if mode == "fwd":
-            return lambda: op(a, b, params)
-
-        def run():
-            _, res = op.fwd(a, b, params)
-            return op.bwd(res, (da, db))
-
-        return run
-
-    return factory
-
-
-def _tensors(inputs):
-    import torch
-
-    return tuple({k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
-                 for x in inputs)
 
 
 def _coda_flops(p: dict, mode: str) -> float:
@@ -75,7 +46,7 @@ def _coda_torch(p: dict, dtype: str, mode: str):
     import torch
     from torch.nn.functional import linear
 
-    a, b, params, da, db = _tensors(_coda_inputs(p, dtype))
+    a, b, params, da, db = tensors(_coda_inputs(p, dtype))
 
     def forward():
         fa, fb = linear(a, params["w_e"], params["b_e"]), linear(b, params["w_e"], params["b_e"])
@@ -108,7 +79,7 @@ def _cosnet_torch(p: dict, dtype: str, mode: str):
     import torch
     import torch.nn.functional as F
 
-    a, b, params, da, db = _tensors(_cosnet_inputs(p, dtype))
+    a, b, params, da, db = tensors(_cosnet_inputs(p, dtype))
     n, c, h, w = a.shape
 
     def forward():
@@ -127,14 +98,14 @@ CASES: dict[str, Case] = {
         "cosnet",
         {"N": 2, "C": 256, "H": 32, "W": 32},
         _cosnet_flops,
-        _arrayattn_runner("co_attention", _cosnet_inputs),
+        pair_op_runner("co_attention", _cosnet_inputs),
         _cosnet_torch,
     ),
     "coda": Case(
         "coda",
         {"N": 8, "La": 128, "Lb": 128, "d": 300, "k": 150},
         _coda_flops,
-        _arrayattn_runner("coda", _coda_inputs),
+        pair_op_runner("coda", _coda_inputs),
         _coda_torch,
     ),
 }

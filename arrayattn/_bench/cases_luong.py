@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Case, torch_runner
+from .case import Case, pair_op_runner, tensors, torch_runner
 
 __all__ = ["CASES"]
 
@@ -38,28 +38,10 @@ def _bahdanau_inputs(p: dict, dtype: str):
     return f(n, t, d), f(n, s, d), params, f(n, t, d), f(n, t, s)
 
 
-def _bahdanau_arrayattn(p: dict, dtype: str, mode: str):
-    import arrayattn as aa
-
-    s_prev, h, params, dc, da = _bahdanau_inputs(p, dtype)
-    op = aa.bahdanau_attention
-    if mode == "fwd":
-        return lambda: op(s_prev, h, params)
-
-    def run():
-        _, res = op.fwd(s_prev, h, params)
-        return op.bwd(res, (dc, da))
-
-    return run
-
-
 def _bahdanau_torch(p: dict, dtype: str, mode: str):
     import torch
 
-    s_prev, h, params, dc, da = (
-        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
-        for x in _bahdanau_inputs(p, dtype)
-    )
+    s_prev, h, params, dc, da = tensors(_bahdanau_inputs(p, dtype))
 
     def forward():  # OpenNMT-py GlobalAttention.score, attn_type='mlp'
         wq = torch.nn.functional.linear(s_prev, params["w_a"], params["b_a"])
@@ -88,29 +70,10 @@ def _local_inputs(p: dict, dtype: str):
     return f(n, t, d), f(n, s, d), params, f(n, t, d), f(n, t, s)
 
 
-def _local_arrayattn(p: dict, dtype: str, mode: str):
-    import arrayattn as aa
-
-    h_t, h_s, params, dc, da = _local_inputs(p, dtype)
-    op = aa.local_attention
-    kw = {"window": p["D"], "mode": "predictive", "score": "general"}
-    if mode == "fwd":
-        return lambda: op(h_t, h_s, params, **kw)
-
-    def run():
-        _, res = op.fwd(h_t, h_s, params, **kw)
-        return op.bwd(res, (dc, da))
-
-    return run
-
-
 def _local_torch(p: dict, dtype: str, mode: str):
     import torch
 
-    h_t, h_s, params, dc, da = (
-        {k: torch.from_numpy(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(x)
-        for x in _local_inputs(p, dtype)
-    )
+    h_t, h_s, params, dc, da = tensors(_local_inputs(p, dtype))
     radius, s_len = p["D"], p["S"]
     positions = torch.arange(s_len, dtype=h_t.dtype)
 
@@ -131,14 +94,15 @@ CASES: dict[str, Case] = {
         "bahdanau",
         {"N": 16, "T": 32, "S": 64, "d": 256, "da": 128},
         _bahdanau_flops,
-        _bahdanau_arrayattn,
+        pair_op_runner("bahdanau_attention", _bahdanau_inputs),
         _bahdanau_torch,
     ),
     "luong_local_p": Case(
         "luong_local_p",
         {"N": 16, "T": 64, "S": 256, "d": 256, "dp": 128, "D": 10},
         _local_flops,
-        _local_arrayattn,
+        pair_op_runner("local_attention", _local_inputs,
+                       lambda p: {"window": p["D"], "mode": "predictive", "score": "general"}),
         _local_torch,
     ),
 }
