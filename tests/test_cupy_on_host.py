@@ -101,7 +101,6 @@ class _HostKernel:
 
     def __init__(self, lib, expr):
         self.lib, self.expr = lib, expr
-        self.launches = 0
 
     def __call__(self, grid, block, args, shared_mem=0):
         slots = (ctypes.c_uint64 * len(args))(*map(_slot, args))

@@ -68,19 +68,26 @@ def _current_device():
     return _device(cp.cuda.Device().id)
 
 
-def _tensor_core_ok(expr, cc):
-    """wmma needs sm_70 (float16) or sm_80 (bfloat16); other kernels run anywhere."""
+#: The compute capability the wmma fragments of each element type need.
+_WMMA_MIN_CC = {"__half": 70, "__nv_bfloat16": 80}
+
+
+def _compiles_on(expr, cc):
+    """Whether an instantiation compiles for compute capability ``cc`` (only wmma ones may not)."""
     if "_wmma<" not in expr:
         return True
-    return cc >= (80 if "bfloat16" in expr else 70)
+    return cc >= _WMMA_MIN_CC[expr.split("<", 1)[1].split(",", 1)[0]]
+
+
+@functools.cache
+def _device_exprs(cc):
+    """The instantiations of the module for a device: a bfloat16 wmma one would fail the whole
+    module below sm_80."""
+    return tuple(e for e in NAME_EXPRESSIONS if _compiles_on(e, cc))
 
 
 def _fn(expr, shared=0):
-    # Only the instantiations this device can compile go into its module: a bfloat16 wmma
-    # instantiation would fail the whole module below sm_80.
-    cc = _current_device()[0]
-    exprs = tuple(e for e in NAME_EXPRESSIONS if _tensor_core_ok(e, cc))
-    return function(SOURCE, exprs, expr, shared)
+    return function(SOURCE, _device_exprs(_current_device()[0]), expr, shared)
 
 
 def _dmax(d, dv):
@@ -120,7 +127,7 @@ def _wmma_dp(name, d, dv, itemsize):
     if dp is None:
         return None
     cc, shared = _current_device()
-    if not _tensor_core_ok(f"_wmma<{_CTYPES[name][0]}>", cc):
+    if cc < _WMMA_MIN_CC[_CTYPES[name][0]]:
         return None
     need = max(_wmma_shared(dp, itemsize), _wmma_dkdv_shared(dp, itemsize), _wmma_dq_shared(dp, itemsize))
     return dp if need <= shared else None
