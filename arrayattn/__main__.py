@@ -20,12 +20,14 @@ CHECK_TOLERANCE = 1e-6
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     return "\n".join([fmt(header), line, *map(fmt, rows)])
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(f"arrayattn {aa.__version__}  (python {platform.python_version()}, numpy {np.__version__})")
+    print(
+        f"arrayattn {aa.__version__}  (python {platform.python_version()}, numpy {np.__version__})"
+    )
     print(f"backend setting: {aa.get_backend()!r}")
     print(f"registered ops: {len(aa.registered_ops())}")
     rows = []
@@ -42,7 +44,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             name = cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
             print(f"  cuda:{i}: {name}")
     except Exception as exc:
-        print(f"  cuda: none ({type(exc).__name__}: {exc})" if "cupy" in sys.modules else "  cuda: none (cupy not installed)")
+        print(
+            f"  cuda: none ({type(exc).__name__}: {exc})"
+            if "cupy" in sys.modules
+            else "  cuda: none (cupy not installed)"
+        )
     return 0
 
 
@@ -80,6 +86,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             worst = max(errors.values(), default=0.0)
+            bad = [k for k, e in errors.items() if e >= CHECK_TOLERANCE]
             ok = worst < CHECK_TOLERANCE and _finite_outputs(out)
             failures += not ok
             rows.append(
@@ -88,7 +95,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     res.backend,
                     f"{worst:.1e}",
                     f"{(time.perf_counter() - start) * 1e3:.0f}",
-                    "ok" if ok else f"FAIL: {', '.join(k for k, e in errors.items() if e >= CHECK_TOLERANCE) or 'NaN output'}",
+                    "ok" if ok else f"FAIL: {', '.join(bad) or 'NaN output'}",
                 ]
             )
     print(f"arrayattn check: backend setting {aa.get_backend()!r}, float64, finite differences")
@@ -104,7 +111,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     grads = aa.scaled_dot_product_attention.bwd(res, np.ones_like(out))
     print("scaled_dot_product_attention, q/k/v (N=1, H=4, L=256, d=64) float32, causal")
     print(f"  ran on backend {res.backend!r}; out {out.shape} {out.dtype}")
-    print("  gradients: " + ", ".join(f"{n} {g.shape}" for n, g in grads._asdict().items() if g is not None))
+    print(
+        "  gradients: "
+        + ", ".join(f"{n} {g.shape}" for n, g in grads._asdict().items() if g is not None)
+    )
     print(aa.scaled_dot_product_attention.explain(q, k, v, causal=True))
     return 0
 

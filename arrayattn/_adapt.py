@@ -20,7 +20,7 @@ def call_arguments(
     (name, value) pairs of the other arguments.
     """
     arguments: dict[str, Any] = dict(options)
-    for (name, key), a in zip(leaves, arrays):
+    for (name, key), a in zip(leaves, arrays, strict=True):
         if key is None:
             arguments[name] = a
         else:

@@ -66,7 +66,9 @@ def param_arrays(params: Any, name: str = "params") -> dict[str, Array]:
     Raises ``TypeError`` when ``params`` is not a mapping; ``None`` entries are dropped.
     """
     if not isinstance(params, Mapping):
-        raise TypeError(f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}")
+        raise TypeError(
+            f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}"
+        )
     return {f"{name}[{k!r}]": a for k, a in params.items() if a is not None}
 
 
@@ -135,24 +137,32 @@ def check_qkv(
 
 def check_bool(xp: Any, name: str, x: Array) -> None:
     if not xp.isdtype(x.dtype, "bool"):
-        raise TypeError(f"{name}: expected a boolean array (True = may attend), got dtype {x.dtype}")
+        raise TypeError(
+            f"{name}: expected a boolean array (True = may attend), got dtype {x.dtype}"
+        )
 
 
 def check_ndim(name: str, x: Array, ndim: int, legend: str, *, exact: bool = False) -> None:
     ok = x.ndim == ndim if exact else x.ndim >= ndim
     if not ok:
         need = f"exactly {ndim}" if exact else f"at least {ndim}"
-        raise ValueError(f"{name}: expected shape {legend} ({need} dimensions), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {legend} ({need} dimensions), got shape {tuple(x.shape)}"
+        )
 
 
-def check_broadcastable(name: str, shape: Sequence[int], target: Sequence[int], legend: str) -> None:
+def check_broadcastable(
+    name: str, shape: Sequence[int], target: Sequence[int], legend: str
+) -> None:
     """``shape`` must broadcast to ``target`` without changing ``target``."""
     shape, target = tuple(shape), tuple(target)
     ok = len(shape) <= len(target) and all(
-        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1])
+        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=True)
     )
     if not ok:
-        raise ValueError(f"{name}: expected a shape broadcastable to {legend} = {target}, got {shape}")
+        raise ValueError(
+            f"{name}: expected a shape broadcastable to {legend} = {target}, got {shape}"
+        )
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
@@ -198,7 +208,9 @@ def check_params(
     the given entries (``None`` values are dropped).
     """
     if not isinstance(params, Mapping):
-        raise TypeError(f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}")
+        raise TypeError(
+            f"{name}: expected a mapping of parameter arrays, got {type(params).__name__}"
+        )
     unknown = sorted(set(params) - set(required) - set(optional))
     if unknown:
         raise ValueError(
@@ -216,6 +228,8 @@ def check_params(
         if not array_api_compat.is_array_api_obj(value):
             raise TypeError(f"{name}[{key!r}]: expected an array, got {type(value).__name__}")
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {tuple(value.shape)}")
+            raise ValueError(
+                f"{name}[{key!r}]: expected shape {tuple(shape)}, got {tuple(value.shape)}"
+            )
         out[key] = value
     return out

@@ -20,8 +20,12 @@ ENV_VAR = "ARRAYATTN_BACKEND"
 
 # Two layers in one variable would make `use_backend` inside `set_backend` ambiguous to undo, so the
 # context manager keeps its own variable and `set_backend` keeps the other.
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("arrayattn_scoped", default=None)
-_chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("arrayattn_chosen", default=None)
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "arrayattn_scoped", default=None
+)
+_chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "arrayattn_chosen", default=None
+)
 
 
 def _validate(name: object, source: str) -> str:

@@ -62,7 +62,7 @@ def random_cotangents(outputs: Any, rng: np.random.Generator) -> Any:
 
 def _pairing(outputs: Any, cts: Any) -> float:
     if isinstance(outputs, tuple):
-        return sum(_pairing(o, c) for o, c in zip(outputs, cts))
+        return sum(_pairing(o, c) for o, c in zip(outputs, cts, strict=True))
     o = np.asarray(outputs, dtype=np.float64)
     c = np.asarray(cts, dtype=np.float64)
     finite = np.isfinite(o)  # +inf logsumexp of an empty row carries no gradient
@@ -94,7 +94,9 @@ def directional_errors(
         fd = (values[0] - values[1]) / (2 * eps)
         analytic = float(np.sum(np.asarray(_grad_of(grads, leaf), dtype=np.float64) * u))
         scale = max(abs(fd), abs(analytic), 1e-8)
-        errors[leaf[0] if leaf[1] is None else f"{leaf[0]}[{leaf[1]!r}]"] = abs(fd - analytic) / scale
+        errors[leaf[0] if leaf[1] is None else f"{leaf[0]}[{leaf[1]!r}]"] = (
+            abs(fd - analytic) / scale
+        )
     return errors
 
 

@@ -95,9 +95,7 @@ def _flatten(saved: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[tuple[str,
     for key, value in saved.items():
         if isinstance(value, Residuals):
             arrays.update({f"{key}{_NEST}{name}": a for name, a in value.arrays.items()})
-            nested.append(
-                (f"{key}{_NEST}", (value.op, value.backend, value.static, value.outputs))
-            )
+            nested.append((f"{key}{_NEST}", (value.op, value.backend, value.static, value.outputs)))
         else:
             arrays[key] = value
     return arrays, tuple(nested)
@@ -111,7 +109,7 @@ def _unflatten(res: Residuals) -> tuple[dict[str, Any], dict[str, Hashable]]:
             options[key] = value
             continue
         op, backend, static, outputs = value
-        inner = {k[len(key):]: a for k, a in res.arrays.items() if k.startswith(key)}
+        inner = {k[len(key) :]: a for k, a in res.arrays.items() if k.startswith(key)}
         saved[key[: -len(_NEST)]] = Residuals(op, backend, inner, static, outputs)
     return saved, options
 
@@ -204,7 +202,7 @@ class Op:
             arrays=arrays,
             static=tuple(call.static.items()) + nested,
             outputs=tuple(
-                (name, tuple(o.shape), o.dtype) for name, o in zip(call.outputs, outs)
+                (name, tuple(o.shape), o.dtype) for name, o in zip(call.outputs, outs, strict=True)
             ),
         )
         return (outs if len(call.outputs) > 1 else outs[0]), res
@@ -251,7 +249,7 @@ class Op:
         xp = array_api_compat.array_namespace(*[a for a in res.arrays.values() if a is not None])
         like = next(a for a in res.arrays.values() if a is not None)
         out = []
-        for (name, shape, dtype), ct in zip(res.outputs, cotangents):
+        for (name, shape, dtype), ct in zip(res.outputs, cotangents, strict=True):
             label = f"cotangent of {name}"
             if ct is None:
                 out.append(xp.zeros(shape, dtype=dtype, device=array_api_compat.device(like)))
@@ -305,7 +303,7 @@ def op(
 
 
 def vjp(op: Op, *args: Any, **kwargs: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """Run ``op`` forward and return ``(outputs, pullback)`` with ``pullback(ct) == op.bwd(res, ct)``.
+    """Run ``op`` forward; return ``(outputs, pullback)``, ``pullback(ct) == op.bwd(res, ct)``.
 
     Examples
     --------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 from . import _checks as checks
 from ._op import Call, Kernel, op
 from ._reference.attention import sdpa_backward, sdpa_forward
@@ -30,8 +31,13 @@ def sdpa_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> 
     def fwd(xp, arrays, static, save):
         lead = (xp,) if takes_xp else ()
         out, lse = forward(
-            *lead, arrays["q"], arrays["k"], arrays["v"], mask=arrays["mask"],
-            bias=arrays["bias"], **options(static),
+            *lead,
+            arrays["q"],
+            arrays["k"],
+            arrays["v"],
+            mask=arrays["mask"],
+            bias=arrays["bias"],
+            **options(static),
         )
         outs = (out, lse) if static["return_lse"] else (out,)
         return outs, (dict(arrays, out=out, lse=lse) if save else {})
@@ -40,8 +46,17 @@ def sdpa_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> 
         lead = (xp,) if takes_xp else ()
         dlse = cotangents[1] if static["return_lse"] else None
         dq, dk, dv, dbias = backward(
-            *lead, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"],
-            cotangents[0], dlse, mask=saved["mask"], bias=saved["bias"], **options(static),
+            *lead,
+            saved["q"],
+            saved["k"],
+            saved["v"],
+            saved["out"],
+            saved["lse"],
+            cotangents[0],
+            dlse,
+            mask=saved["mask"],
+            bias=saved["bias"],
+            **options(static),
         )
         return {"q": dq, "k": dk, "v": dv, "bias": dbias}
 
@@ -164,7 +179,8 @@ def scaled_dot_product_attention(
         for name, x in (("k", k), ("v", v)):
             if tuple(x.shape[:-3]) != batch_q:
                 raise ValueError(
-                    f"{name}: expected leading dimensions {batch_q} (from q), got shape {tuple(x.shape)}"
+                    f"{name}: expected leading dimensions {batch_q} (from q), got shape "
+                    f"{tuple(x.shape)}"
                 )
     else:
         batch_q = tuple(q.shape[:-2])
@@ -265,9 +281,15 @@ def _mha_ref_bwd(xp, saved, static, cotangents):
     )
     d_heads = _split_heads(xp, xp.astype(d_concat, dtype), static["num_heads"])
     g = scaled_dot_product_attention.bwd(attn_res, d_heads)
-    dx_q, dw_q, db_q = _linear_bwd(xp, x_q, saved["w_q"], _merge_heads(xp, g.q), cdt, "b_q" in biases)
-    dxk, dw_k, db_k = _linear_bwd(xp, x_kv, saved["w_k"], _merge_heads(xp, g.k), cdt, "b_k" in biases)
-    dxv, dw_v, db_v = _linear_bwd(xp, x_kv, saved["w_v"], _merge_heads(xp, g.v), cdt, "b_v" in biases)
+    dx_q, dw_q, db_q = _linear_bwd(
+        xp, x_q, saved["w_q"], _merge_heads(xp, g.q), cdt, "b_q" in biases
+    )
+    dxk, dw_k, db_k = _linear_bwd(
+        xp, x_kv, saved["w_k"], _merge_heads(xp, g.k), cdt, "b_k" in biases
+    )
+    dxv, dw_v, db_v = _linear_bwd(
+        xp, x_kv, saved["w_v"], _merge_heads(xp, g.v), cdt, "b_v" in biases
+    )
     grads = {"w_q": dw_q, "w_k": dw_k, "w_v": dw_v, "w_o": dw_o}
     grads.update({"b_q": db_q, "b_k": db_k, "b_v": db_v, "b_o": db_o})
     params = {key: xp.astype(g_, dtype) for key, g_ in grads.items() if g_ is not None}
@@ -367,7 +389,9 @@ def multi_head_attention(
     checks.check_ndim("x_kv", x_kv, 3, "(N, Lk, Ekv)", exact=True)
     checks.check_same_dtype(x_q=x_q, x_kv=x_kv, **labelled)
     if x_kv.shape[0] != x_q.shape[0]:
-        raise ValueError(f"x_kv: expected batch N = {x_q.shape[0]} (from x_q), got shape {tuple(x_kv.shape)}")
+        raise ValueError(
+            f"x_kv: expected batch N = {x_q.shape[0]} (from x_q), got shape {tuple(x_kv.shape)}"
+        )
     heads = checks.check_int("num_heads", num_heads, minimum=1)
     e, ekv = x_q.shape[-1], x_kv.shape[-1]
     w_q, w_v, w_o = params.get("w_q"), params.get("w_v"), params.get("w_o")
@@ -375,7 +399,10 @@ def multi_head_attention(
         if params.get(key) is None:
             raise ValueError(f"params: missing required key {key!r}")
         if params[key].ndim != 2:
-            raise ValueError(f"params['{key}']: expected a 2-D (out, in) weight, got shape {tuple(params[key].shape)}")
+            raise ValueError(
+                f"params['{key}']: expected a 2-D (out, in) weight, got shape "
+                f"{tuple(params[key].shape)}"
+            )
     dqk, dvh, eo = w_q.shape[0], w_v.shape[0], w_o.shape[0]
     for width, key in ((dqk, "w_q"), (dvh, "w_v")):
         if width % heads:

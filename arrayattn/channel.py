@@ -1,4 +1,4 @@
-"""Channel-attention blocks: squeeze-and-excitation, CBAM, SPANet, attention condensers (spec 10, 11, 14.4).
+"""Channel-attention blocks: squeeze-and-excitation, CBAM, SPANet and attention condensers.
 
 Block-level ops on images ``x (N, C, H, W)`` with a ``params`` mapping in PyTorch layouts; ``.bwd``
 returns the gradient of ``x`` and a dict of gradients keyed like ``params``.
@@ -45,7 +45,10 @@ def _mlp_params(params, c_in: int, c_out: int, extra_req=None, extra_opt=None):
 
 
 def _mlp_example(rng, c_in, hidden, c_out, bias=True):
-    p = {"w1": rng.standard_normal((hidden, c_in)) / c_in**0.5, "w2": rng.standard_normal((c_out, hidden)) / hidden**0.5}
+    p = {
+        "w1": rng.standard_normal((hidden, c_in)) / c_in**0.5,
+        "w2": rng.standard_normal((c_out, hidden)) / hidden**0.5,
+    }
     if bias:
         p.update(b1=rng.standard_normal(hidden) * 0.1, b2=rng.standard_normal(c_out) * 0.1)
     return p
@@ -56,7 +59,11 @@ def _mlp_example(rng, c_in, hidden, c_out, bias=True):
 
 def _se_fwd(xp, arrays, static, save):
     y, saved = ref.se_forward(xp, arrays["x"], arrays["params"])
-    return (y,), ({"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved} if save else {})
+    return (y,), (
+        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
+        if save
+        else {}
+    )
 
 
 def _params_back(saved):
@@ -70,7 +77,10 @@ def _se_bwd(xp, saved, static, cts):
 
 def _se_examples(rng):
     x = rng.standard_normal((2, 6, 4, 5))
-    return [((x, _mlp_example(rng, 6, 3, 6)), {}), ((x, _mlp_example(rng, 6, 2, 6, bias=False)), {})]
+    return [
+        ((x, _mlp_example(rng, 6, 3, 6)), {}),
+        ((x, _mlp_example(rng, 6, 2, 6, bias=False)), {}),
+    ]
 
 
 @op(differentiable=("x", "params"), reference=Kernel(_se_fwd, _se_bwd), examples=_se_examples)
@@ -102,7 +112,8 @@ def squeeze_excitation(x: Array, params: dict[str, Array]) -> Call:
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
     >>> x = rng.standard_normal((2, 32, 8, 8), dtype=np.float32)
-    >>> p = {"w1": rng.standard_normal((2, 32), dtype=np.float32), "w2": rng.standard_normal((32, 2), dtype=np.float32)}
+    >>> p = {"w1": rng.standard_normal((2, 32), dtype=np.float32),
+    ...      "w2": rng.standard_normal((32, 2), dtype=np.float32)}
     >>> y, res = aa.squeeze_excitation.fwd(x, p)
     >>> g = aa.squeeze_excitation.bwd(res, np.ones_like(y))
     >>> y.shape, sorted(g.params)
@@ -118,11 +129,17 @@ def squeeze_excitation(x: Array, params: dict[str, Array]) -> Call:
 
 def _cbam_fwd(xp, arrays, static, save):
     y, saved = ref.cbam_forward(xp, arrays["x"], arrays["params"], pool_order=static["pool_order"])
-    return (y,), ({"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved} if save else {})
+    return (y,), (
+        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
+        if save
+        else {}
+    )
 
 
 def _cbam_bwd(xp, saved, static, cts):
-    dx, dp = ref.cbam_backward(xp, saved["x"], _params_back(saved), saved, cts[0], pool_order=static["pool_order"])
+    dx, dp = ref.cbam_backward(
+        xp, saved["x"], _params_back(saved), saved, cts[0], pool_order=static["pool_order"]
+    )
     return {"x": dx, "params": dp}
 
 
@@ -183,7 +200,10 @@ def cbam(x: Array, params: dict[str, Array], *, pool_order: str = "avg_max") -> 
     checks.check_choice("pool_order", pool_order, _POOL_ORDERS)
     k = _shape_of(params, "w_spatial", 4, "(1, 2, k, k)")[-1]
     if k % 2 == 0:
-        raise ValueError(f"params['w_spatial']: expected an odd kernel size k (padding k//2), got {params['w_spatial'].shape}")
+        raise ValueError(
+            "params['w_spatial']: expected an odd kernel size k (padding k//2), got "
+            f"{params['w_spatial'].shape}"
+        )
     c = x.shape[1]
     clean = _mlp_params(params, c, c, {"w_spatial": (1, 2, k, k)}, {"b_spatial": (1,)})
     return Call(xp, {"x": x, "params": clean}, {"pool_order": pool_order})
@@ -194,22 +214,34 @@ def cbam(x: Array, params: dict[str, Array], *, pool_order: str = "avg_max") -> 
 
 def _spa_fwd(xp, arrays, static, save):
     y, saved = ref.spa_forward(xp, arrays["x"], arrays["params"], levels=static["levels"])
-    return (y,), ({"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved} if save else {})
+    return (y,), (
+        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
+        if save
+        else {}
+    )
 
 
 def _spa_bwd(xp, saved, static, cts):
-    dx, dp = ref.spa_backward(xp, saved["x"], _params_back(saved), saved, cts[0], levels=static["levels"])
+    dx, dp = ref.spa_backward(
+        xp, saved["x"], _params_back(saved), saved, cts[0], levels=static["levels"]
+    )
     return {"x": dx, "params": dp}
 
 
 def _spa_examples(rng):
     x = rng.standard_normal((2, 3, 7, 6))
-    return [((x, _mlp_example(rng, 21 * 3, 4, 3)), {}), ((x, _mlp_example(rng, 10 * 3, 4, 3)), {"levels": (1, 3)})]
+    return [
+        ((x, _mlp_example(rng, 21 * 3, 4, 3)), {}),
+        ((x, _mlp_example(rng, 10 * 3, 4, 3)), {"levels": (1, 3)}),
+    ]
 
 
 @op(differentiable=("x", "params"), reference=Kernel(_spa_fwd, _spa_bwd), examples=_spa_examples)
-def spatial_pyramid_attention(x: Array, params: dict[str, Array], *, levels: tuple[int, ...] = (1, 2, 4)) -> Call:
-    r"""Spatial pyramid attention (SPANet; Guo et al., ICME 2020): an SE block with a pyramid squeeze.
+def spatial_pyramid_attention(
+    x: Array, params: dict[str, Array], *, levels: tuple[int, ...] = (1, 2, 4)
+) -> Call:
+    r"""Spatial pyramid attention (SPANet; Guo et al., ICME 2020): an SE block with a pyramid
+    squeeze.
 
     ``z = concat_l flatten(adaptive_avg_pool2d(x, l))`` over ``levels``, ``s = σ(W2 δ(W1 z + b1)
     + b2)``, ``y = s ⊙ x`` per channel.
@@ -246,9 +278,9 @@ def spatial_pyramid_attention(x: Array, params: dict[str, Array], *, levels: tup
     xp = _start(x, params)
     if not isinstance(levels, (tuple, list)) or not levels:
         raise ValueError(f"levels: expected a non-empty tuple of ints, got {levels!r}")
-    levels = tuple(checks.check_int("levels", l, minimum=1) for l in levels)
+    levels = tuple(checks.check_int("levels", ell, minimum=1) for ell in levels)
     c = x.shape[1]
-    clean = _mlp_params(params, sum(l * l for l in levels) * c, c)
+    clean = _mlp_params(params, sum(ell * ell for ell in levels) * c, c)
     return Call(xp, {"x": x, "params": clean}, {"levels": levels})
 
 
@@ -257,14 +289,28 @@ def spatial_pyramid_attention(x: Array, params: dict[str, Array], *, levels: tup
 
 def _ac_fwd(xp, arrays, static, save):
     y, saved = ref.condenser_forward(
-        xp, arrays["x"], arrays["params"], pool_size=static["pool_size"], selective=static["selective"]
+        xp,
+        arrays["x"],
+        arrays["params"],
+        pool_size=static["pool_size"],
+        selective=static["selective"],
     )
-    return (y,), ({"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved} if save else {})
+    return (y,), (
+        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
+        if save
+        else {}
+    )
 
 
 def _ac_bwd(xp, saved, static, cts):
     dx, dp = ref.condenser_backward(
-        xp, saved["x"], _params_back(saved), saved, cts[0], pool_size=static["pool_size"], selective=static["selective"]
+        xp,
+        saved["x"],
+        _params_back(saved),
+        saved,
+        cts[0],
+        pool_size=static["pool_size"],
+        selective=static["selective"],
     )
     return {"x": dx, "params": dp}
 
@@ -335,7 +381,8 @@ def attention_condenser(
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
     >>> x = rng.standard_normal((1, 8, 8, 8))
-    >>> p = {"w_embed": rng.standard_normal((8, 2, 3, 3)), "w_point": rng.standard_normal((4, 8, 1, 1)),
+    >>> p = {"w_embed": rng.standard_normal((8, 2, 3, 3)),
+    ...      "w_point": rng.standard_normal((4, 8, 1, 1)),
     ...      "w_expand": rng.standard_normal((8, 4, 1, 1)), "scale": np.array(0.5)}
     >>> y, res = aa.attention_condenser.fwd(x, p, pool_size=2, selective="gated_residual")
     >>> g = aa.attention_condenser.bwd(res, np.ones_like(y))
@@ -355,12 +402,19 @@ def attention_condenser(
             f"k odd, got {tuple(params['w_embed'].shape)}"
         )
     ce2 = _shape_of(params, "w_point", 4, "(Ce2, Ce, 1, 1)")[0]
-    s_shape = _shape_of(params, "scale", len(getattr(params.get("scale"), "shape", ())), "() or (C,)")
+    s_shape = _shape_of(
+        params, "scale", len(getattr(params.get("scale"), "shape", ())), "() or (C,)"
+    )
     if s_shape not in ((), (c,)):
         raise ValueError(f"params['scale']: expected shape () or ({c},), got {s_shape}")
     clean = checks.check_params(
         params,
-        {"w_embed": (ce, cg, k, k), "w_point": (ce2, ce, 1, 1), "w_expand": (c, ce2, 1, 1), "scale": s_shape},
+        {
+            "w_embed": (ce, cg, k, k),
+            "w_point": (ce2, ce, 1, 1),
+            "w_expand": (c, ce2, 1, 1),
+            "scale": s_shape,
+        },
         {"b_embed": (ce,), "b_point": (ce2,), "b_expand": (c,)},
     )
     return Call(xp, {"x": x, "params": clean}, {"pool_size": s, "selective": selective})

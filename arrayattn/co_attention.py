@@ -25,7 +25,8 @@ def _same_lead(name_a, a, name_b, b, axes, legend):
     for ax in axes:
         if a.shape[ax] != b.shape[ax]:
             raise ValueError(
-                f"{name_b}: expected {legend} matching {name_a} {tuple(a.shape)}, got shape {tuple(b.shape)}"
+                f"{name_b}: expected {legend} matching {name_a} {tuple(a.shape)}, got shape "
+                f"{tuple(b.shape)}"
             )
 
 
@@ -33,7 +34,9 @@ def _same_lead(name_a, a, name_b, b, axes, legend):
 
 
 def _coattn_fwd(xp, arrays, static, save):
-    outs, saved = ref.coattn_forward(xp, arrays["v_a"], arrays["v_b"], arrays["params"], static["second_softmax"], save)
+    outs, saved = ref.coattn_forward(
+        xp, arrays["v_a"], arrays["v_b"], arrays["params"], static["second_softmax"], save
+    )
     return outs, saved
 
 
@@ -43,7 +46,10 @@ def _coattn_bwd(xp, saved, static, cts):
 
 
 def example_coattn_params(rng, c, bias=False):
-    p = {"w": rng.standard_normal((c, c)) / c**0.5, "w_gate": rng.standard_normal((1, c, 1, 1)) / c**0.5}
+    p = {
+        "w": rng.standard_normal((c, c)) / c**0.5,
+        "w_gate": rng.standard_normal((1, c, 1, 1)) / c**0.5,
+    }
     if bias:
         p["b_gate"] = 0.3 * rng.standard_normal(1)
     return p
@@ -64,7 +70,9 @@ def _coattn_examples(rng):
     examples=_coattn_examples,
     composite=True,
 )
-def co_attention(v_a: Array, v_b: Array, params: dict[str, Array], *, second_softmax: str = "paper") -> Call:
+def co_attention(
+    v_a: Array, v_b: Array, params: dict[str, Array], *, second_softmax: str = "paper"
+) -> Call:
     r"""COSNet gated co-attention (Lu et al., CVPR 2019, §3.2) between an exemplar and a query.
 
     With ``V_a`` (C, Pa), ``V_b`` (C, Pb): ``S = V_bᵀ W V_a`` (Pb×Pa), ``Z_a = V_b S^c`` with
@@ -126,14 +134,21 @@ def co_attention(v_a: Array, v_b: Array, params: dict[str, Array], *, second_sof
     checks.check_choice("second_softmax", second_softmax, _SECOND)
     c = v_a.shape[1]
     clean = checks.check_params(params, {"w": (c, c), "w_gate": (1, c, 1, 1)}, {"b_gate": (1,)})
-    return Call(xp, {"v_a": v_a, "v_b": v_b, "params": clean}, {"second_softmax": second_softmax}, ("z_a", "z_b"))
+    return Call(
+        xp,
+        {"v_a": v_a, "v_b": v_b, "params": clean},
+        {"second_softmax": second_softmax},
+        ("z_a", "z_b"),
+    )
 
 
 # -- CoDA -----------------------------------------------------------------------------------------
 
 
 def _coda_fwd(xp, arrays, static, save):
-    return ref.coda_forward(xp, arrays["a"], arrays["b"], arrays["params"], static["centering"], save)
+    return ref.coda_forward(
+        xp, arrays["a"], arrays["b"], arrays["params"], static["centering"], save
+    )
 
 
 def _coda_bwd(xp, saved, static, cts):
@@ -146,7 +161,9 @@ def example_coda_params(rng, d, k, bias=True, scalars=True):
     if bias:
         p["b_e"] = 0.1 * rng.standard_normal(k)  # b_n cancels in F_N(a_i) - F_N(b_j): gradient 0
     if scalars:
-        p.update(alpha=abs(rng.standard_normal(1)) + 0.5, beta=abs(rng.standard_normal(1)) * 0.3 + 0.2)
+        p.update(
+            alpha=abs(rng.standard_normal(1)) + 0.5, beta=abs(rng.standard_normal(1)) * 0.3 + 0.2
+        )
     return p
 
 
@@ -158,9 +175,14 @@ def _coda_examples(rng):
     ]
 
 
-@op(differentiable=("a", "b", "params"), reference=Kernel(_coda_fwd, _coda_bwd), examples=_coda_examples)
+@op(
+    differentiable=("a", "b", "params"),
+    reference=Kernel(_coda_fwd, _coda_bwd),
+    examples=_coda_examples,
+)
 def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = False) -> Call:
-    r"""Compositional de-attention (CoDA; Tay et al., NeurIPS 2019, §2): quasi-attention, no softmax.
+    r"""Compositional de-attention (CoDA; Tay et al., NeurIPS 2019, §2): quasi-attention, no
+    softmax.
 
     ``E_ij = α F_E(a_i)ᵀ F_E(b_j)``, ``N_ij = −β ‖F_N(a_i) − F_N(b_j)‖₁``,
     ``M = tanh(E) ⊙ σ(N)`` ∈ (−1, 1) (add / subtract / nullify), ``A' = M B``, ``B' = Mᵀ A``,
@@ -203,7 +225,8 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
     --------
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
-    >>> p = {"w_e": rng.standard_normal((4, 6)), "w_n": rng.standard_normal((4, 6)), "beta": np.array([0.5])}
+    >>> p = {"w_e": rng.standard_normal((4, 6)), "w_n": rng.standard_normal((4, 6)),
+    ...      "beta": np.array([0.5])}
     >>> a, b = rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 7, 6))
     >>> (a2, b2), res = aa.coda.fwd(a, b, p)
     >>> g = aa.coda.bwd(res, (np.ones_like(a2), np.ones_like(b2)))
@@ -215,7 +238,8 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
     checks.check_ndim("b", b, 2, "(..., Lb, d)")
     if b.ndim != a.ndim or tuple(b.shape[:-2]) != tuple(a.shape[:-2]) or b.shape[-1] != a.shape[-1]:
         raise ValueError(
-            f"b: expected shape (..., Lb, d) with the leading dimensions and d of a {tuple(a.shape)}, "
+            "b: expected shape (..., Lb, d) with the leading dimensions and d of a "
+            f"{tuple(a.shape)}, "
             f"got {tuple(b.shape)}"
         )
     if not isinstance(centering, bool):
@@ -227,7 +251,9 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
         if w is None:
             raise ValueError(f"params: missing required key {key!r}")
         if not hasattr(w, "shape") or len(w.shape) != 2:
-            raise ValueError(f"params[{key!r}]: expected shape (k, {d}), got {getattr(w, 'shape', w)}")
+            raise ValueError(
+                f"params[{key!r}]: expected shape (k, {d}), got {getattr(w, 'shape', w)}"
+            )
         sizes[key] = w.shape[0]
     clean = checks.check_params(
         params,
@@ -237,7 +263,8 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
     return Call(xp, {"a": a, "b": b, "params": clean}, {"centering": centering}, ("a_out", "b_out"))
 
 
-# -- CAN cross attention ----------------------------------------------------------------------------
+# -- CAN cross attention
+# ----------------------------------------------------------------------------
 
 
 def _can_fwd(xp, arrays, static, save):
@@ -250,7 +277,10 @@ def _can_bwd(xp, saved, static, cts):
 
 
 def example_can_params(rng, m, hidden, bias=True):
-    p = {"w1": rng.standard_normal((hidden, m, 1, 1)) / m**0.5, "w2": rng.standard_normal((m, hidden, 1, 1)) / hidden**0.5}
+    p = {
+        "w1": rng.standard_normal((hidden, m, 1, 1)) / m**0.5,
+        "w2": rng.standard_normal((m, hidden, 1, 1)) / hidden**0.5,
+    }
     if bias:
         p.update(b1=0.1 * rng.standard_normal(hidden), b2=0.1 * rng.standard_normal(m))
     return p
@@ -264,8 +294,14 @@ def _can_examples(rng):
     ]
 
 
-@op(differentiable=("p", "q", "params"), reference=Kernel(_can_fwd, _can_bwd), examples=_can_examples)
-def cross_attention_fewshot(p: Array, q: Array, params: dict[str, Array], *, tau: float = 0.025) -> Call:
+@op(
+    differentiable=("p", "q", "params"),
+    reference=Kernel(_can_fwd, _can_bwd),
+    examples=_can_examples,
+)
+def cross_attention_fewshot(
+    p: Array, q: Array, params: dict[str, Array], *, tau: float = 0.025
+) -> Call:
     r"""Cross attention module of CAN (Hou et al., NeurIPS 2019) for few-shot classification.
 
     Correlation ``R_ij = ⟨P_i/‖P_i‖, Q_j/‖Q_j‖⟩`` (cosine, m×m). For the class feature: a
@@ -307,7 +343,8 @@ def cross_attention_fewshot(p: Array, q: Array, params: dict[str, Array], *, tau
     --------
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
-    >>> prm = {"w1": rng.standard_normal((6, 36, 1, 1)) / 6, "w2": rng.standard_normal((36, 6, 1, 1)) / 3}
+    >>> prm = {"w1": rng.standard_normal((6, 36, 1, 1)) / 6,
+    ...        "w2": rng.standard_normal((36, 6, 1, 1)) / 3}
     >>> fp, fq = rng.standard_normal((10, 64, 6, 6)), rng.standard_normal((10, 64, 6, 6))
     >>> (p2, q2), res = aa.cross_attention_fewshot.fwd(fp, fq, prm)
     >>> g = aa.cross_attention_fewshot.bwd(res, (np.ones_like(p2), np.ones_like(q2)))
@@ -324,7 +361,9 @@ def cross_attention_fewshot(p: Array, q: Array, params: dict[str, Array], *, tau
     if w1 is None:
         raise ValueError("params: missing required key 'w1'")
     if not hasattr(w1, "shape") or len(w1.shape) != 4:
-        raise ValueError(f"params['w1']: expected shape (m_h, {m}, 1, 1), got {getattr(w1, 'shape', w1)}")
+        raise ValueError(
+            f"params['w1']: expected shape (m_h, {m}, 1, 1), got {getattr(w1, 'shape', w1)}"
+        )
     mh = w1.shape[0]
     clean = checks.check_params(
         params, {"w1": (mh, m, 1, 1), "w2": (m, mh, 1, 1)}, {"b1": (mh,), "b2": (m,)}

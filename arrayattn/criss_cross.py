@@ -28,8 +28,14 @@ def criss_cross_kernel(forward, backward, supports=None, *, takes_xp: bool = Fal
 
     def bwd(xp, saved, static, cotangents):
         dq, dk, dv = backward(
-            *((xp,) if takes_xp else ()), saved["q"], saved["k"], saved["v"], saved["out"],
-            saved["lse"], cotangents[0], scale=static["scale"],
+            *((xp,) if takes_xp else ()),
+            saved["q"],
+            saved["k"],
+            saved["v"],
+            saved["out"],
+            saved["lse"],
+            cotangents[0],
+            scale=static["scale"],
         )
         return {"q": dq, "k": dk, "v": dv}
 
@@ -166,7 +172,9 @@ def _ccb_ref_fwd(xp, arrays, static, save):
             saved[f"attn{r}"] = res
         else:
             agg = criss_cross_attention(q, k, v)
-        h = xp.astype(gamma * xp.astype(agg, cdt, copy=False) + xp.astype(h, cdt, copy=False), x.dtype)
+        h = xp.astype(
+            gamma * xp.astype(agg, cdt, copy=False) + xp.astype(h, cdt, copy=False), x.dtype
+        )
     if save:
         saved.update({name: p[name] for name in (*_BLOCK_WEIGHTS, "gamma")})
     return (_to_nchw(xp, h),), saved
@@ -269,7 +277,8 @@ def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
     >>> C = 16
-    >>> params = {"w_q": rng.standard_normal((2, C, 1, 1)), "w_k": rng.standard_normal((2, C, 1, 1)),
+    >>> params = {"w_q": rng.standard_normal((2, C, 1, 1)),
+    ...           "w_k": rng.standard_normal((2, C, 1, 1)),
     ...           "w_v": rng.standard_normal((C, C, 1, 1)), "gamma": np.array([0.5])}
     >>> x = rng.standard_normal((1, C, 5, 6))
     >>> y, res = aa.criss_cross_block.fwd(x, params, recurrence=2)
@@ -283,7 +292,9 @@ def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2
     if w_q is None:
         raise ValueError("params: missing required keys ['w_q']")
     if w_q.ndim != 4:
-        raise ValueError(f"params['w_q']: expected a (C', C, 1, 1) weight, got shape {tuple(w_q.shape)}")
+        raise ValueError(
+            f"params['w_q']: expected a (C', C, 1, 1) weight, got shape {tuple(w_q.shape)}"
+        )
     cq = w_q.shape[0]
     clean = checks.check_params(
         params,

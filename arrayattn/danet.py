@@ -44,10 +44,18 @@ def example_pam_params(rng, c, cq, bias=True, gamma=0.7):
 def _pam_examples(rng):
     x = rng.standard_normal((2, 8, 3, 5))
     # b_key is left out: its gradient is exactly 0 (a per-query constant shift of the logits).
-    return [((x, example_pam_params(rng, 8, 2)), {}), ((x, example_pam_params(rng, 8, 1, bias=False)), {})]
+    return [
+        ((x, example_pam_params(rng, 8, 2)), {}),
+        ((x, example_pam_params(rng, 8, 1, bias=False)), {}),
+    ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_pam_fwd, _pam_bwd), examples=_pam_examples, composite=True)
+@op(
+    differentiable=("x", "params"),
+    reference=Kernel(_pam_fwd, _pam_bwd),
+    examples=_pam_examples,
+    composite=True,
+)
 def position_attention(x: Array, params: dict[str, Array]) -> Call:
     r"""DANet position attention module (PAM): ``E = γ · D softmax(BᵀC)ᵀ + A``.
 
@@ -84,7 +92,8 @@ def position_attention(x: Array, params: dict[str, Array]) -> Call:
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
     >>> C = 16
-    >>> p = {"w_query": rng.standard_normal((2, C, 1, 1)) / 4, "w_key": rng.standard_normal((2, C, 1, 1)) / 4,
+    >>> p = {"w_query": rng.standard_normal((2, C, 1, 1)) / 4,
+    ...      "w_key": rng.standard_normal((2, C, 1, 1)) / 4,
     ...      "w_value": rng.standard_normal((C, C, 1, 1)) / 4, "gamma": np.array([0.5])}
     >>> x = rng.standard_normal((2, C, 5, 6))
     >>> y, res = aa.position_attention.fwd(x, p)
@@ -98,7 +107,9 @@ def position_attention(x: Array, params: dict[str, Array]) -> Call:
     if wq is None:
         raise ValueError("params: missing required key 'w_query'")
     if not hasattr(wq, "shape") or len(wq.shape) != 4:
-        raise ValueError(f"params['w_query']: expected shape (C_q, {c}, 1, 1), got {getattr(wq, 'shape', wq)}")
+        raise ValueError(
+            f"params['w_query']: expected shape (C_q, {c}, 1, 1), got {getattr(wq, 'shape', wq)}"
+        )
     cq = wq.shape[0]
     clean = checks.check_params(
         params,
@@ -124,10 +135,19 @@ def _cam_bwd(xp, saved, static, cts):
 def _cam_examples(rng):
     x = rng.standard_normal((2, 5, 3, 4)) / 2
     gamma = rng.standard_normal(1)
-    return [((x, gamma), {}), ((x, gamma), {"logits": "code"}), ((x, rng.standard_normal(())), {"logits": "code"})]
+    return [
+        ((x, gamma), {}),
+        ((x, gamma), {"logits": "code"}),
+        ((x, rng.standard_normal(())), {"logits": "code"}),
+    ]
 
 
-@op(differentiable=("x", "gamma"), reference=Kernel(_cam_fwd, _cam_bwd), examples=_cam_examples, composite=True)
+@op(
+    differentiable=("x", "gamma"),
+    reference=Kernel(_cam_fwd, _cam_bwd),
+    examples=_cam_examples,
+    composite=True,
+)
 def channel_attention(x: Array, gamma: Array, *, logits: str = "paper") -> Call:
     r"""DANet channel attention module (CAM): ``E = γ · softmax(±A Aᵀ) A + A``.
 

@@ -183,7 +183,9 @@ def fused_attention(
         w_o = params.get("w_o") if hasattr(params, "get") else None
         eo = w_o.shape[0] if w_o is not None and w_o.ndim == 2 else 0
         if w_o is not None and w_o.ndim != 2:
-            raise ValueError(f"params['w_o']: expected a 2-D (Eo, dv) weight, got shape {tuple(w_o.shape)}")
+            raise ValueError(
+                f"params['w_o']: expected a 2-D (Eo, dv) weight, got shape {tuple(w_o.shape)}"
+            )
         clean = checks.check_params(params, {"w_o": (eo, v.shape[-1])}, {"b_o": (eo,)})
         checks.check_same_dtype(q=q, **{f"params[{n!r}]": a for n, a in clean.items()})
     if scale is None:

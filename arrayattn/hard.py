@@ -72,9 +72,7 @@ def _ha_examples(rng):
 
 
 @op(differentiable=("a", "e"), reference=Kernel(_ha_fwd, _ha_bwd), examples=_ha_examples)
-def hard_attention(
-    a: Array, e: Array, uniforms: Array, *, mask: Array | None = None
-) -> Call:
+def hard_attention(a: Array, e: Array, uniforms: Array, *, mask: Array | None = None) -> Call:
     r"""Stochastic hard attention (Xu et al. 2015, *Show, Attend and Tell* §4.1).
 
     Samples one location ``s̃ ~ Multinoulli(α)``, ``α = softmax(e)``, from caller-given uniforms
@@ -149,7 +147,9 @@ def hard_attention(
     checks.check_ndim("a", a, 2, "(..., L, D)")
     checks.check_ndim("e", e, 1, "(..., L)")
     if tuple(e.shape) != tuple(a.shape[:-1]):
-        raise ValueError(f"e: expected shape (..., L) = {tuple(a.shape[:-1])} (from a), got {tuple(e.shape)}")
+        raise ValueError(
+            f"e: expected shape (..., L) = {tuple(a.shape[:-1])} (from a), got {tuple(e.shape)}"
+        )
     if tuple(uniforms.shape) != tuple(a.shape[:-2]):
         raise ValueError(
             f"uniforms: expected shape (...) = {tuple(a.shape[:-2])} (one per row of e), "
@@ -227,7 +227,9 @@ def reinforce_cotangents(
     lp = xp.asarray(log_p_y, dtype=dglimpse.dtype, device=array_api_compat.device(dglimpse))
     b = xp.asarray(baseline, dtype=dglimpse.dtype, device=array_api_compat.device(dglimpse))
     dlog_prob = xp.broadcast_to(lambda_r * (lp - b), rows)
-    dentropy = xp.full(rows, lambda_e, dtype=dglimpse.dtype, device=array_api_compat.device(dglimpse))
+    dentropy = xp.full(
+        rows, lambda_e, dtype=dglimpse.dtype, device=array_api_compat.device(dglimpse)
+    )
     return dglimpse, None, dlog_prob, dentropy
 
 
@@ -249,7 +251,11 @@ def _gs_fwd(xp, arrays, static, save):
 
 def _gs_bwd(xp, saved, static, cotangents):
     dl = gumbel_backward(
-        xp, saved["y_soft"], cotangents[0], tau=static["tau"], axis=static["axis"],
+        xp,
+        saved["y_soft"],
+        cotangents[0],
+        tau=static["tau"],
+        axis=static["axis"],
         dtype=saved["logits"].dtype,
     )
     return {"logits": dl}
@@ -331,7 +337,8 @@ def gumbel_softmax(
     checks.check_ndim("logits", logits, 1, "(..., n)")
     if tuple(uniforms.shape) != tuple(logits.shape):
         raise ValueError(
-            f"uniforms: expected the shape of logits {tuple(logits.shape)}, got {tuple(uniforms.shape)}"
+            f"uniforms: expected the shape of logits {tuple(logits.shape)}, got "
+            f"{tuple(uniforms.shape)}"
         )
     tau = checks.check_real("tau", tau)
     if tau <= 0:
@@ -365,12 +372,11 @@ def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] 
     n = max(len(a), len(b))
     a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
     out = []
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if x != y and 1 not in (x, y):
             return None
         out.append(y if x == 1 else x)
     return tuple(out)
-
 
 
 def _hc_fwd(xp, arrays, static, save):
@@ -385,7 +391,9 @@ def _hc_fwd(xp, arrays, static, save):
 def _hc_bwd(xp, saved, static, cotangents):
     dgate, dl0 = cotangents
     opts = {k: static[k] for k in ("beta", "gamma", "zeta", "training")}
-    dla = hard_concrete_backward(xp, saved["log_alpha"], saved["s"], saved["s_bar"], dgate, dl0, **opts)
+    dla = hard_concrete_backward(
+        xp, saved["log_alpha"], saved["s"], saved["s_bar"], dgate, dl0, **opts
+    )
     return {"log_alpha": dla}
 
 
@@ -418,7 +426,8 @@ def hard_concrete_gate(
 
         s = σ((log u − log(1 − u) + log α)/β),   s̄ = s (ζ − γ) + γ,   g = min(1, max(0, s̄))
 
-    Eval (``training=False``, deterministic, no temperature): ``g = clip(σ(log α)(ζ − γ) + γ, 0, 1)``.
+    Eval (``training=False``, deterministic, no temperature): ``g = clip(σ(log α)(ζ − γ) + γ, 0,
+    1)``.
     The L0 penalty is the expected number of open gates ``Σ σ(log α − β log(−γ/ζ))`` (summed over
     every entry of ``log_alpha``). For head gating multiply head ``i`` by ``g_i`` before the
     output projection: ``Concat_i(g_i · head_i) W^O``.
@@ -477,21 +486,28 @@ def hard_concrete_gate(
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if not isinstance(hard, bool):
         raise TypeError(f"hard: expected a bool, got {type(hard).__name__}")
-    beta, gamma, zeta = (checks.check_real(n, x) for n, x in (("beta", beta), ("gamma", gamma), ("zeta", zeta)))
+    beta, gamma, zeta = (
+        checks.check_real(n, x) for n, x in (("beta", beta), ("gamma", gamma), ("zeta", zeta))
+    )
     eps = checks.check_real("eps", eps)
     if beta <= 0:
         raise ValueError(f"beta: expected a temperature > 0, got {beta!r}")
     if not gamma < 0 < 1 < zeta:
-        raise ValueError(f"gamma, zeta: expected gamma < 0 and zeta > 1, got gamma={gamma!r}, zeta={zeta!r}")
+        raise ValueError(
+            f"gamma, zeta: expected gamma < 0 and zeta > 1, got gamma={gamma!r}, zeta={zeta!r}"
+        )
     if not 0 <= eps < 0.5:
         raise ValueError(f"eps: expected 0 <= eps < 0.5, got {eps!r}")
     if training:
         if uniforms is None:
-            raise ValueError("uniforms: required when training=True (the gate is sampled), got None")
+            raise ValueError(
+                "uniforms: required when training=True (the gate is sampled), got None"
+            )
         checks.check_floating(xp, "uniforms", uniforms)
         if _broadcast_shape(tuple(log_alpha.shape), tuple(uniforms.shape)) is None:
             raise ValueError(
-                f"uniforms: expected a shape that broadcasts with log_alpha {tuple(log_alpha.shape)}, "
+                "uniforms: expected a shape that broadcasts with log_alpha "
+                f"{tuple(log_alpha.shape)}, "
                 f"got {tuple(uniforms.shape)}"
             )
     else:
@@ -499,6 +515,13 @@ def hard_concrete_gate(
     return Call(
         xp,
         {"log_alpha": log_alpha, "uniforms": uniforms},
-        {"beta": beta, "gamma": gamma, "zeta": zeta, "eps": eps, "training": training, "hard": hard},
+        {
+            "beta": beta,
+            "gamma": gamma,
+            "zeta": zeta,
+            "eps": eps,
+            "training": training,
+            "hard": hard,
+        },
         ("gate", "l0"),
     )

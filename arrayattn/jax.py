@@ -58,13 +58,8 @@ from ._config import get_backend, use_backend
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
 
 
-
-
-
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
-
-
 
 
 class _Static:
@@ -96,7 +91,7 @@ def _as_cotangents(outs: tuple, cts: Any) -> Any:
 
 def _gradients(op: _op.Op, leaves: tuple, arrays: tuple, grads: Any, to_zero: Callable) -> tuple:
     result = []
-    for (name, key), x in zip(leaves, arrays):
+    for (name, key), x in zip(leaves, arrays, strict=True):
         g = getattr(grads, name, None) if name in op.differentiable else None
         if g is not None and key is not None:
             g = g.get(key)
@@ -153,7 +148,9 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
         cts = tuple(None if c is None else np.asarray(c) for c in cts)
         grads = op.bwd(res, cts if len(outs) > 1 else cts[0])
         result = _gradients(op, leaves, arrays, grads, lambda x: np.zeros(x.shape, x.dtype))
-        return tuple(np.asarray(g) for (nm, _), g in zip(leaves, result) if _diff(op, nm))
+        return tuple(
+            np.asarray(g) for (nm, _), g in zip(leaves, result, strict=True) if _diff(op, nm)
+        )
 
     def out_shapes(*arrays):
         out = jax.eval_shape(reference, *arrays)
@@ -182,11 +179,14 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
             return host_backward(arrays, tuple(next(it) if m else None for m in mask))
 
         shapes = tuple(
-            jax.ShapeDtypeStruct(x.shape, x.dtype) for (nm, _), x in zip(leaves, arrays) if _diff(op, nm)
+            jax.ShapeDtypeStruct(x.shape, x.dtype)
+            for (nm, _), x in zip(leaves, arrays, strict=True)
+            if _diff(op, nm)
         )
         grads = iter(jax.pure_callback(host, shapes, arrays, float_cts, vmap_method="sequential"))
         return tuple(
-            next(grads) if _diff(op, nm) else _zero_cotangent(x) for (nm, _), x in zip(leaves, arrays)
+            next(grads) if _diff(op, nm) else _zero_cotangent(x)
+            for (nm, _), x in zip(leaves, arrays, strict=True)
         )
 
     g.defvjp(g_fwd, g_bwd)
@@ -208,9 +208,10 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     def wrapper(*args: Any, use_callback: bool = False, **kwargs: Any) -> Any:
         if len(args) > len(positional):
             raise TypeError(
-                f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were given"
+                f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were "
+                "given"
             )
-        arguments = dict(zip(positional, args))
+        arguments = dict(zip(positional, args, strict=True))
         for key, value in kwargs.items():
             if key in arguments:
                 raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
@@ -225,7 +226,9 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
                     if v is None:
                         continue
                     if not _is_array(v):
-                        raise TypeError(f"{name}[{key!r}]: expected a JAX array, got {type(v).__name__}")
+                        raise TypeError(
+                            f"{name}[{key!r}]: expected a JAX array, got {type(v).__name__}"
+                        )
                     leaves.append((name, key))
                     arrays.append(v)
             else:
@@ -233,7 +236,8 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
                     hash(value)
                 except TypeError:
                     raise TypeError(
-                        f"{name}: arrayattn.jax binds options statically, so they must be hashable; "
+                        f"{name}: arrayattn.jax binds options statically, so they must be "
+                        "hashable; "
                         f"got {type(value).__name__}"
                     ) from None
                 options.append((name, value))
@@ -246,8 +250,9 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     wrapper.__module__ = __name__
     params = list(sig.parameters.values())
     extra = inspect.Parameter("use_callback", inspect.Parameter.KEYWORD_ONLY, default=False)
-    insert = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-                  len(params))
+    insert = next(
+        (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params)
+    )
     wrapper.__signature__ = sig.replace(
         parameters=params[:insert] + [extra] + params[insert:],
         return_annotation=inspect.Signature.empty,

@@ -112,7 +112,13 @@ def _lin_ref_fwd(xp, arrays, static, save):
 
 def _lin_ref_bwd(xp, saved, static, cotangents):
     dq, dk, dv = linear_backward(
-        xp, saved["q"], saved["k"], saved["v"], saved["out"], saved["den"], cotangents[0],
+        xp,
+        saved["q"],
+        saved["k"],
+        saved["v"],
+        saved["out"],
+        saved["den"],
+        cotangents[0],
         causal=static["causal"],
     )
     return {"q": dq, "k": dk, "v": dv}

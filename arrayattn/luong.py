@@ -61,7 +61,12 @@ def _ref_fwd(xp, arrays, static, save):
     )
     if not save:
         return (context, weights), {}
-    record = {"h_t": arrays["h_t"], "h_s": arrays["h_s"], "params": arrays["params"], "saved": saved}
+    record = {
+        "h_t": arrays["h_t"],
+        "h_s": arrays["h_s"],
+        "params": arrays["params"],
+        "saved": saved,
+    }
     return (context, weights), _flatten("", record, {})
 
 
@@ -100,7 +105,9 @@ def _check_states(xp, t_name, h_t, s_name, h_s, t_legend, s_legend):
             f"got shape {tuple(h_s.shape)}"
         )
     if h_s.shape[-2] < 1:
-        raise ValueError(f"{s_name}: expected at least one source position, got shape {tuple(h_s.shape)}")
+        raise ValueError(
+            f"{s_name}: expected at least one source position, got shape {tuple(h_s.shape)}"
+        )
 
 
 def _namespace(params, **arrays):
@@ -113,7 +120,10 @@ def _matrix_rows(params, key: str, legend: str) -> int:
     if w is None:
         raise ValueError(f"params: missing required key {key!r} ({legend})")
     if not hasattr(w, "shape") or len(w.shape) != 2:
-        raise ValueError(f"params[{key!r}]: expected a 2-D {legend} weight, got shape {getattr(w, 'shape', None)}")
+        raise ValueError(
+            f"params[{key!r}]: expected a 2-D {legend} weight, "
+            f"got shape {getattr(w, 'shape', None)}"
+        )
     return int(w.shape[0])
 
 
@@ -172,8 +182,15 @@ def _luong_examples(rng):
         ((h_t, h_s), {"mask": mask}),
         ((h_t, h_s, {"w_a": rng.standard_normal((d, d)) / 2}), {"score": "general"}),
         (
-            (h_t, h_s, {"w_a": rng.standard_normal((3, 2 * d)), "v_a": rng.standard_normal(3),
-                        "b_a": rng.standard_normal(3)}),
+            (
+                h_t,
+                h_s,
+                {
+                    "w_a": rng.standard_normal((3, 2 * d)),
+                    "v_a": rng.standard_normal(3),
+                    "b_a": rng.standard_normal(3),
+                },
+            ),
             {"score": "concat", "mask": mask},
         ),
         (

@@ -38,8 +38,9 @@ _BOUNDARIES = ("clamp", "zero", "mask")
 
 
 @functools.lru_cache(maxsize=256)
-def call_windows(kind: str, h: int, w: int, a: int, b: int, c: int, boundary: str,
-                 causal: bool) -> tuple[AxisWindows, AxisWindows]:
+def call_windows(
+    kind: str, h: int, w: int, a: int, b: int, c: int, boundary: str, causal: bool
+) -> tuple[AxisWindows, AxisWindows]:
     """The (y, x) window tables of a call.
 
     ``kind='na'``: ``a`` kernel size, ``b`` dilation (``h == 1`` and a 1-slot y axis for 1-D);
@@ -47,23 +48,33 @@ def call_windows(kind: str, h: int, w: int, a: int, b: int, c: int, boundary: st
     ``c`` packs the y and x table lengths as ``ty * 100000 + tx``.
     """
     if kind == "na1d":
-        return (na_axis_windows(1, 1, 1, "clamp"),
-                na_axis_windows(w, a, b, boundary, causal))
+        return (na_axis_windows(1, 1, 1, "clamp"), na_axis_windows(w, a, b, boundary, causal))
     if kind == "na":
         return na_axis_windows(h, a, b, boundary), na_axis_windows(w, a, b, boundary)
     ty, tx = divmod(c, 100000)
     return halo_axis_windows(h, a, b, ty), halo_axis_windows(w, a, b, tx)
 
 
-def windows_of(static: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[AxisWindows, AxisWindows]:
+def windows_of(
+    static: Mapping[str, Any], shape: tuple[int, ...]
+) -> tuple[AxisWindows, AxisWindows]:
     """Window tables for the static options of a call and the (..., H, W, d) shape it runs on."""
     h, w = shape[-3], shape[-2]
     kind = static["kind"]
     if kind == "halo":
-        return call_windows("halo", h, w, static["block_size"], static["halo_size"],
-                            static["tables"], "zero", False)
-    return call_windows(kind, h, w, static["kernel_size"], static["dilation"], 0,
-                        static["boundary"], static["causal"])
+        return call_windows(
+            "halo", h, w, static["block_size"], static["halo_size"], static["tables"], "zero", False
+        )
+    return call_windows(
+        kind,
+        h,
+        w,
+        static["kernel_size"],
+        static["dilation"],
+        0,
+        static["boundary"],
+        static["causal"],
+    )
 
 
 def _boundary_of(static):
@@ -87,8 +98,11 @@ def _lift_1d(xp, arrays, static):
     """The 2-D view of a 1-D call's arrays."""
     if static["kind"] != "na1d":
         return arrays
-    out = {name: (None if a is None else xp.expand_dims(a, axis=-3))
-           for name, a in arrays.items() if name in ("q", "k", "v", "out", "dout")}
+    out = {
+        name: (None if a is None else xp.expand_dims(a, axis=-3))
+        for name, a in arrays.items()
+        if name in ("q", "k", "v", "out", "dout")
+    }
     bias = arrays.get("rel_bias")
     out["rel_bias"] = None if bias is None else xp.expand_dims(bias, axis=-2)
     if "lse" in arrays:
@@ -121,15 +135,32 @@ def window_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -
         wy, wx = windows_of(static, a["q"].shape)
         lead = (xp,) if takes_xp else ()
         out, lse = forward(
-            *lead, a["q"], a["k"], a["v"], wy, wx, boundary=_boundary_of(static),
-            scale=static["scale"], rel_bias=a.get("rel_bias"), r_h=r_h, r_w=r_w,
+            *lead,
+            a["q"],
+            a["k"],
+            a["v"],
+            wy,
+            wx,
+            boundary=_boundary_of(static),
+            scale=static["scale"],
+            rel_bias=a.get("rel_bias"),
+            r_h=r_h,
+            r_w=r_w,
         )
         if static["kind"] == "na1d":
             out, lse = out[..., 0, :, :], lse[..., 0, :]
         saved = {}
         if save:
-            saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                     "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
+            saved = {
+                "q": arrays["q"],
+                "k": arrays["k"],
+                "v": arrays["v"],
+                "out": out,
+                "lse": lse,
+                "rel_bias": arrays.get("rel_bias"),
+                "r_h": r_h,
+                "r_w": r_w,
+            }
         return (out,), saved
 
     def bwd(xp, saved, static, cotangents):
@@ -138,16 +169,32 @@ def window_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -
         wy, wx = windows_of(static, a["q"].shape)
         lead = (xp,) if takes_xp else ()
         dq, dk, dv, dbias, drh, drw = backward(
-            *lead, a["q"], a["k"], a["v"], a["out"], a["lse"], a["dout"], wy, wx,
-            boundary=_boundary_of(static), scale=static["scale"], rel_bias=a.get("rel_bias"),
-            r_h=saved.get("r_h"), r_w=saved.get("r_w"),
+            *lead,
+            a["q"],
+            a["k"],
+            a["v"],
+            a["out"],
+            a["lse"],
+            a["dout"],
+            wy,
+            wx,
+            boundary=_boundary_of(static),
+            scale=static["scale"],
+            rel_bias=a.get("rel_bias"),
+            r_h=saved.get("r_h"),
+            r_w=saved.get("r_w"),
         )
         if static["kind"] == "na1d":
             dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
             if dbias is not None:
                 dbias = dbias[..., 0, :]
-        return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
-                "rel_pos": _pack_rel_grads(static, drh, drw)}
+        return {
+            "q": dq,
+            "k": dk,
+            "v": dv,
+            "rel_bias": dbias,
+            "rel_pos": _pack_rel_grads(static, drh, drw),
+        }
 
     return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
@@ -161,7 +208,9 @@ REFERENCE = window_kernel(window_attention_forward, window_attention_backward, t
 def _check_qkv(xp, q, k, v, spatial: int, legend: str):
     for name, x in (("q", q), ("k", k), ("v", v)):
         checks.check_floating(xp, name, x)
-        checks.check_ndim(name, x, spatial + 1, legend.replace("d)", "dv)") if name == "v" else legend)
+        checks.check_ndim(
+            name, x, spatial + 1, legend.replace("d)", "dv)") if name == "v" else legend
+        )
     checks.check_same_dtype(q=q, k=k, v=v)
     if tuple(k.shape) != tuple(q.shape):
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -347,8 +396,16 @@ def neighborhood_attention_2d(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": rel_bias, "rel_pos": rel},
-        {"kind": "na", "kernel_size": kernel, "dilation": dil, "boundary": boundary,
-         "causal": False, "scale": _scale(scale, d), "rel_pos_form": form, "rel_keys": keys},
+        {
+            "kind": "na",
+            "kernel_size": kernel,
+            "dilation": dil,
+            "boundary": boundary,
+            "causal": False,
+            "scale": _scale(scale, d),
+            "rel_pos_form": form,
+            "rel_keys": keys,
+        },
     )
 
 
@@ -450,12 +507,22 @@ def neighborhood_attention_1d(
             raise ValueError(
                 f"rel_bias: expected shape (..., 2K-1) = (..., {t}), got {tuple(rel_bias.shape)}"
             )
-        checks.check_broadcastable("rel_bias", rel_bias.shape, tuple(q.shape[:-2]) + (t,), "(..., 2K-1)")
+        checks.check_broadcastable(
+            "rel_bias", rel_bias.shape, tuple(q.shape[:-2]) + (t,), "(..., 2K-1)"
+        )
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": rel_bias, "rel_pos": None},
-        {"kind": "na1d", "kernel_size": kernel, "dilation": dil, "boundary": boundary,
-         "causal": causal, "scale": _scale(scale, d), "rel_pos_form": None, "rel_keys": ()},
+        {
+            "kind": "na1d",
+            "kernel_size": kernel,
+            "dilation": dil,
+            "boundary": boundary,
+            "causal": causal,
+            "scale": _scale(scale, d),
+            "rel_pos_form": None,
+            "rel_keys": (),
+        },
     )
 
 
@@ -556,7 +623,8 @@ def halo_attention(
     height, width, d = q.shape[-3], q.shape[-2], q.shape[-1]
     if height % b or width % b:
         raise ValueError(
-            f"block_size: expected a divisor of the image size (H, W) = ({height}, {width}), got {b}"
+            f"block_size: expected a divisor of the image size (H, W) = ({height}, {width}), got "
+            f"{b}"
         )
     compact, timm = 2 * (b + h) - 1, 2 * (b + 2 * h) - 1
 
@@ -569,15 +637,25 @@ def halo_attention(
             )
         return n
 
-    rel, form, keys = _normalise_rel_pos(xp, rel_pos, tuple(q.shape[:-3]), compact, d, q.dtype,
-                                         rows_of)
-    rows = {key: (compact if rel is None or key not in rel else rel[key].shape[-2])
-            for key in ("r_h", "r_w")}
+    rel, form, keys = _normalise_rel_pos(
+        xp, rel_pos, tuple(q.shape[:-3]), compact, d, q.dtype, rows_of
+    )
+    rows = {
+        key: (compact if rel is None or key not in rel else rel[key].shape[-2])
+        for key in ("r_h", "r_w")
+    }
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": None, "rel_pos": rel},
-        {"kind": "halo", "block_size": b, "halo_size": h, "tables": rows["r_h"] * 100000 + rows["r_w"],
-         "scale": _scale(scale, d), "rel_pos_form": form, "rel_keys": keys},
+        {
+            "kind": "halo",
+            "block_size": b,
+            "halo_size": h,
+            "tables": rows["r_h"] * 100000 + rows["r_w"],
+            "scale": _scale(scale, d),
+            "rel_pos_form": form,
+            "rel_keys": keys,
+        },
     )
 
 
@@ -624,7 +702,9 @@ def sasa_relative_tables(r_row: Array, r_col: Array, *, kernel_size: int | None 
     n = r_row.shape[-2]
     kernel = n if kernel_size is None else checks.check_int("kernel_size", kernel_size, minimum=1)
     if n not in (kernel, 2 * kernel - 1):
-        raise ValueError(f"r_row: expected {kernel} or {2 * kernel - 1} rows, got {tuple(r_row.shape)}")
+        raise ValueError(
+            f"r_row: expected {kernel} or {2 * kernel - 1} rows, got {tuple(r_row.shape)}"
+        )
     if r_col.shape[-2] != n or tuple(r_col.shape[:-2]) != tuple(r_row.shape[:-2]):
         raise ValueError(
             f"r_col: expected shape {tuple(r_row.shape[:-1])} + (d_col,) like r_row, "
@@ -638,9 +718,13 @@ def sasa_relative_tables(r_row: Array, r_col: Array, *, kernel_size: int | None 
         parts = []
         width = t.shape[-1] + ch_before + ch_after
         if ch_before:
-            t = xp.concat([xp.zeros(lead + (t.shape[-2], ch_before), dtype=t.dtype, device=dev), t], axis=-1)
+            t = xp.concat(
+                [xp.zeros(lead + (t.shape[-2], ch_before), dtype=t.dtype, device=dev), t], axis=-1
+            )
         if ch_after:
-            t = xp.concat([t, xp.zeros(lead + (t.shape[-2], ch_after), dtype=t.dtype, device=dev)], axis=-1)
+            t = xp.concat(
+                [t, xp.zeros(lead + (t.shape[-2], ch_after), dtype=t.dtype, device=dev)], axis=-1
+            )
         if before:
             parts.append(xp.zeros(lead + (before, width), dtype=t.dtype, device=dev))
         parts.append(t)
@@ -676,7 +760,7 @@ def _sasa_fwd(xp, arrays, static, save):
     cdt = compute_dtype(xp, x.dtype)
     rows = xp.reshape(xp.permute_dims(xp.astype(x, cdt, copy=False), (0, 2, 3, 1)), (n * h * w, c))
     proj = []
-    for wn, bn in zip(_SASA_WEIGHTS, _SASA_BIASES):
+    for wn, bn in zip(_SASA_WEIGHTS, _SASA_BIASES, strict=True):
         wt = xp.astype(xp.reshape(p[wn], (p[wn].shape[0], c)), cdt, copy=False)
         y = xp.matmul(rows, xp.matrix_transpose(wt))
         if bn in p:
@@ -684,8 +768,13 @@ def _sasa_fwd(xp, arrays, static, save):
         proj.append(_to_heads(xp, xp.astype(y, x.dtype), n, h, w, heads))
     q, k, v = proj
     rel = {key: p[name] for key, name in (("r_h", "rel_h"), ("r_w", "rel_w")) if name in p}
-    kwargs = {"kernel_size": static["kernel_size"], "dilation": static["dilation"],
-              "boundary": static["boundary"], "scale": static["scale"], "rel_pos": rel or None}
+    kwargs = {
+        "kernel_size": static["kernel_size"],
+        "dilation": static["dilation"],
+        "boundary": static["boundary"],
+        "scale": static["scale"],
+        "rel_pos": rel or None,
+    }
     if save:
         o, res = neighborhood_attention_2d.fwd(q, k, v, **kwargs)
     else:
@@ -710,7 +799,7 @@ def _sasa_bwd(xp, saved, static, cotangents):
     rows = xp.reshape(xp.permute_dims(xp.astype(x, cdt, copy=False), (0, 2, 3, 1)), (n * h * w, c))
     dx_rows = None
     grads = {}
-    for wn, bn, gp in zip(_SASA_WEIGHTS, _SASA_BIASES, (g.q, g.k, g.v)):
+    for wn, bn, gp in zip(_SASA_WEIGHTS, _SASA_BIASES, (g.q, g.k, g.v), strict=True):
         gy = xp.astype(_from_heads(xp, gp), cdt, copy=False)  # (NHW, C_out)
         wt = saved[wn]
         w2 = xp.astype(xp.reshape(wt, (wt.shape[0], c)), cdt, copy=False)
@@ -809,7 +898,8 @@ def sasa_block(
     kernel = checks.check_int("kernel_size", kernel_size, minimum=1)
     if kernel % 2 == 0:
         raise ValueError(
-            f"kernel_size: SASA's neighbourhood is symmetric, expected an odd kernel_size, got {kernel}"
+            "kernel_size: SASA's neighbourhood is symmetric, expected an odd kernel_size, got "
+            f"{kernel}"
             " (neighborhood_attention_2d accepts even sizes)"
         )
     c = x.shape[1]
@@ -852,6 +942,12 @@ def sasa_block(
     return Call(
         xp,
         {"x": x, "params": clean},
-        {"num_heads": heads, "kernel_size": kernel, "dilation": dil, "boundary": boundary,
-         "scale": _scale(scale, dh), "biases": tuple(sorted(b for b in _SASA_BIASES if b in clean))},
+        {
+            "num_heads": heads,
+            "kernel_size": kernel,
+            "dilation": dil,
+            "boundary": boundary,
+            "scale": _scale(scale, dh),
+            "biases": tuple(sorted(b for b in _SASA_BIASES if b in clean)),
+        },
     )

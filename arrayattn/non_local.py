@@ -14,14 +14,21 @@ _MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
 def _fwd(xp, arrays, static, save):
     z, saved = ref.nl_forward(
-        xp, arrays["x"], arrays["params"], mode=static["mode"], subsample=static["subsample"],
-        scale=static["scale"], save=save,
+        xp,
+        arrays["x"],
+        arrays["params"],
+        mode=static["mode"],
+        subsample=static["subsample"],
+        scale=static["scale"],
+        save=save,
     )
     return (z,), saved
 
 
 def _bwd(xp, saved, static, cts):
-    dx, dp = ref.nl_backward(xp, saved, mode=static["mode"], subsample=static["subsample"], dz=cts[0])
+    dx, dp = ref.nl_backward(
+        xp, saved, mode=static["mode"], subsample=static["subsample"], dz=cts[0]
+    )
     return {"x": dx, "params": dp}
 
 
@@ -50,14 +57,23 @@ def _examples(rng):
         if mode == "embedded_gaussian":
             del p["b_phi"]  # its gradient is exactly 0 (softmax shift invariance): nothing to check
         calls.append(((x, p), {"mode": mode}))
-    calls.append(((x, example_params(rng, 4, 3, "embedded_gaussian", bias=False)), {"subsample": True}))
-    calls.append(((x, example_params(rng, 4, 2, "gaussian")), {"mode": "gaussian", "subsample": True, "scale": 0.5}))
+    calls.append(
+        ((x, example_params(rng, 4, 3, "embedded_gaussian", bias=False)), {"subsample": True})
+    )
+    calls.append(
+        (
+            (x, example_params(rng, 4, 2, "gaussian")),
+            {"mode": "gaussian", "subsample": True, "scale": 0.5},
+        )
+    )
     calls.append(((x, example_params(rng, 4, 2, "dot")), {"mode": "dot", "subsample": True}))
     calls.append(((x, example_params(rng, 4, 2, "concat")), {"mode": "concat", "subsample": True}))
     return calls
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_fwd, _bwd), examples=_examples, composite=True)
+@op(
+    differentiable=("x", "params"), reference=Kernel(_fwd, _bwd), examples=_examples, composite=True
+)
 def non_local_block(
     x: Array,
     params: dict[str, Array],
@@ -142,7 +158,9 @@ def non_local_block(
     if wg is None:
         raise ValueError("params: missing required key 'w_g'")
     if not hasattr(wg, "shape") or len(wg.shape) != 4:
-        raise ValueError(f"params['w_g']: expected shape (C', {c}, 1, 1), got {getattr(wg, 'shape', wg)}")
+        raise ValueError(
+            f"params['w_g']: expected shape (C', {c}, 1, 1), got {getattr(wg, 'shape', wg)}"
+        )
     ci = wg.shape[0]
     required = {"w_g": (ci, c, 1, 1), "w_z": (c, ci, 1, 1)}
     optional = {"b_g": (ci,), "b_z": (c,)}
@@ -154,8 +172,12 @@ def non_local_block(
     clean = checks.check_params(params, required, optional)
     if mode in ("dot", "concat"):
         if scale is not None:
-            raise ValueError(f"scale: only the softmax modes take a scale, got {scale!r} with mode={mode!r}")
+            raise ValueError(
+                f"scale: only the softmax modes take a scale, got {scale!r} with mode={mode!r}"
+            )
         scale = 1.0
     else:
         scale = 1.0 if scale is None else checks.check_real("scale", scale)
-    return Call(xp, {"x": x, "params": clean}, {"mode": mode, "subsample": subsample, "scale": scale})
+    return Call(
+        xp, {"x": x, "params": clean}, {"mode": mode, "subsample": subsample, "scale": scale}
+    )

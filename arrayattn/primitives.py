@@ -1,4 +1,5 @@
-"""Differentiable array primitives: convolution, pooling, upsampling, linear, layer norm, activations.
+"""Differentiable array primitives: convolution, pooling, upsampling, linear, layer norm,
+activations.
 
 Each is an op with a hand-derived backward (``op.fwd`` / ``op.bwd``), so users can compose their
 own blocks from them; weights use PyTorch layouts and semantics follow ``torch.nn.functional``.
@@ -39,7 +40,10 @@ def _pair(name: str, value, *, minimum: int) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
-        return (checks.check_int(name, value[0], minimum=minimum), checks.check_int(name, value[1], minimum=minimum))
+        return (
+            checks.check_int(name, value[0], minimum=minimum),
+            checks.check_int(name, value[1], minimum=minimum),
+        )
     v = checks.check_int(name, value, minimum=minimum)
     return (v, v)
 
@@ -65,16 +69,29 @@ def _floating(**arrays):
 
 def _conv_fwd(xp, arrays, static, save):
     y = ref.conv2d_forward(
-        xp, arrays["x"], arrays["weight"], arrays["bias"], stride=static["stride"],
-        padding=static["padding"], dilation=static["dilation"], groups=static["groups"],
+        xp,
+        arrays["x"],
+        arrays["weight"],
+        arrays["bias"],
+        stride=static["stride"],
+        padding=static["padding"],
+        dilation=static["dilation"],
+        groups=static["groups"],
     )
     return (y,), ({"x": arrays["x"], "weight": arrays["weight"]} if save else {})
 
 
 def _conv_bwd(xp, saved, static, cts):
     dx, dw, db = ref.conv2d_backward(
-        xp, saved["x"], saved["weight"], cts[0], stride=static["stride"], padding=static["padding"],
-        dilation=static["dilation"], groups=static["groups"], with_bias=static["has_bias"],
+        xp,
+        saved["x"],
+        saved["weight"],
+        cts[0],
+        stride=static["stride"],
+        padding=static["padding"],
+        dilation=static["dilation"],
+        groups=static["groups"],
+        with_bias=static["has_bias"],
     )
     return {"x": dx, "weight": dw, "bias": db}
 
@@ -83,13 +100,20 @@ def _conv_examples(rng):
     x = rng.standard_normal((2, 4, 7, 6))
     return [
         ((x, rng.standard_normal((3, 4, 3, 3)), rng.standard_normal(3)), {"padding": 1}),
-        ((x, rng.standard_normal((6, 2, 3, 2))), {"stride": (2, 1), "dilation": (1, 2), "groups": 2}),
+        (
+            (x, rng.standard_normal((6, 2, 3, 2))),
+            {"stride": (2, 1), "dilation": (1, 2), "groups": 2},
+        ),
         ((x, rng.standard_normal((4, 1, 3, 3))), {"padding": 1, "groups": 4}),
         ((x, rng.standard_normal((5, 4, 1, 1)), rng.standard_normal(5)), {"stride": 2}),
     ]
 
 
-@op(differentiable=("x", "weight", "bias"), reference=Kernel(_conv_fwd, _conv_bwd), examples=_conv_examples)
+@op(
+    differentiable=("x", "weight", "bias"),
+    reference=Kernel(_conv_fwd, _conv_bwd),
+    examples=_conv_examples,
+)
 def conv2d(
     x: Array,
     weight: Array,
@@ -153,13 +177,16 @@ def conv2d(
         raise ValueError(f"groups: expected a divisor of the {c} input channels of x, got {groups}")
     if o % groups or cg != c // groups:
         raise ValueError(
-            f"weight: expected shape (O, C/groups, kh, kw) = (a multiple of {groups}, {c // groups}, kh, kw), "
+            f"weight: expected shape (O, C/groups, kh, kw) = "
+            f"(a multiple of {groups}, {c // groups}, kh, kw), "
             f"got {tuple(weight.shape)}"
         )
     if bias is not None:
         checks.check_ndim("bias", bias, 1, "(O,)", exact=True)
         if bias.shape[0] != o:
-            raise ValueError(f"bias: expected shape ({o},) (O from weight), got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias: expected shape ({o},) (O from weight), got {tuple(bias.shape)}"
+            )
     ho, wo = ref.conv2d_output_size((h, w), (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(
@@ -169,7 +196,13 @@ def conv2d(
     return Call(
         xp,
         {"x": x, "weight": weight, "bias": bias},
-        {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups, "has_bias": bias is not None},
+        {
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "groups": groups,
+            "has_bias": bias is not None,
+        },
     )
 
 
@@ -193,7 +226,11 @@ def _linear_examples(rng):
     ]
 
 
-@op(differentiable=("x", "weight", "bias"), reference=Kernel(_linear_fwd, _linear_bwd), examples=_linear_examples)
+@op(
+    differentiable=("x", "weight", "bias"),
+    reference=Kernel(_linear_fwd, _linear_bwd),
+    examples=_linear_examples,
+)
 def linear(x: Array, weight: Array, bias: Array | None = None) -> Call:
     r"""Affine map ``y = x weightᵀ + bias``, as ``torch.nn.functional.linear``.
 
@@ -226,10 +263,13 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Call:
     checks.check_ndim("weight", weight, 2, "(out, in)", exact=True)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(
-            f"weight: expected shape (out, in) with in = {x.shape[-1]} (last dim of x), got {tuple(weight.shape)}"
+            f"weight: expected shape (out, in) with in = {x.shape[-1]} (last dim of x), got "
+            f"{tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (out from weight), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias: expected shape ({weight.shape[0]},) (out from weight), got {tuple(bias.shape)}"
+        )
     return Call(xp, {"x": x, "weight": weight, "bias": bias}, {"has_bias": bias is not None})
 
 
@@ -237,8 +277,12 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Call:
 
 
 def _ln_fwd(xp, arrays, static, save):
-    y, mean, rstd = ref.layer_norm_forward(xp, arrays["x"], arrays["weight"], arrays["bias"], static["eps"])
-    saved = {"x": arrays["x"], "weight": arrays["weight"], "mean": mean, "rstd": rstd} if save else {}
+    y, mean, rstd = ref.layer_norm_forward(
+        xp, arrays["x"], arrays["weight"], arrays["bias"], static["eps"]
+    )
+    saved = (
+        {"x": arrays["x"], "weight": arrays["weight"], "mean": mean, "rstd": rstd} if save else {}
+    )
     return (y,), saved
 
 
@@ -256,8 +300,14 @@ def _ln_examples(rng):
     ]
 
 
-@op(differentiable=("x", "weight", "bias"), reference=Kernel(_ln_fwd, _ln_bwd), examples=_ln_examples)
-def layer_norm(x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5) -> Call:
+@op(
+    differentiable=("x", "weight", "bias"),
+    reference=Kernel(_ln_fwd, _ln_bwd),
+    examples=_ln_examples,
+)
+def layer_norm(
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
+) -> Call:
     r"""Layer normalisation over the last axis, as ``F.layer_norm(x, (d,), weight, bias, eps)``.
 
     ``y = (x - mean) / sqrt(var + eps) ⊙ weight + bias`` with the biased variance.
@@ -288,11 +338,15 @@ def layer_norm(x: Array, weight: Array | None = None, bias: Array | None = None,
     d = x.shape[-1]
     for name, a in (("weight", weight), ("bias", bias)):
         if a is not None and tuple(a.shape) != (d,):
-            raise ValueError(f"{name}: expected shape ({d},) (the last dim of x), got {tuple(a.shape)}")
+            raise ValueError(
+                f"{name}: expected shape ({d},) (the last dim of x), got {tuple(a.shape)}"
+            )
     eps = checks.check_real("eps", eps)
     if eps < 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
-    return Call(xp, {"x": x, "weight": weight, "bias": bias}, {"eps": eps, "has_bias": bias is not None})
+    return Call(
+        xp, {"x": x, "weight": weight, "bias": bias}, {"eps": eps, "has_bias": bias is not None}
+    )
 
 
 # -- activations ----------------------------------------------------------------------------------
@@ -433,24 +487,42 @@ def _pool_args(x, kernel_size, stride, padding, dilation=1):
     stride = kernel if stride is None else _pair("stride", stride, minimum=1)
     padding = _pair("padding", padding, minimum=0)
     dilation = _pair("dilation", dilation, minimum=1)
-    for p, k in zip(padding, kernel):
+    for p, k in zip(padding, kernel, strict=True):
         if p > k // 2:
-            raise ValueError(f"padding: expected at most half the kernel size {kernel}, got {padding}")
+            raise ValueError(
+                f"padding: expected at most half the kernel size {kernel}, got {padding}"
+            )
     h, w = x.shape[-2], x.shape[-1]
     ho, wo = ref.conv2d_output_size((h, w), kernel, stride, padding, dilation)
     if ho < 1 or wo < 1:
-        raise ValueError(f"x: spatial size {(h, w)} is too small for kernel_size {kernel} and padding {padding}")
+        raise ValueError(
+            f"x: spatial size {(h, w)} is too small for kernel_size {kernel} and padding {padding}"
+        )
     return kernel, stride, padding, dilation
 
 
 def _maxpool_fwd(xp, arrays, static, save):
-    y = ref.max_pool2d_forward(xp, arrays["x"], static["kernel_size"], static["stride"], static["padding"], static["dilation"])
+    y = ref.max_pool2d_forward(
+        xp,
+        arrays["x"],
+        static["kernel_size"],
+        static["stride"],
+        static["padding"],
+        static["dilation"],
+    )
     return (y,), ({"x": arrays["x"], "y": y} if save else {})
 
 
 def _maxpool_bwd(xp, saved, static, cts):
     dx = ref.max_pool2d_backward(
-        xp, saved["x"], saved["y"], cts[0], static["kernel_size"], static["stride"], static["padding"], static["dilation"]
+        xp,
+        saved["x"],
+        saved["y"],
+        cts[0],
+        static["kernel_size"],
+        static["stride"],
+        static["padding"],
+        static["dilation"],
     )
     return {"x": dx}
 
@@ -464,7 +536,9 @@ def _pool_examples(rng):
 
 
 def _maxpool_examples(rng):
-    return _pool_examples(rng) + [((rng.standard_normal((2, 7, 7)), 2), {"stride": 1, "dilation": 2})]
+    return _pool_examples(rng) + [
+        ((rng.standard_normal((2, 7, 7)), 2), {"stride": 1, "dilation": 2})
+    ]
 
 
 @op(differentiable=("x",), reference=Kernel(_maxpool_fwd, _maxpool_bwd), examples=_maxpool_examples)
@@ -511,13 +585,26 @@ def max_pool2d(
 
 
 def _avgpool_fwd(xp, arrays, static, save):
-    y = ref.avg_pool2d_forward(xp, arrays["x"], static["kernel_size"], static["stride"], static["padding"], static["count_include_pad"])
+    y = ref.avg_pool2d_forward(
+        xp,
+        arrays["x"],
+        static["kernel_size"],
+        static["stride"],
+        static["padding"],
+        static["count_include_pad"],
+    )
     return (y,), ({"x": arrays["x"]} if save else {})
 
 
 def _avgpool_bwd(xp, saved, static, cts):
     dx = ref.avg_pool2d_backward(
-        xp, saved["x"], cts[0], static["kernel_size"], static["stride"], static["padding"], static["count_include_pad"]
+        xp,
+        saved["x"],
+        cts[0],
+        static["kernel_size"],
+        static["stride"],
+        static["padding"],
+        static["count_include_pad"],
     )
     return {"x": dx}
 
@@ -567,9 +654,15 @@ def avg_pool2d(
     xp = _floating(x=x)
     _image("x", x, exact=False)
     if not isinstance(count_include_pad, bool):
-        raise TypeError(f"count_include_pad: expected a bool, got {type(count_include_pad).__name__}")
+        raise TypeError(
+            f"count_include_pad: expected a bool, got {type(count_include_pad).__name__}"
+        )
     k, s, p, _ = _pool_args(x, kernel_size, stride, padding)
-    return Call(xp, {"x": x}, {"kernel_size": k, "stride": s, "padding": p, "count_include_pad": count_include_pad})
+    return Call(
+        xp,
+        {"x": x},
+        {"kernel_size": k, "stride": s, "padding": p, "count_include_pad": count_include_pad},
+    )
 
 
 def _output_size(x, output_size):
@@ -670,7 +763,10 @@ def adaptive_max_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call:
 def _resize_args(x, size, scale_factor):
     h, w = x.shape[-2], x.shape[-1]
     if (size is None) == (scale_factor is None):
-        raise ValueError(f"size, scale_factor: expected exactly one of them, got size={size!r}, scale_factor={scale_factor!r}")
+        raise ValueError(
+            f"size, scale_factor: expected exactly one of them, got size={size!r}, "
+            f"scale_factor={scale_factor!r}"
+        )
     if size is not None:
         return _pair("size", size, minimum=1), None
     sf = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
@@ -691,7 +787,9 @@ def _near_fwd(xp, arrays, static, save):
 
 
 def _near_bwd(xp, saved, static, cts):
-    return {"x": ref.upsample_nearest2d_backward(xp, static["shape"], cts[0], static["scale_factor"])}
+    return {
+        "x": ref.upsample_nearest2d_backward(xp, static["shape"], cts[0], static["scale_factor"])
+    }
 
 
 def _resize_examples(rng):
@@ -701,7 +799,10 @@ def _resize_examples(rng):
 
 @op(differentiable=("x",), reference=Kernel(_near_fwd, _near_bwd), examples=_resize_examples)
 def upsample_nearest2d(
-    x: Array, size: int | tuple[int, int] | None = None, *, scale_factor: float | tuple[float, float] | None = None
+    x: Array,
+    size: int | tuple[int, int] | None = None,
+    *,
+    scale_factor: float | tuple[float, float] | None = None,
 ) -> Call:
     r"""Nearest-neighbour resize as ``F.interpolate(x, size, scale_factor, mode='nearest')``.
 
@@ -740,17 +841,23 @@ def upsample_nearest2d(
 
 
 def _bil_fwd(xp, arrays, static, save):
-    y = ref.upsample_bilinear2d_forward(xp, arrays["x"], static["size"], static["align_corners"], static["scale_factor"])
+    y = ref.upsample_bilinear2d_forward(
+        xp, arrays["x"], static["size"], static["align_corners"], static["scale_factor"]
+    )
     return (y,), ({"y": y[..., :0, :0]} if save else {})
 
 
 def _bil_bwd(xp, saved, static, cts):
-    dx = ref.upsample_bilinear2d_backward(xp, static["shape"], cts[0], static["align_corners"], static["scale_factor"])
+    dx = ref.upsample_bilinear2d_backward(
+        xp, static["shape"], cts[0], static["align_corners"], static["scale_factor"]
+    )
     return {"x": dx}
 
 
 def _bil_examples(rng):
-    return _resize_examples(rng) + [((rng.standard_normal((2, 3, 4, 5)), (7, 9)), {"align_corners": True})]
+    return _resize_examples(rng) + [
+        ((rng.standard_normal((2, 3, 4, 5)), (7, 9)), {"align_corners": True})
+    ]
 
 
 @op(differentiable=("x",), reference=Kernel(_bil_fwd, _bil_bwd), examples=_bil_examples)
@@ -794,4 +901,8 @@ def upsample_bilinear2d(
     if not isinstance(align_corners, bool):
         raise TypeError(f"align_corners: expected a bool, got {type(align_corners).__name__}")
     out, sf = _resize_args(x, size, scale_factor)
-    return Call(xp, {"x": x}, {"size": out, "scale_factor": sf, "align_corners": align_corners, "shape": tuple(x.shape)})
+    return Call(
+        xp,
+        {"x": x},
+        {"size": out, "scale_factor": sf, "align_corners": align_corners, "shape": tuple(x.shape)},
+    )

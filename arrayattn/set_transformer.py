@@ -71,17 +71,21 @@ def _rff_spec(params, prefix, d_in, d_out):
 
 def _mab_spec(params, prefix, dx, dy, heads, variant, ln):
     """(required, optional, output width) of the MAB keys under ``prefix``."""
+
     def rows(key):
         s = _shape(params, prefix + key)
         if s is not None and len(s) != 2:
-            raise ValueError(f"params[{prefix + key!r}]: expected a 2-D (out, in) weight, got shape {s}")
+            raise ValueError(
+                f"params[{prefix + key!r}]: expected a 2-D (out, in) weight, got shape {s}"
+            )
         return s[0] if s is not None else -1
 
     e, ev = rows("w_q"), rows("w_v")
     for width, key in ((e, "w_q"), (ev, "w_v")):
         if width > 0 and width % heads:
             raise ValueError(
-                f"params[{prefix + key!r}]: output width {width} is not divisible by num_heads = {heads}"
+                f"params[{prefix + key!r}]: output width {width} is not divisible by num_heads = "
+                f"{heads}"
             )
     if variant == "paper":
         required = {"w_q": (e, dx), "w_k": (e, dy), "w_v": (ev, dy), "w_o": (dx, ev)}
@@ -132,7 +136,7 @@ def _namespace(params, **arrays):
 
 
 def _sub(params: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
 
 
 # -- the MAB kernel -------------------------------------------------------------------------------
@@ -219,7 +223,16 @@ def _mab_params(rng, dx, dy, e, heads, variant, ln, prefix=""):
     out = {"w_q": (e, dx), "w_k": (e, dy), "w_v": (e, dy), "b_q": (e,), "b_k": (e,), "b_v": (e,)}
     d_out = dx if variant == "paper" else e
     if variant == "paper":
-        out.update({"w_o": (dx, e), "b_o": (dx,), "w_ff": (7, dx), "b_ff": (7,), "w_ff2": (dx, 7), "b_ff2": (dx,)})
+        out.update(
+            {
+                "w_o": (dx, e),
+                "b_o": (dx,),
+                "w_ff": (7, dx),
+                "b_ff": (7,),
+                "w_ff2": (dx, 7),
+                "b_ff2": (dx,),
+            }
+        )
     else:
         out.update({"w_ff": (e, e), "b_ff": (e,)})
     if ln:
@@ -237,7 +250,10 @@ def _mab_examples(rng):
     x, y = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 5, 3))
     return [
         ((x, y, _mab_params(rng, 6, 3, 4, 2, "paper", True)), {"num_heads": 2}),
-        ((x, y, _mab_params(rng, 6, 3, 4, 2, "code", True)), {"num_heads": 2, "variant": "code", "ln": True}),
+        (
+            (x, y, _mab_params(rng, 6, 3, 4, 2, "code", True)),
+            {"num_heads": 2, "variant": "code", "ln": True},
+        ),
         ((x, y, _mab_params(rng, 6, 3, 6, 3, "code", False)), {"num_heads": 3, "variant": "code"}),
     ]
 
@@ -343,7 +359,12 @@ def mab(
 
 
 def _opts(static):
-    return {"num_heads": static["num_heads"], "variant": static["variant"], "ln": static["ln"], "eps": static["eps"]}
+    return {
+        "num_heads": static["num_heads"],
+        "variant": static["variant"],
+        "ln": static["ln"],
+        "eps": static["eps"],
+    }
 
 
 def _sab_fwd(xp, arrays, static, save):
@@ -363,7 +384,10 @@ def _sab_examples(rng):
     x = rng.standard_normal((2, 5, 4))
     return [
         ((x, _mab_params(rng, 4, 4, 4, 2, "paper", True)), {"num_heads": 2}),
-        ((x, _mab_params(rng, 4, 4, 6, 2, "code", True)), {"num_heads": 2, "variant": "code", "ln": True}),
+        (
+            (x, _mab_params(rng, 4, 4, 6, 2, "code", True)),
+            {"num_heads": 2, "variant": "code", "ln": True},
+        ),
     ]
 
 
@@ -411,7 +435,11 @@ def sab(
     required, optional, _ = _mab_spec(params, "", x.shape[-1], x.shape[-1], heads, variant, ln)
     clean = checks.check_params(params, required, optional)
     _check_params_dtype(clean, "x", x)
-    return Call(xp, {"x": x, "params": clean}, {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps})
+    return Call(
+        xp,
+        {"x": x, "params": clean},
+        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+    )
 
 
 # -- ISAB -----------------------------------------------------------------------------------------
@@ -454,7 +482,10 @@ def _isab_examples(rng):
     x = rng.standard_normal((2, 6, 3))
     return [
         ((x, _isab_params(rng, 3, 4, 3, 4, "paper", True)), {"num_heads": 2}),
-        ((x, _isab_params(rng, 3, 4, 3, 4, "code", True)), {"num_heads": 2, "variant": "code", "ln": True}),
+        (
+            (x, _isab_params(rng, 3, 4, 3, 4, "code", True)),
+            {"num_heads": 2, "variant": "code", "ln": True},
+        ),
     ]
 
 
@@ -498,7 +529,8 @@ def isab(
     >>> import numpy as np, arrayattn as aa
     >>> rng = np.random.default_rng(0)
     >>> d, m = 4, 3
-    >>> blk = lambda pre: {pre + k: rng.standard_normal((d, d)) / d for k in ("w_q", "w_k", "w_v", "w_o", "w_ff")}
+    >>> names = ("w_q", "w_k", "w_v", "w_o", "w_ff")
+    >>> blk = lambda pre: {pre + k: rng.standard_normal((d, d)) / d for k in names}
     >>> p = {"I": rng.standard_normal((m, d)), **blk("mab0."), **blk("mab1.")}
     >>> out, res = aa.isab.fwd(rng.standard_normal((2, 10, d)), p, num_heads=2)
     >>> g = aa.isab.bwd(res, np.ones_like(out))
@@ -516,7 +548,11 @@ def isab(
     r1, o1, _ = _mab_spec(params, "mab1.", x.shape[-1], d_h, heads, variant, ln)
     clean = checks.check_params(params, {"I": s_i, **r0, **r1}, {**o0, **o1})
     _check_params_dtype(clean, "x", x)
-    return Call(xp, {"x": x, "params": clean}, {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps})
+    return Call(
+        xp,
+        {"x": x, "params": clean},
+        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+    )
 
 
 def _check_prefixes(params, plain, prefixes):
@@ -615,7 +651,8 @@ def pma(
     >>> rng = np.random.default_rng(0)
     >>> d = 4
     >>> p = {"S": rng.standard_normal((1, d)),
-    ...      **{"mab." + k: rng.standard_normal((d, d)) / d for k in ("w_q", "w_k", "w_v", "w_o", "w_ff")},
+    ...      **{"mab." + k: rng.standard_normal((d, d)) / d
+    ...         for k in ("w_q", "w_k", "w_v", "w_o", "w_ff")},
     ...      "rff.w_ff": rng.standard_normal((d, d)) / d}
     >>> aa.pma(rng.standard_normal((3, 11, d)), p, num_heads=2).shape
     (3, 1, 4)
@@ -637,4 +674,8 @@ def pma(
     r, o, _ = _mab_spec(params, "mab.", s_s[1], d_z, heads, variant, ln)
     clean = checks.check_params(params, {**req, **r}, {**opt, **o})
     _check_params_dtype(clean, "z", z)
-    return Call(xp, {"z": z, "params": clean}, {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps})
+    return Call(
+        xp,
+        {"z": z, "params": clean},
+        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+    )

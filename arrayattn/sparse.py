@@ -28,8 +28,10 @@ def _check_pattern(pattern, stride, summary, local_width, combine, layer, num_he
                 f"summary: only the 'fixed' pattern has a summary width, got {summary!r} with "
                 "pattern='strided'"
             )
-        local_width = stride + 1 if local_width is None else checks.check_int(
-            "local_width", local_width, minimum=1
+        local_width = (
+            stride + 1
+            if local_width is None
+            else checks.check_int("local_width", local_width, minimum=1)
         )
     else:
         if local_width is not None:
@@ -52,17 +54,17 @@ def _check_pattern(pattern, stride, summary, local_width, combine, layer, num_he
     return stride, summary, local_width, layer
 
 
-def _paper_sets(xp, i, j, pattern, l, c, w, sel):
+def _paper_sets(xp, i, j, pattern, ell, c, w, sel):
     """The paper's A^(1), A^(2) (or h'-th summary sub-block) as a boolean of index arrays i, j."""
     causal = j <= i
     if pattern == "strided":
         a1 = xp.logical_and(causal, i - j < w)
-        a2 = xp.logical_and(causal, (i - j) % l == 0)
+        a2 = xp.logical_and(causal, (i - j) % ell == 0)
     else:
         sub = 0 if not isinstance(sel, tuple) else sel[1]
-        a1 = xp.logical_and(causal, (i // l) == (j // l))
-        r = j % l
-        a2 = xp.logical_and(causal, xp.logical_and(r >= l - (sub + 1) * c, r < l - sub * c))
+        a1 = xp.logical_and(causal, (i // ell) == (j // ell))
+        r = j % ell
+        a2 = xp.logical_and(causal, xp.logical_and(r >= ell - (sub + 1) * c, r < ell - sub * c))
     if sel == 1:
         return a1
     if sel == 2:
@@ -166,15 +168,24 @@ def sparse_attention_mask(
 
 def _sparse_ref_fwd(xp, arrays, static, save):
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, lse = sparse_forward(xp, q, k, v, heads=list(static["heads"]), stride=static["stride"],
-                              scale=static["scale"])
+    out, lse = sparse_forward(
+        xp, q, k, v, heads=list(static["heads"]), stride=static["stride"], scale=static["scale"]
+    )
     return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
 
 
 def _sparse_ref_bwd(xp, saved, static, cotangents):
     dq, dk, dv = sparse_backward(
-        xp, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
-        heads=list(static["heads"]), stride=static["stride"], scale=static["scale"],
+        xp,
+        saved["q"],
+        saved["k"],
+        saved["v"],
+        saved["out"],
+        saved["lse"],
+        cotangents[0],
+        heads=list(static["heads"]),
+        stride=static["stride"],
+        scale=static["scale"],
     )
     return {"q": dq, "k": dk, "v": dv}
 
@@ -187,8 +198,10 @@ def _sparse_examples(rng):
         ((q, k, v), {"pattern": "strided", "stride": 3}),
         ((q, k, v), {"pattern": "strided", "stride": 3, "local_width": 3, "combine": "multihead"}),
         ((q, k, v), {"pattern": "fixed", "stride": 4, "summary": 2}),
-        ((q, k, v), {"pattern": "fixed", "stride": 4, "summary": 1, "combine": "interleaved",
-                     "layer": 1}),
+        (
+            (q, k, v),
+            {"pattern": "fixed", "stride": 4, "summary": 1, "combine": "interleaved", "layer": 1},
+        ),
         ((q, k, v), {"pattern": "fixed", "stride": 4, "summary": 2, "combine": "multihead"}),
     ]
 

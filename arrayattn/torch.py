@@ -74,8 +74,6 @@ _BACKEND_NAMES = tuple(_registry._BACKENDS)
 _SETTINGS = ("auto", *_BACKEND_NAMES)
 
 
-
-
 # -- the static part of a call: JSON with tuples, lists and dicts kept apart ----------------------
 
 
@@ -94,7 +92,8 @@ def _encode(arg: str, value: Any) -> Any:
         return ["d", {k: _encode(arg, v) for k, v in value.items()}]
     if hasattr(value, "__dlpack__") or hasattr(value, "__array_namespace__"):
         raise TypeError(
-            f"{arg}: expected a torch.Tensor (arrayattn.torch takes tensors), got {type(value).__name__}"
+            f"{arg}: expected a torch.Tensor (arrayattn.torch takes tensors), got "
+            f"{type(value).__name__}"
         )
     raise TypeError(
         f"{arg}: arrayattn.torch passes options as constants; expected None, bool, int, float, str "
@@ -117,7 +116,10 @@ def _decode(value: Any) -> Any:
 def _make_spec(leaves: tuple, options: tuple) -> str:
     """The forward operator's string argument: which argument each tensor is, and the options."""
     return json.dumps(
-        {"leaves": [list(leaf) for leaf in leaves], "options": {k: _encode(k, v) for k, v in options}},
+        {
+            "leaves": [list(leaf) for leaf in leaves],
+            "options": {k: _encode(k, v) for k, v in options},
+        },
         sort_keys=True,
     )
 
@@ -172,8 +174,11 @@ def _export(arrays: list, forbidden: list) -> list[torch.Tensor]:
         if isinstance(a, np.generic):  # a NumPy scalar where a 0-d array was due
             a = np.asarray(a)
         if isinstance(a, np.ndarray):
-            if (not a.flags.c_contiguous or not a.flags.writeable
-                    or any(_may_share(a, b) for b in forbidden + kept)):
+            if (
+                not a.flags.c_contiguous
+                or not a.flags.writeable
+                or any(_may_share(a, b) for b in forbidden + kept)
+            ):
                 a = np.array(a, order="C", copy=True)
             t = torch.from_numpy(a)
         else:  # CuPy
@@ -194,7 +199,9 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 # -- the residual record: layout and static part --------------------------------------------------
 
 
-def _layout(res: _op.Residuals, leaves: list, outs: tuple) -> tuple[tuple[tuple[str, str, int], ...], list]:
+def _layout(
+    res: _op.Residuals, leaves: list, outs: tuple
+) -> tuple[tuple[tuple[str, str, int], ...], list]:
     """Where each residual array lives: ("input", i), ("output", j), ("saved", s) or ("none", -1);
     and the list of the saved (extra) arrays."""
     entries, saved = [], []
@@ -216,7 +223,9 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _outputs_spec(outputs: tuple) -> tuple:
-    return tuple((name, tuple(int(s) for s in shape), _dtype_name(dt)) for name, shape, dt in outputs)
+    return tuple(
+        (name, tuple(int(s) for s in shape), _dtype_name(dt)) for name, shape, dt in outputs
+    )
 
 
 def _static_spec(static: tuple) -> tuple:
@@ -259,7 +268,12 @@ class _Plan:
     """The reference's residual record for one call signature, computed on meta tensors."""
 
     def __init__(self, layout, static, outputs, saved_meta):
-        self.layout, self.static, self.outputs, self.saved_meta = layout, static, outputs, saved_meta
+        self.layout, self.static, self.outputs, self.saved_meta = (
+            layout,
+            static,
+            outputs,
+            saved_meta,
+        )
         self.n_nested = len(_backends(static))
 
 
@@ -312,7 +326,9 @@ def _custom_ops(name: str):
         plan = _plan(name, spec, _metas(arrays))
         device = arrays[0].device if arrays else torch.device("cpu")
         if (layout, _static_spec(res.static), _metas(saved)) == (
-            plan.layout, plan.static, plan.saved_meta
+            plan.layout,
+            plan.static,
+            plan.saved_meta,
         ):
             codes = [_BACKEND_NAMES.index(b) for b in [res.backend, *_backends(res.static)]]
         else:
@@ -326,7 +342,7 @@ def _custom_ops(name: str):
             ]
         codes = torch.tensor(codes, dtype=torch.int64, device=device)
         tensors = _export(list(outs) + saved, xs)
-        return tensors[: len(outs)], tensors[len(outs):], codes
+        return tensors[: len(outs)], tensors[len(outs) :], codes
 
     @forward.register_fake
     def _(arrays, spec):
@@ -406,10 +422,12 @@ def _custom_ops(name: str):
         outs = list(tensors[n_in : n_in + n_out])
         saved = list(tensors[n_in + n_out : n_in + n_out + n_saved])
         codes = tensors[-1]
-        cts = [torch.zeros_like(o) if g is None else g for g, o in zip(grad_outs, outs)]
+        cts = [
+            torch.zeros_like(o) if g is None else g for g, o in zip(grad_outs, outs, strict=True)
+        ]
         grads = backward(arrays, outs, saved, codes, cts, ctx.spec)
         result: list[torch.Tensor | None] = [None] * n_in
-        for i, g in zip(_differentiable_leaves(op, ctx.spec), grads):
+        for i, g in zip(_differentiable_leaves(op, ctx.spec), grads, strict=True):
             result[i] = g
         return result, None
 
@@ -437,9 +455,10 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if len(args) > len(positional):
             raise TypeError(
-                f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were given"
+                f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were "
+                "given"
             )
-        arguments = dict(zip(positional, args))
+        arguments = dict(zip(positional, args, strict=True))
         for key, value in kwargs.items():
             if key in arguments:
                 raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
@@ -449,7 +468,9 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
             if isinstance(value, torch.Tensor):
                 leaves.append((name, None))
                 tensors.append(value)
-            elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            elif isinstance(value, dict) and any(
+                isinstance(v, torch.Tensor) for v in value.values()
+            ):
                 for key, v in value.items():
                     if v is None:
                         continue
@@ -469,8 +490,10 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     wrapper.__module__ = __name__
     wrapper.__signature__ = sig.replace(return_annotation=inspect.Signature.empty)
     wrapper.__doc__ = (
-        f"PyTorch version of :func:`arrayattn.{op.name}`: the same arguments, with torch tensors.\n\n"
-        f"Differentiable under torch autograd with respect to {', '.join(op.differentiable) or 'nothing'}"
+        f"PyTorch version of :func:`arrayattn.{op.name}`: the same arguments, with torch "
+        "tensors.\n\n"
+        "Differentiable under torch autograd with respect to "
+        f"{', '.join(op.differentiable) or 'nothing'}"
         " (tensors with ``requires_grad``); works under ``torch.compile(fullgraph=True)``. "
         "See :mod:`arrayattn.torch`.\n"
     )

@@ -68,9 +68,15 @@ def main() -> None:
     )
     print(f"  traced peak            {peak / MiB:9.1f} MiB")
     print(f"  outputs + gradients    {must / MiB:9.1f} MiB  (out, lse, dq, dk, dv)")
-    print(f"  extra (peak - those)   {extra / MiB:9.1f} MiB  = {extra / one:.1f} x one (B,H,L,d) array")
+    print(
+        f"  extra (peak - those)   {extra / MiB:9.1f} MiB  = {extra / one:.1f} x one (B,H,L,d) "
+        "array"
+    )
     print(f"  dense L x L scores     {dense / MiB:9.1f} MiB  (for comparison)")
-    print(f"  max RSS growth         {(rss1 - rss0) / MiB:9.1f} MiB  (cross-check, untraced memory too)")
+    print(
+        f"  max RSS growth         {(rss1 - rss0) / MiB:9.1f} MiB  (cross-check, untraced memory "
+        "too)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ html_theme = "alabaster"
 html_static_path: list[str] = []
 html_title = f"arrayattn {release}"
 
-# -- autodoc / numpydoc -----------------------------------------------------------------------------
+# -- autodoc / numpydoc
+# -----------------------------------------------------------------------------
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
@@ -46,7 +47,8 @@ numpydoc_show_class_members = False  # members are listed explicitly with :membe
 numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = False
 
-# -- sphinx-gallery ---------------------------------------------------------------------------------
+# -- sphinx-gallery
+# ---------------------------------------------------------------------------------
 
 sphinx_gallery_conf = {
     "examples_dirs": "examples",
@@ -71,7 +73,8 @@ sphinx_gallery_conf = {
 }
 
 
-# -- public ops: callable Op objects documented as functions ----------------------------------------
+# -- public ops: callable Op objects documented as functions
+# ----------------------------------------
 #
 # A public op (``arrayattn.scaled_dot_product_attention``) is an :class:`arrayattn.Op` instance
 # that ``functools.update_wrapper`` gave its *prepare* function's ``__doc__``, ``__name__``,

@@ -73,7 +73,8 @@ def require_kernel(op, backend: str) -> None:
         pytest.skip(f"backend {backend} has no kernel for {op.name} here")
 
 
-#: Forward/backward agreement of a backend with the float64 oracle, by dtype (relative to max |ref|).
+# : Forward/backward agreement of a backend with the float64 oracle, by dtype (relative to max
+# |ref|).
 RTOL = {np.float64: 1e-10, np.float32: 2e-5}
 
 
@@ -81,19 +82,22 @@ RTOL = {np.float64: 1e-10, np.float32: 2e-5}
 
 
 def causal_keep(lq: int, lk: int, causal) -> np.ndarray | None:
-    """The (Lq, Lk) keep-mask of a causal option: top-left keeps j <= i, bottom-right j <= i+Lk-Lq."""
+    """The (Lq, Lk) keep-mask of a causal option: top-left keeps j <= i, bottom-right j <=
+    i+Lk-Lq."""
     if causal in (False, None):
         return None
     offset = 0 if causal in (True, "top_left") else lk - lq
     return np.arange(lk)[None, :] <= np.arange(lq)[:, None] + offset
 
 
-def sdpa_probs(q, k, v, *, mask=None, bias=None, causal=False, scale=None, enable_gqa=False,
-               dtype=np.float64):
+def sdpa_probs(
+    q, k, v, *, mask=None, bias=None, causal=False, scale=None, enable_gqa=False, dtype=np.float64
+):
     """Materialised probabilities of the dense oracle: (p, v expanded, k expanded, lse, scale).
 
     Everything is computed in ``dtype`` (float64 for the oracle; the inputs' own dtype for the
-    "naive same dtype" baseline of the low-precision criterion). Fully masked rows: p = 0, lse = +inf.
+    "naive same dtype" baseline of the low-precision criterion). Fully masked rows: p = 0, lse =
+    +inf.
     """
     q, k, v = (np.asarray(a).astype(dtype) for a in (q, k, v))
     if enable_gqa:
@@ -116,24 +120,27 @@ def sdpa_probs(q, k, v, *, mask=None, bias=None, causal=False, scale=None, enabl
         m = np.max(s, axis=-1, keepdims=True, initial=-np.inf)
         empty = m == -np.inf
         e = np.exp(s - np.where(empty, 0, m))
-        l = np.sum(e, axis=-1, keepdims=True)
-        p = e / np.where(empty, 1, l)
-        lse = np.where(empty, np.inf, m + np.log(np.where(empty, 1, l)))[..., 0]
+        ell = np.sum(e, axis=-1, keepdims=True)
+        p = e / np.where(empty, 1, ell)
+        lse = np.where(empty, np.inf, m + np.log(np.where(empty, 1, ell)))[..., 0]
     return p, k, v, lse, scale
 
 
 def sdpa_oracle(q, k, v, *, dtype=np.float64, **options):
-    """Dense forward: (out, lse) of softmax(scale q kᵀ + bias, masked) v; empty rows give 0, +inf."""
+    """Dense forward: (out, lse) of softmax(scale q kᵀ + bias, masked) v; empty rows give 0,
+    +inf."""
     p, _, v, lse, _ = sdpa_probs(q, k, v, dtype=dtype, **options)
     return p @ v, lse
 
 
-def sdpa_oracle_grads(q, k, v, dout, dlse=None, *, dtype=np.float64, bias=None,
-                      enable_gqa=False, **options):
+def sdpa_oracle_grads(
+    q, k, v, dout, dlse=None, *, dtype=np.float64, bias=None, enable_gqa=False, **options
+):
     """Dense backward (spec 1.3) from the materialised probabilities: (dq, dk, dv, dbias)."""
     q_, k_ = np.asarray(q).astype(dtype), np.asarray(k).astype(dtype)
-    p, ke, ve, _, scale = sdpa_probs(q, k, v, bias=bias, enable_gqa=enable_gqa, dtype=dtype,
-                                     **options)
+    p, ke, ve, _, scale = sdpa_probs(
+        q, k, v, bias=bias, enable_gqa=enable_gqa, dtype=dtype, **options
+    )
     do = np.asarray(dout).astype(dtype)
     dv = np.swapaxes(p, -1, -2) @ do
     dp = do @ np.swapaxes(ve, -1, -2)
@@ -154,7 +161,8 @@ def sdpa_oracle_grads(q, k, v, dout, dlse=None, *, dtype=np.float64, bias=None,
 
 
 def sum_to(x: np.ndarray, shape) -> np.ndarray:
-    """Sum ``x`` down to ``shape`` (the adjoint of broadcasting an array of ``shape`` to x.shape)."""
+    """Sum ``x`` down to ``shape`` (the adjoint of broadcasting an array of ``shape`` to
+    x.shape)."""
     shape = tuple(shape)
     x = x.sum(axis=tuple(range(x.ndim - len(shape)))) if x.ndim > len(shape) else x
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
@@ -180,8 +188,17 @@ def assert_close_rel(actual, expected, rtol: float, what: str = "", floor: float
     assert err <= rtol * ref, f"{what}: max abs err {err:.3e} > {rtol:.1e} * max|ref| {ref:.3e}"
 
 
-def directional_check(op, args, kwargs, rng, *, directions: int = 3, tol: float = 1e-6,
-                      floor: float = 1.0, eps: float = 1e-6) -> dict[str, float]:
+def directional_check(
+    op,
+    args,
+    kwargs,
+    rng,
+    *,
+    directions: int = 3,
+    tol: float = 1e-6,
+    floor: float = 1.0,
+    eps: float = 1e-6,
+) -> dict[str, float]:
     """The dot-product test ``<J^T ct, u> = <ct, J u>`` (J u by central differences) per leaf.
 
     Like :func:`arrayattn._gradcheck.directional_errors`, but the error is relative to

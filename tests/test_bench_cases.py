@@ -31,6 +31,8 @@ def test_sides_agree(name):
     for x, y in zip(ours, theirs, strict=True):
         assert_close_rel(x, y.numpy(), 1e-12, f"{name} output")
     g, gt = case.arrayattn(p, "float64", "fwd_bwd")(), case.torch(p, "float64", "fwd_bwd")()
-    for x, y in zip(g[:2], gt[:2]):  # the two array inputs (torch's leaves start with them)
+    for x, y in zip(
+        g[:2], gt[:2], strict=True
+    ):  # the two array inputs (torch's leaves start with them)
         assert_close_rel(x, y.numpy(), 1e-10, f"{name} gradient")
     assert np.isfinite(np.asarray(g[0])).all()

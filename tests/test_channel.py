@@ -46,19 +46,21 @@ def cbam_oracle(x, p, pool_order="avg_max"):
     logit = np.zeros((x.shape[0], h, w)) + p.get("b_spatial", np.zeros(1))[0]
     for i in range(k):
         for j in range(k):
-            logit += np.einsum("nchw,c->nhw", pad[:, :, i:i + h, j:j + w], p["w_spatial"][0, :, i, j])
+            logit += np.einsum(
+                "nchw,c->nhw", pad[:, :, i : i + h, j : j + w], p["w_spatial"][0, :, i, j]
+            )
     return sig(logit)[:, None] * f1
 
 
 def spa_oracle(x, p, levels=(1, 2, 4)):
     n, c, h, w = x.shape
     feats = []
-    for l in levels:
-        pooled = np.empty((n, c, l, l))
-        for i in range(l):
-            for j in range(l):
-                h0, h1 = math.floor(i * h / l), math.ceil((i + 1) * h / l)
-                w0, w1 = math.floor(j * w / l), math.ceil((j + 1) * w / l)
+    for ell in levels:
+        pooled = np.empty((n, c, ell, ell))
+        for i in range(ell):
+            for j in range(ell):
+                h0, h1 = math.floor(i * h / ell), math.ceil((i + 1) * h / ell)
+                w0, w1 = math.floor(j * w / ell), math.ceil((j + 1) * w / ell)
                 pooled[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
         feats.append(pooled.reshape(n, -1))
     s = sig(mlp(np.concatenate(feats, axis=1), p))
@@ -76,7 +78,11 @@ def conv_loop(x, w, b=None, pad=0, groups=1):
         g = oc // og
         for i in range(k):
             for j in range(k):
-                y[:, oc] += np.einsum("nchw,c->nhw", xp_[:, g * cg:(g + 1) * cg, i:i + ho, j:j + wo], w[oc, :, i, j])
+                y[:, oc] += np.einsum(
+                    "nchw,c->nhw",
+                    xp_[:, g * cg : (g + 1) * cg, i : i + ho, j : j + wo],
+                    w[oc, :, i, j],
+                )
         if b is not None:
             y[:, oc] += b[oc]
     return y
@@ -86,9 +92,11 @@ def condenser_oracle(x, p, pool_size, selective):
     n, c, h, w = x.shape
     s = pool_size
     ho, wo = h // s, w // s
-    q = x[:, :, :ho * s, :wo * s].reshape(n, c, ho, s, wo, s).max(axis=(3, 5))  # C: max pooling
+    q = x[:, :, : ho * s, : wo * s].reshape(n, c, ho, s, wo, s).max(axis=(3, 5))  # C: max pooling
     k = p["w_embed"].shape[-1]
-    e = np.maximum(conv_loop(q, p["w_embed"], p.get("b_embed"), k // 2, c // p["w_embed"].shape[1]), 0)
+    e = np.maximum(
+        conv_loop(q, p["w_embed"], p.get("b_embed"), k // 2, c // p["w_embed"].shape[1]), 0
+    )
     e = np.maximum(conv_loop(e, p["w_point"], p.get("b_point")), 0)
     rows = np.minimum(np.floor(np.arange(h) * ho / h).astype(int), ho - 1)
     cols = np.minimum(np.floor(np.arange(w) * wo / w).astype(int), wo - 1)
@@ -106,7 +114,10 @@ def condenser_oracle(x, p, pool_size, selective):
 
 
 def mlp_params(rng, c_in, hidden, c_out, bias=True):
-    p = {"w1": rng.standard_normal((hidden, c_in)) / np.sqrt(c_in), "w2": rng.standard_normal((c_out, hidden)) / np.sqrt(hidden)}
+    p = {
+        "w1": rng.standard_normal((hidden, c_in)) / np.sqrt(c_in),
+        "w2": rng.standard_normal((c_out, hidden)) / np.sqrt(hidden),
+    }
     if bias:
         p["b1"], p["b2"] = 0.1 * rng.standard_normal(hidden), 0.1 * rng.standard_normal(c_out)
     return p
@@ -143,7 +154,7 @@ def test_se_oracle(rng, bias):
 
 
 @pytest.mark.parametrize("pool_order", ["avg_max", "max_avg"])
-@pytest.mark.parametrize("k,bias", [(7, True), (3, False)])
+@pytest.mark.parametrize(("k", "bias"), [(7, True), (3, False)])
 def test_cbam_oracle(rng, pool_order, k, bias):
     x = rng.standard_normal((2, 6, 9, 8))
     p = cbam_params(rng, 6, 3, k, bias)
@@ -159,16 +170,23 @@ def test_cbam_pool_order_matters(rng):
     assert_close_rel(aa.cbam(x, q, pool_order="max_avg"), cbam_oracle(x, p), 1e-13)
 
 
-@pytest.mark.parametrize("shape,levels", [((2, 3, 8, 8), (1, 2, 4)), ((2, 3, 7, 10), (1, 2, 4)), ((1, 2, 5, 5), (1, 3))])
+@pytest.mark.parametrize(
+    ("shape", "levels"),
+    [((2, 3, 8, 8), (1, 2, 4)), ((2, 3, 7, 10), (1, 2, 4)), ((1, 2, 5, 5), (1, 3))],
+)
 def test_spa_oracle(rng, shape, levels):
     x = rng.standard_normal(shape)
     c = shape[1]
-    p = mlp_params(rng, sum(l * l for l in levels) * c, 5, c)
-    assert_close_rel(aa.spatial_pyramid_attention(x, p, levels=levels), spa_oracle(x, p, levels), 1e-13)
+    p = mlp_params(rng, sum(ell * ell for ell in levels) * c, 5, c)
+    assert_close_rel(
+        aa.spatial_pyramid_attention(x, p, levels=levels), spa_oracle(x, p, levels), 1e-13
+    )
 
 
 @pytest.mark.parametrize("selective", ["additive", "product", "gated_residual"])
-@pytest.mark.parametrize("shape,pool,scale_shape", [((2, 4, 8, 6), 2, ()), ((1, 4, 7, 9), 3, (4,))])
+@pytest.mark.parametrize(
+    ("shape", "pool", "scale_shape"), [((2, 4, 8, 6), 2, ()), ((1, 4, 7, 9), 3, (4,))]
+)
 def test_condenser_oracle(rng, selective, shape, pool, scale_shape):
     x = rng.standard_normal(shape)
     p = condenser_params(rng, scale_shape=scale_shape)
@@ -180,11 +198,14 @@ def test_condenser_limits_as_scale_vanishes(rng):
     x = rng.standard_normal((2, 4, 8, 6))
     p = condenser_params(rng)
     a = condenser_oracle(x, dict(p, scale=np.array(0.0)), 2, "additive")  # S = 0 leaves A alone
-    assert np.max(np.abs(a)) > 1e-2 and np.max(np.abs(a - x)) > 1e-2  # A is neither 0 nor V
+    assert np.max(np.abs(a)) > 1e-2
+    assert np.max(np.abs(a - x)) > 1e-2
     for s in (1e-2, 1e-4, 1e-6):
         y = aa.attention_condenser(x, dict(p, scale=np.array(s)), pool_size=2, selective="additive")
         assert np.max(np.abs(y - a)) <= 1.0001 * s * np.max(np.abs(x))
-    y = aa.attention_condenser(x, dict(p, scale=np.array(1e-9)), pool_size=2, selective="gated_residual")
+    y = aa.attention_condenser(
+        x, dict(p, scale=np.array(1e-9)), pool_size=2, selective="gated_residual"
+    )
     np.testing.assert_allclose(y, x, atol=1e-8)  # gated_residual tends to V instead
     y = aa.attention_condenser(x, dict(p, scale=np.array(1e-9)), pool_size=2, selective="product")
     np.testing.assert_allclose(y, 0, atol=1e-8)  # and product to 0
@@ -200,7 +221,9 @@ def _torch():
 def torch_se(x, p):
     t = _torch()
     F = t.nn.functional
-    s = t.sigmoid(F.linear(F.relu(F.linear(x.mean((2, 3)), p["w1"], p.get("b1"))), p["w2"], p.get("b2")))
+    s = t.sigmoid(
+        F.linear(F.relu(F.linear(x.mean((2, 3)), p["w1"], p.get("b1"))), p["w2"], p.get("b2"))
+    )
     return x * s[:, :, None, None]
 
 
@@ -254,13 +277,16 @@ def test_directional_finite_differences(op):
 
 
 @pytest.mark.parametrize(
-    "op,make,kwargs",
+    ("op", "make", "kwargs"),
     [
         (aa.squeeze_excitation, lambda r: mlp_params(r, 3, 2, 3), {}),
         (aa.cbam, lambda r: cbam_params(r, 3, 2, k=3), {"pool_order": "max_avg"}),
         (aa.spatial_pyramid_attention, lambda r: mlp_params(r, 5 * 3, 2, 3), {"levels": (1, 2)}),
-        (aa.attention_condenser, lambda r: condenser_params(r, c=3, ce=3, ce2=2, groups=3, scale_shape=(3,)),
-         {"pool_size": 2, "selective": "gated_residual"}),
+        (
+            aa.attention_condenser,
+            lambda r: condenser_params(r, c=3, ce=3, ce2=2, groups=3, scale_shape=(3,)),
+            {"pool_size": 2, "selective": "gated_residual"},
+        ),
     ],
     ids=["se", "cbam", "spa", "condenser"],
 )
@@ -273,7 +299,9 @@ def test_elementwise_numerical_gradient(rng, op, make, kwargs):
     num = numerical_gradient(lambda a: float(np.sum(op(a, p, **kwargs) * dy)), x)
     np.testing.assert_allclose(g.x, num, rtol=1e-6, atol=1e-8)
     for key in p:
-        num = numerical_gradient(lambda a: float(np.sum(op(x, {**p, key: a}, **kwargs) * dy)), p[key])
+        num = numerical_gradient(
+            lambda a: float(np.sum(op(x, {**p, key: a}, **kwargs) * dy)), p[key]
+        )
         np.testing.assert_allclose(g.params[key], num, rtol=1e-6, atol=1e-8, err_msg=key)
 
 
@@ -305,9 +333,14 @@ def test_float32(op):
     p32 = {k: v.astype(np.float32) for k, v in args[1].items()}
     y, res = op.fwd(x32, p32, **kwargs)
     g = op.bwd(res, np.ones_like(y))
-    assert y.dtype == np.float32 and g.x.dtype == np.float32
+    assert y.dtype == np.float32
+    assert g.x.dtype == np.float32
     assert all(v.dtype == np.float32 for v in g.params.values())
-    y64 = op(args[0].astype(np.float32).astype(np.float64), {k: v.astype(np.float64) for k, v in p32.items()}, **kwargs)
+    y64 = op(
+        args[0].astype(np.float32).astype(np.float64),
+        {k: v.astype(np.float64) for k, v in p32.items()},
+        **kwargs,
+    )
     assert_close_rel(y, y64, 1e-5)
 
 
@@ -330,26 +363,68 @@ def test_read_only_inputs(rng):
 
 
 @pytest.mark.parametrize(
-    "op,mutate,kwargs,exc,match",
+    ("op", "mutate", "kwargs", "exc", "match"),
     [
         (aa.squeeze_excitation, lambda p: p.pop("w1"), {}, ValueError, "w1"),
         (aa.squeeze_excitation, lambda p: p.update(w2=p["w2"][:, :1]), {}, ValueError, "w2"),
         (aa.squeeze_excitation, lambda p: p.update(b2=p["b2"][:3]), {}, ValueError, "b2"),
         (aa.squeeze_excitation, lambda p: p.update(w1=p["w1"][:, :3]), {}, ValueError, "w1"),
         (aa.squeeze_excitation, lambda p: p.update(extra=p["b1"]), {}, ValueError, "extra"),
-        (aa.squeeze_excitation, lambda p: p.update(b1=p["b1"].astype(np.float32)), {}, TypeError, "b1"),
-        (aa.cbam, lambda p: p.update(w_spatial=p["w_spatial"][:, :, :6, :6]), {}, ValueError, "w_spatial"),
+        (
+            aa.squeeze_excitation,
+            lambda p: p.update(b1=p["b1"].astype(np.float32)),
+            {},
+            TypeError,
+            "b1",
+        ),
+        (
+            aa.cbam,
+            lambda p: p.update(w_spatial=p["w_spatial"][:, :, :6, :6]),
+            {},
+            ValueError,
+            "w_spatial",
+        ),
         (aa.cbam, lambda p: p.update(w_spatial=p["w_spatial"][:, :1]), {}, ValueError, "w_spatial"),
         (aa.cbam, lambda p: p.update(b_spatial=np.ones(2)), {}, ValueError, "b_spatial"),
         (aa.cbam, lambda p: p.pop("w_spatial"), {}, ValueError, "w_spatial"),
         (aa.cbam, lambda p: None, {"pool_order": "mean_max"}, ValueError, "pool_order"),
         (aa.spatial_pyramid_attention, lambda p: None, {"levels": (1, 2)}, ValueError, "w1"),
         (aa.spatial_pyramid_attention, lambda p: None, {"levels": ()}, ValueError, "levels"),
-        (aa.attention_condenser, lambda p: p.update(scale=np.ones(3)), {"pool_size": 2}, ValueError, "scale"),
-        (aa.attention_condenser, lambda p: p.update(w_point=p["w_point"][:, :2]), {"pool_size": 2}, ValueError, "w_point"),
-        (aa.attention_condenser, lambda p: p.update(w_expand=p["w_expand"][:2]), {"pool_size": 2}, ValueError, "w_expand"),
-        (aa.attention_condenser, lambda p: p.update(w_embed=p["w_embed"][:, :, :2]), {"pool_size": 2}, ValueError, "w_embed"),
-        (aa.attention_condenser, lambda p: None, {"pool_size": 2, "selective": "gated"}, ValueError, "selective"),
+        (
+            aa.attention_condenser,
+            lambda p: p.update(scale=np.ones(3)),
+            {"pool_size": 2},
+            ValueError,
+            "scale",
+        ),
+        (
+            aa.attention_condenser,
+            lambda p: p.update(w_point=p["w_point"][:, :2]),
+            {"pool_size": 2},
+            ValueError,
+            "w_point",
+        ),
+        (
+            aa.attention_condenser,
+            lambda p: p.update(w_expand=p["w_expand"][:2]),
+            {"pool_size": 2},
+            ValueError,
+            "w_expand",
+        ),
+        (
+            aa.attention_condenser,
+            lambda p: p.update(w_embed=p["w_embed"][:, :, :2]),
+            {"pool_size": 2},
+            ValueError,
+            "w_embed",
+        ),
+        (
+            aa.attention_condenser,
+            lambda p: None,
+            {"pool_size": 2, "selective": "gated"},
+            ValueError,
+            "selective",
+        ),
         (aa.attention_condenser, lambda p: None, {"pool_size": 0}, ValueError, "pool_size"),
         (aa.attention_condenser, lambda p: None, {"pool_size": 20}, ValueError, "pool_size"),
     ],
@@ -387,7 +462,11 @@ NUMBA_SHAPES = [(2, 6, 5, 4), (1, 1, 1, 1), (3, 5, 1, 7), (2, 3, 6, 1)]
 
 def _block_params(rng, op, c, bias, k):
     hidden = max(1, c // 2)
-    return cbam_params(rng, c, hidden, k=k, bias=bias) if op is aa.cbam else mlp_params(rng, c, hidden, c, bias)
+    return (
+        cbam_params(rng, c, hidden, k=k, bias=bias)
+        if op is aa.cbam
+        else mlp_params(rng, c, hidden, c, bias)
+    )
 
 
 def _compare_backends(op, x, p, kwargs, dtype, rng):
@@ -402,19 +481,21 @@ def _compare_backends(op, x, p, kwargs, dtype, rng):
             out[name] = (y, op.bwd(res, dy))
     (y0, g0), (y1, g1) = out["array_api"], out["numba"]
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    assert y1.dtype == dtype and g1.x.dtype == dtype
+    assert y1.dtype == dtype
+    assert g1.x.dtype == dtype
     assert_close_rel(y1, y0, tol, "y")
     assert_close_rel(g1.x, g0.x, tol, "x")
     assert sorted(g1.params) == sorted(g0.params)
     for key in g0.params:
-        assert g1.params[key].shape == p[key].shape and g1.params[key].dtype == dtype
+        assert g1.params[key].shape == p[key].shape
+        assert g1.params[key].dtype == dtype
         assert_close_rel(g1.params[key], g0.params[key], tol, key)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", NUMBA_SHAPES)
 @pytest.mark.parametrize(
-    "op,kwargs,bias,k",
+    ("op", "kwargs", "bias", "k"),
     [
         (aa.squeeze_excitation, {}, True, 0),
         (aa.squeeze_excitation, {}, False, 0),
@@ -480,7 +561,7 @@ def test_numba_non_finite_like_reference(rng, op):
             y, res = op.fwd(x, p)
             g = op.bwd(res, np.ones_like(y))
             out[name] = [y, g.x, *(g.params[k] for k in sorted(p))]
-    for a, b in zip(out["numba"], out["array_api"]):
+    for a, b in zip(out["numba"], out["array_api"], strict=True):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
         np.testing.assert_array_equal(np.isinf(a), np.isinf(b))
         fin = np.isfinite(b)

@@ -9,8 +9,9 @@ import pytest
 
 
 def run(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "arrayattn", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "arrayattn", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_info():
@@ -33,12 +34,22 @@ def test_check_every_op():
 
 
 def test_check_selected_ops_on_the_reference():
-    done = run("check", "--op", "scaled_dot_product_attention", "--op", "multi_head_attention",
-               "--backend", "array_api")
+    done = run(
+        "check",
+        "--op",
+        "scaled_dot_product_attention",
+        "--op",
+        "multi_head_attention",
+        "--backend",
+        "array_api",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "backend setting 'array_api'" in done.stdout
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("scaled_dot", "multi_head"))]
-    assert rows and all(" array_api " in line and line.rstrip().endswith("ok") for line in rows)
+    rows = [
+        line for line in done.stdout.splitlines() if line.startswith(("scaled_dot", "multi_head"))
+    ]
+    assert rows
+    assert all(" array_api " in line and line.rstrip().endswith("ok") for line in rows)
 
 
 def test_check_unknown_op_fails():

@@ -8,7 +8,15 @@ import pytest
 import arrayattn as aa
 from arrayattn._gradcheck import numerical_gradient
 from arrayattn.co_attention import example_can_params, example_coattn_params, example_coda_params
-from support import RTOL, assert_close_rel, directional_check, has_kernel, require_kernel, to_numpy, to_xp
+from support import (
+    RTOL,
+    assert_close_rel,
+    directional_check,
+    has_kernel,
+    require_kernel,
+    to_numpy,
+    to_xp,
+)
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -23,7 +31,8 @@ def sig(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-# -- dense float64 oracles from the spec formulas ---------------------------------------------------
+# -- dense float64 oracles from the spec formulas
+# ---------------------------------------------------
 
 
 def coattn_oracle(a, b, p, second="paper"):
@@ -68,11 +77,13 @@ def can_oracle(fp, fq, prm, tau=0.025):
     return (P * (1 + ap[:, None])).reshape(fp.shape), (Q * (1 + aq[:, None])).reshape(fq.shape)
 
 
-# -- re-implementations of the official code (PyTorch, same weights) ---------------------------------
+# -- re-implementations of the official code (PyTorch, same weights)
+# ---------------------------------
 
 
 def torch_cosnet(exemplar, query, linear_w, gate_w, version):
-    """CoattentionModel.forward of carrierlxk/COSNet deeplab/siamese_model_conf.py, up to the concat.
+    """CoattentionModel.forward of carrierlxk/COSNet deeplab/siamese_model_conf.py, up to the
+    concat.
 
     ``version='a5e929ac'`` overwrites A with its softmax (B is a softmax of probabilities);
     ``'dbae2e8d'`` keeps A1 separate (B from the raw affinities).
@@ -138,7 +149,8 @@ class TorchCAN(torch.nn.Module):
         return f1.transpose(1, 2), f2.transpose(1, 2)
 
 
-# -- COSNet -----------------------------------------------------------------------------------------
+# -- COSNet
+# -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("second", ["paper", "code"])
@@ -152,7 +164,7 @@ def test_coattn_oracle(rng, backend, second, bias):
     assert_close_rel(zb, rb, 1e-12)
 
 
-@pytest.mark.parametrize("version,second", [("a5e929ac", "code"), ("dbae2e8d", "paper")])
+@pytest.mark.parametrize(("version", "second"), [("a5e929ac", "code"), ("dbae2e8d", "paper")])
 def test_coattn_vs_official_torch(rng, backend, version, second):
     c = 8
     a, b = rng.standard_normal((2, c, 4, 5)), rng.standard_normal((2, c, 4, 5))
@@ -181,11 +193,14 @@ def test_coattn_second_softmax_matters(rng):
     assert not np.allclose(za_p, za_c)
 
 
-# -- CoDA -------------------------------------------------------------------------------------------
+# -- CoDA
+# -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("centering", [False, True])
-@pytest.mark.parametrize("shape_a,shape_b", [((2, 4, 5), (2, 3, 5)), ((3, 1, 2, 6), (3, 1, 7, 6)), ((1, 3), (1, 3))])
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b"), [((2, 4, 5), (2, 3, 5)), ((3, 1, 2, 6), (3, 1, 7, 6)), ((1, 3), (1, 3))]
+)
 def test_coda_oracle(rng, backend, shape_a, shape_b, centering):
     a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
     p = example_coda_params(rng, shape_a[-1], 3)
@@ -202,7 +217,9 @@ def test_coda_quasi_attention_range(rng):
     a = rng.standard_normal((1, 6, d))
     p = example_coda_params(rng, d, 3)
     m = aa.coda(a, np.eye(d)[None], p)[0]  # A' = M I = M  (La × Lb with Lb = d)
-    assert np.all(np.abs(m) < 1) and (m < 0).any() and (m > 0).any()
+    assert np.all(np.abs(m) < 1)
+    assert (m < 0).any()
+    assert (m > 0).any()
     assert not np.allclose(m.sum(axis=-1), 1.0)
 
 
@@ -218,17 +235,27 @@ def test_coda_elementwise_gradients(rng, backend, centering):
     da, db = rng.standard_normal(a.shape), rng.standard_normal(b.shape)
     (oa, ob), res = aa.coda.fwd(a, b, p, centering=centering)
     g = aa.coda.bwd(res, (da, db))
-    assert_close_rel(g.a, numerical_gradient(lambda x: _coda_loss(x, b, p, da, db, centering), a), 1e-7, "a")
-    assert_close_rel(g.b, numerical_gradient(lambda x: _coda_loss(a, x, p, da, db, centering), b), 1e-7, "b")
+    assert_close_rel(
+        g.a, numerical_gradient(lambda x: _coda_loss(x, b, p, da, db, centering), a), 1e-7, "a"
+    )
+    assert_close_rel(
+        g.b, numerical_gradient(lambda x: _coda_loss(a, x, p, da, db, centering), b), 1e-7, "b"
+    )
     for key in p:
-        num = numerical_gradient(lambda x: _coda_loss(a, b, {**p, key: x}, da, db, centering), p[key])
+        num = numerical_gradient(
+            lambda x: _coda_loss(a, b, {**p, key: x}, da, db, centering), p[key]
+        )
         assert_close_rel(g.params[key], num, 1e-7, key)
 
 
-# -- CAN --------------------------------------------------------------------------------------------
+# -- CAN
+# --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,hidden,tau", [((3, 8, 6, 6), 6, 0.025), ((2, 4, 2, 3), 2, 0.5), ((1, 3, 1, 1), 1, 0.025)])
+@pytest.mark.parametrize(
+    ("shape", "hidden", "tau"),
+    [((3, 8, 6, 6), 6, 0.025), ((2, 4, 2, 3), 2, 0.5), ((1, 3, 1, 1), 1, 0.025)],
+)
 def test_can_oracle(rng, shape, hidden, tau):
     fp, fq = rng.standard_normal(shape), rng.standard_normal(shape)
     prm = example_can_params(rng, shape[2] * shape[3], hidden)
@@ -248,8 +275,12 @@ def test_can_vs_official_torch(rng):
     o1, o2 = m(f1t, f2t)  # (1, n2, n1, c, h, w)
     d1, d2 = rng.standard_normal(o1.shape), rng.standard_normal(o2.shape)
     (o1 * torch.tensor(d1) + o2 * torch.tensor(d2)).sum().backward()
-    prm = {"w1": m.conv1.weight.detach().numpy(), "b1": m.conv1.bias.detach().numpy(),
-           "w2": m.conv2.weight.detach().numpy(), "b2": m.conv2.bias.detach().numpy()}
+    prm = {
+        "w1": m.conv1.weight.detach().numpy(),
+        "b1": m.conv1.bias.detach().numpy(),
+        "w2": m.conv2.weight.detach().numpy(),
+        "b2": m.conv2.bias.detach().numpy(),
+    }
     # pairs: index (j, i) = (query j, class i)
     fp = np.stack([f1[0, i] for j in range(n2) for i in range(n1)])
     fq = np.stack([f2[0, j] for j in range(n2) for i in range(n1)])
@@ -261,7 +292,12 @@ def test_can_vs_official_torch(rng):
     dq = g.q.reshape(n2, n1, c, 6, 6).sum(axis=1)
     assert_close_rel(dp, f1t.grad.numpy()[0], 1e-9)
     assert_close_rel(dq, f2t.grad.numpy()[0], 1e-9)
-    for key, t in (("w1", m.conv1.weight), ("b1", m.conv1.bias), ("w2", m.conv2.weight), ("b2", m.conv2.bias)):
+    for key, t in (
+        ("w1", m.conv1.weight),
+        ("b1", m.conv1.bias),
+        ("w2", m.conv2.weight),
+        ("b2", m.conv2.bias),
+    ):
         assert_close_rel(g.params[key], t.grad.numpy(), 1e-9, key)
 
 
@@ -271,15 +307,23 @@ def test_can_peaked_softmax_float32(rng):
     prm = example_can_params(rng, 36, 6)
     prm["w2"] = prm["w2"] * 20  # large kernel: logits / τ of order 1e3
     f32 = {k: v.astype(np.float32) for k, v in prm.items()}
-    (pp, qq), res = aa.cross_attention_fewshot.fwd(fp.astype(np.float32), fq.astype(np.float32), f32)
-    assert pp.dtype == np.float32 and np.all(np.isfinite(pp)) and np.all(np.isfinite(qq))
-    rp, _ = can_oracle(fp.astype(np.float32).astype(np.float64), fq.astype(np.float32).astype(np.float64),
-                       {k: v.astype(np.float64) for k, v in f32.items()})
+    (pp, qq), res = aa.cross_attention_fewshot.fwd(
+        fp.astype(np.float32), fq.astype(np.float32), f32
+    )
+    assert pp.dtype == np.float32
+    assert np.all(np.isfinite(pp))
+    assert np.all(np.isfinite(qq))
+    rp, _ = can_oracle(
+        fp.astype(np.float32).astype(np.float64),
+        fq.astype(np.float32).astype(np.float64),
+        {k: v.astype(np.float64) for k, v in f32.items()},
+    )
     # the peaked softmax amplifies float32 rounding of its logits by |logits|: compare with that
     naive, _ = can_oracle(*(x.astype(np.float32) for x in (fp, fq)), f32)
     assert np.max(np.abs(pp - rp)) <= 2 * np.max(np.abs(naive - rp)) + 1e-5 * np.max(np.abs(rp))
     g = aa.cross_attention_fewshot.bwd(res, (np.ones_like(pp), None))
-    assert np.all(np.isfinite(g.p)) and g.params["w1"].dtype == np.float32
+    assert np.all(np.isfinite(g.p))
+    assert g.params["w1"].dtype == np.float32
 
 
 def test_can_zero_feature(rng):
@@ -308,17 +352,25 @@ def test_can_elementwise_gradients(rng):
     assert_close_rel(g.p, numerical_gradient(lambda x: loss(x, fq, prm), fp), 1e-7, "p")
     assert_close_rel(g.q, numerical_gradient(lambda x: loss(fp, x, prm), fq), 1e-7, "q")
     for key in prm:
-        assert_close_rel(g.params[key], numerical_gradient(lambda x: loss(fp, fq, {**prm, key: x}), prm[key]), 1e-7, key)
+        assert_close_rel(
+            g.params[key],
+            numerical_gradient(lambda x: loss(fp, fq, {**prm, key: x}), prm[key]),
+            1e-7,
+            key,
+        )
 
 
-# -- shared: finite differences, backends, namespaces, inputs ----------------------------------------
+# -- shared: finite differences, backends, namespaces, inputs
+# ----------------------------------------
 
 
 def _calls(rng, backend="array_api"):
     """Small calls of every op; under another backend only those that run there (co_attention is
     composite: its SDPA cores run on numba; CAN has no numba kernel)."""
     calls = _all_calls(rng)
-    return [c for c in calls if backend == "array_api" or c[0].composite or has_kernel(c[0], backend)]
+    return [
+        c for c in calls if backend == "array_api" or c[0].composite or has_kernel(c[0], backend)
+    ]
 
 
 def _all_calls(rng):
@@ -327,7 +379,11 @@ def _all_calls(rng):
     fp, fq = rng.standard_normal((2, 5, 2, 3)), rng.standard_normal((2, 5, 2, 3))
     return [
         (aa.co_attention, (a, b, example_coattn_params(rng, 4, bias=True)), {}),
-        (aa.co_attention, (a, b, example_coattn_params(rng, 4, bias=True)), {"second_softmax": "code"}),
+        (
+            aa.co_attention,
+            (a, b, example_coattn_params(rng, 4, bias=True)),
+            {"second_softmax": "code"},
+        ),
         (aa.coda, (s_a, s_b, example_coda_params(rng, 5, 3)), {}),
         (aa.coda, (s_a, s_b, example_coda_params(rng, 5, 3)), {"centering": True}),
         (aa.cross_attention_fewshot, (fp, fq, example_can_params(rng, 6, 2)), {"tau": 0.2}),
@@ -354,7 +410,12 @@ def test_coattn_elementwise_gradients(rng):
         assert_close_rel(g.v_a, numerical_gradient(lambda x: loss(x, b, p), a), 1e-7, "v_a")
         assert_close_rel(g.v_b, numerical_gradient(lambda x: loss(a, x, p), b), 1e-7, "v_b")
         for key in p:
-            assert_close_rel(g.params[key], numerical_gradient(lambda x: loss(a, b, {**p, key: x}), p[key]), 1e-7, key)
+            assert_close_rel(
+                g.params[key],
+                numerical_gradient(lambda x: loss(a, b, {**p, key: x}), p[key]),
+                1e-7,
+                key,
+            )
 
 
 def test_coattn_paper_paths_agree(rng, backend, monkeypatch):
@@ -372,7 +433,7 @@ def test_coattn_paper_paths_agree(rng, backend, monkeypatch):
         assert (limit == 0) == any(key.startswith("attn_a/") for key, _ in res.static)
         g = aa.co_attention.bwd(res, cts)
         out[limit] = (za, zb, g.v_a, g.v_b, *(g.params[k] for k in sorted(p)))
-    for x, y in zip(*out.values()):
+    for x, y in zip(*out.values(), strict=True):
         assert_close_rel(y, x, 1e-12)
 
 
@@ -393,7 +454,7 @@ def test_coattn_backends_agree(rng, monkeypatch):
             g = aa.co_attention.bwd(res, cts)
         assert dict(res.static)["attn_a/"][1] == name
         out[name] = (za, zb, g.v_a, g.v_b, g.params["w"], g.params["w_gate"])
-    for x, y in zip(out["array_api"], out["numba"]):
+    for x, y in zip(out["array_api"], out["numba"], strict=True):
         assert_close_rel(y, x, 1e-10)
 
 
@@ -407,11 +468,13 @@ CODA_PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("lead,la,lb,d,k,kn", CODA_PATH_CASES)
+@pytest.mark.parametrize(("lead", "la", "lb", "d", "k", "kn"), CODA_PATH_CASES)
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("centering", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_coda_numba_paths_equal_reference(lead, la, lb, d, k, kn, parallel, centering, dtype, rng, monkeypatch):
+def test_coda_numba_paths_equal_reference(
+    lead, la, lb, d, k, kn, parallel, centering, dtype, rng, monkeypatch
+):
     """Both numba paths (one item; several items, each in one fused pass) and their serial and
     parallel twins equal the array-API reference, with every optional parameter present."""
     kernels = pytest.importorskip("arrayattn.backends.numba.co_attention")
@@ -459,7 +522,15 @@ def test_coda_ties_have_zero_subgradient(rng, backend, lead):
     # The diagonal distances are 0 whatever a is, so the loss is smooth along a direction
     # applied to both arguments at once; its derivative must be the sum of the two gradients.
     u = rng.standard_normal(a.shape)
-    loss = lambda t: float(sum(np.sum(o * c) for o, c in zip(coda_oracle(a + t * u, a + t * u, p), cts)))  # noqa: E731
+
+    def loss(t):
+        return float(
+            sum(
+                np.sum(o * c)
+                for o, c in zip(coda_oracle(a + t * u, a + t * u, p), cts, strict=True)
+            )
+        )  # noqa: E731
+
     h = 1e-6
     numeric = (loss(h) - loss(-h)) / (2 * h)
     assert abs(float(np.sum((g.a + g.b) * u)) - numeric) <= 1e-6 * max(1.0, abs(numeric))
@@ -473,18 +544,24 @@ def test_coda_ties_have_zero_subgradient(rng, backend, lead):
         assert_close_rel(g.params[key], want.params[key], 1e-12, key)
 
 
-@pytest.mark.parametrize("shape_a,shape_b,d", [((2, 0), (2, 3), 5), ((0, 4), (0, 3), 5), ((2, 4), (2, 0), 5), ((4,), (3,), 0)])
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b", "d"),
+    [((2, 0), (2, 3), 5), ((0, 4), (0, 3), 5), ((2, 4), (2, 0), 5), ((4,), (3,), 0)],
+)
 @pytest.mark.parametrize("centering", [False, True])
 def test_coda_empty(rng, backend, shape_a, shape_b, d, centering):
     """Empty lengths, batch or width: empty outputs, zero gradients, no warning, no NaN."""
     a, b = rng.standard_normal(shape_a + (d,)), rng.standard_normal(shape_b + (d,))
     p = example_coda_params(rng, d, 3) if d else {"w_e": np.ones((3, 0)), "w_n": np.ones((2, 0))}
     (oa, ob), res = aa.coda.fwd(a, b, p, centering=centering)
-    assert oa.shape == a.shape and ob.shape == b.shape
+    assert oa.shape == a.shape
+    assert ob.shape == b.shape
     g = aa.coda.bwd(res, (np.ones_like(oa), np.ones_like(ob)))
-    assert g.a.shape == a.shape and g.b.shape == b.shape
+    assert g.a.shape == a.shape
+    assert g.b.shape == b.shape
     for key, v in g.params.items():
-        assert v.shape == p[key].shape and not np.any(v), key
+        assert v.shape == p[key].shape, key
+        assert not np.any(v), key
 
 
 def test_reference_on_namespaces(xp, rng):
@@ -495,7 +572,7 @@ def test_reference_on_namespaces(xp, rng):
             g = op_.bwd(res, tuple(to_xp(xp, c) for c in cts))
             outs64, res64 = op_.fwd(*args, **kwargs)
             g64 = op_.bwd(res64, cts)
-        for o, o64 in zip(outs, outs64):
+        for o, o64 in zip(outs, outs64, strict=True):
             assert_close_rel(to_numpy(o), o64, 1e-12)
         for name in op_.differentiable:
             got, want = getattr(g, name), getattr(g64, name)
@@ -508,10 +585,20 @@ def test_reference_on_namespaces(xp, rng):
 
 def test_float32(rng, backend):
     for op_, args, kwargs in _calls(rng, backend):
-        args32 = tuple({k: v.astype(np.float32) for k, v in a.items()} if isinstance(a, dict) else a.astype(np.float32) for a in args)
-        args64 = tuple({k: v.astype(np.float64) for k, v in a.items()} if isinstance(a, dict) else a.astype(np.float64) for a in args32)
+        args32 = tuple(
+            {k: v.astype(np.float32) for k, v in a.items()}
+            if isinstance(a, dict)
+            else a.astype(np.float32)
+            for a in args
+        )
+        args64 = tuple(
+            {k: v.astype(np.float64) for k, v in a.items()}
+            if isinstance(a, dict)
+            else a.astype(np.float64)
+            for a in args32
+        )
         outs, res = op_.fwd(*args32, **kwargs)
-        for o, r in zip(outs, op_(*args64, **kwargs)):
+        for o, r in zip(outs, op_(*args64, **kwargs), strict=True):
             assert o.dtype == np.float32
             assert_close_rel(o, r, 5e-5)
         g = op_.bwd(res, tuple(np.ones_like(o) for o in outs))
@@ -526,7 +613,7 @@ def test_read_only_inputs(rng, backend):
         before = [a.copy() for a in arrays]
         outs, res = op_.fwd(*args, **kwargs)
         g = op_.bwd(res, tuple(np.ones_like(o) for o in outs))
-        for a, b in zip(arrays, before):
+        for a, b in zip(arrays, before, strict=True):
             np.testing.assert_array_equal(a, b)
         for o in outs:
             assert not any(np.shares_memory(o, a) for a in arrays)

@@ -22,7 +22,8 @@ NAMES = ["cupy", "numba_cuda", "numba", "array_api"]
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch):
-    """Each test starts with no environment setting; set_backend calls are made in copied contexts."""
+    """Each test starts with no environment setting; set_backend calls are made in copied
+    contexts."""
     monkeypatch.delenv(ENV, raising=False)
 
 
@@ -71,8 +72,9 @@ def test_environment_variable_is_read_at_call_time(monkeypatch):
 def test_environment_variable_in_a_new_process():
     code = "import arrayattn as aa; print(aa.get_backend())"
     env = dict(os.environ, **{ENV: "array_api"})
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "array_api"
 
@@ -140,9 +142,12 @@ def test_threads_do_not_share_settings():
 
     in_fresh_context(main)
     assert seen == {
-        ("numba", "start"): "auto", ("array_api", "start"): "auto",
-        ("numba", "scoped"): "array_api", ("array_api", "scoped"): "numba",
-        ("numba", "end"): "numba", ("array_api", "end"): "array_api",
+        ("numba", "start"): "auto",
+        ("array_api", "start"): "auto",
+        ("numba", "scoped"): "array_api",
+        ("array_api", "scoped"): "numba",
+        ("numba", "end"): "numba",
+        ("array_api", "end"): "array_api",
     }
     assert aa.get_backend() == "auto"
 
@@ -167,7 +172,8 @@ def test_asyncio_tasks_do_not_share_settings(qkv):
 
     results, after = asyncio.run(main())
     assert results == [("array_api", "array_api", "array_api"), ("cupy", None, "cupy")]
-    assert after == "auto" and aa.get_backend() == "auto"
+    assert after == "auto"
+    assert aa.get_backend() == "auto"
 
 
 # -- the registry ---------------------------------------------------------------------------------
@@ -177,13 +183,18 @@ def test_backends_lists_all_four_with_reasons():
     infos = aa.backends()
     assert [b.name for b in infos] == NAMES
     for b in infos:
-        assert isinstance(b.description, str) and b.description
+        assert isinstance(b.description, str)
+        assert b.description
         if b.available:
-            assert b.reason is None and isinstance(b.ops, tuple)
+            assert b.reason is None
+            assert isinstance(b.ops, tuple)
         else:
-            assert isinstance(b.reason, str) and b.reason and b.ops is None
+            assert isinstance(b.reason, str)
+            assert b.reason
+            assert b.ops is None
     ref = infos[-1]
-    assert ref.available and {"scaled_dot_product_attention", "multi_head_attention"} <= set(ref.ops)
+    assert ref.available
+    assert {"scaled_dot_product_attention", "multi_head_attention"} <= set(ref.ops)
     assert set(ref.ops) == set(aa.registered_ops())
 
 
@@ -192,7 +203,8 @@ def test_unavailable_backend_raises_with_every_reason(qkv):
         with pytest.raises(aa.BackendError) as info:
             SDPA(*qkv)
     message = str(info.value)
-    assert "'cupy'" in message and "scaled_dot_product_attention" in message
+    assert "'cupy'" in message
+    assert "scaled_dot_product_attention" in message
     for name in NAMES:
         assert f"\n  {name}: " in message, name
     # cupy rejects numpy arrays whether or not it is installed
@@ -269,13 +281,22 @@ def test_import_does_not_import_optional_dependencies():
         "    aa.scaled_dot_product_attention(q, q, q)\n"
         "print(sorted(m for m in ('cupy', 'torch', 'jax', 'numba') if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", "import sys, arrayattn\n"
-                           "print(sorted(m for m in ('cupy', 'torch', 'jax', 'numba', "
-                           "'numba.cuda') if m in sys.modules))"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, arrayattn\n"
+            "print(sorted(m for m in ('cupy', 'torch', 'jax', 'numba', "
+            "'numba.cuda') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     # Running the reference on NumPy pulls in neither torch nor jax (numba only through its probe).
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "torch" not in done.stdout and "jax" not in done.stdout
+    assert "torch" not in done.stdout
+    assert "jax" not in done.stdout

@@ -57,7 +57,7 @@ def test_oracle_fwd_bwd(backend, rng, shape):
     assert res.backend == backend
     g = CCA.bwd(res, do)
     ref = oracle(q, k, v, do, scale=0.7)
-    for got, want, what in zip((out, g.q, g.k, g.v), ref, ("out", "dq", "dk", "dv")):
+    for got, want, what in zip((out, g.q, g.k, g.v), ref, ("out", "dq", "dk", "dv"), strict=True):
         assert_close_rel(got, want, RTOL[np.float64], what)
 
 
@@ -66,7 +66,7 @@ def test_leading_dims(backend, rng):
     q, k, v, do = _inputs(rng, 2, 3, 4, 2, 3, lead=(2,))
     out, res = CCA.fwd(q, k, v)
     g = CCA.bwd(res, do)
-    for got, want in zip((out, *g), oracle(q, k, v, do)):
+    for got, want in zip((out, *g), oracle(q, k, v, do), strict=True):
         assert_close_rel(got, want, RTOL[np.float64])
 
 
@@ -75,7 +75,7 @@ def test_reference_namespaces(xp, rng):
     with aa.use_backend("array_api"):
         out, res = CCA.fwd(*(to_xp(xp, a) for a in (q, k, v)), scale=1.3)
         g = CCA.bwd(res, to_xp(xp, do))
-    for got, want in zip((out, *g), oracle(q, k, v, do, scale=1.3)):
+    for got, want in zip((out, *g), oracle(q, k, v, do, scale=1.3), strict=True):
         assert_close_rel(got, want, RTOL[np.float64])
 
 
@@ -86,11 +86,13 @@ def test_finite_differences(backend, rng):
     g = CCA.bwd(res, do)
     args = {"q": q, "k": k, "v": v}
     for name in args:
+
         def f(x, name=name):
             return float(np.sum(CCA(**{**args, name: x}, scale=0.9) * do))
 
-        np.testing.assert_allclose(getattr(g, name), numerical_gradient(f, args[name]),
-                                   rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(
+            getattr(g, name), numerical_gradient(f, args[name]), rtol=1e-6, atol=1e-8
+        )
 
 
 def test_float32_backends_agree(rng):
@@ -102,8 +104,9 @@ def test_float32_backends_agree(rng):
             out, res = CCA.fwd(q, k, v)
             results[name] = (out, *CCA.bwd(res, do))
     ref = oracle(q, k, v, do)
-    for a, b, want in zip(results["array_api"], results["numba"], ref):
-        assert a.dtype == np.float32 and b.dtype == np.float32
+    for a, b, want in zip(results["array_api"], results["numba"], ref, strict=True):
+        assert a.dtype == np.float32
+        assert b.dtype == np.float32
         assert_close_rel(a, want, RTOL[np.float32])
         assert_close_rel(b, want, RTOL[np.float32])
 
@@ -116,7 +119,7 @@ def test_numba_deterministic(rng):
         for _ in range(2):
             out, res = CCA.fwd(q, k, v)
             runs.append((out, *CCA.bwd(res, do)))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -137,8 +140,9 @@ def test_low_precision_reference(rng):
     ref = oracle(q, k, v)
     # FlashAttention's criterion against a naive float16 computation of the same dense oracle
     flat = lambda a: a.reshape(1, 20, a.shape[-1])  # noqa: E731
-    naive, _ = sdpa_oracle(flat(q), flat(k), flat(v), mask=cross_keep(4, 5), scale=1.0,
-                           dtype=np.float16)
+    naive, _ = sdpa_oracle(
+        flat(q), flat(k), flat(v), mask=cross_keep(4, 5), scale=1.0, dtype=np.float16
+    )
     naive_err = np.max(np.abs(naive.reshape(ref.shape).astype(np.float64) - ref))
     assert np.max(np.abs(out.astype(np.float64) - ref)) <= 2 * naive_err + 1e-3
 
@@ -151,7 +155,7 @@ def test_read_only_inputs(backend, rng):
         a.flags.writeable = False
     out, res = CCA.fwd(q, k, v)
     CCA.bwd(res, do)
-    for a, c in zip((q, k, v, do), copies):
+    for a, c in zip((q, k, v, do), copies, strict=True):
         np.testing.assert_array_equal(a, c)
     assert not np.shares_memory(out, v)
 
@@ -185,8 +189,11 @@ def _block_params(rng, c, cq, bias=True):
         "gamma": np.array([0.6]),
     }
     if bias:
-        p.update(b_q=rng.standard_normal(cq) / 2, b_k=rng.standard_normal(cq) / 2,
-                 b_v=rng.standard_normal(c) / 2)
+        p.update(
+            b_q=rng.standard_normal(cq) / 2,
+            b_k=rng.standard_normal(cq) / 2,
+            b_v=rng.standard_normal(c) / 2,
+        )
     return p
 
 
@@ -208,7 +215,7 @@ def _torch_block(x, params, recurrence):
     return h, xt, t
 
 
-@pytest.mark.parametrize("recurrence,bias", [(1, True), (2, True), (2, False), (3, True)])
+@pytest.mark.parametrize(("recurrence", "bias"), [(1, True), (2, True), (2, False), (3, True)])
 def test_block_vs_torch(backend, rng, recurrence, bias):
     x = rng.standard_normal((2, 8, 3, 5))
     params = _block_params(rng, 8, 2, bias)
@@ -280,8 +287,11 @@ def test_block_bad_inputs(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("use_blas", [False, True], ids=["loops", "gemm"])
-@pytest.mark.parametrize("shape", [(2, 6, 5, 3, 7), (1, 3, 9, 2, 4), (1, 1, 4, 1, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 6, 5, 3, 7), (1, 3, 9, 2, 4), (1, 1, 4, 1, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_numba_paths_match_array_api(rng, monkeypatch, dtype, use_blas, shape):
     """Both numba code paths (strided BLAS GEMMs, plain loops) == the array_api reference."""
     require_kernel(CCA, "numba")
@@ -299,13 +309,14 @@ def test_numba_paths_match_array_api(rng, monkeypatch, dtype, use_blas, shape):
             results[name] = (out, *CCA.bwd(res, do))
     ref = oracle(q, k, v, do, scale=0.6)
     names = ("out", "dq", "dk", "dv")
-    for a, b, want, what in zip(results["array_api"], results["numba"], ref, names):
-        assert b.dtype == dtype and b.shape == want.shape, what
+    for a, b, want, what in zip(results["array_api"], results["numba"], ref, names, strict=True):
+        assert b.dtype == dtype, what
+        assert b.shape == want.shape, what
         assert_close_rel(b, a, RTOL[dtype], what)
         assert_close_rel(b, want, RTOL[dtype], what)
 
 
-@pytest.mark.parametrize("dk, dv", [(0, 3), (2, 0)])
+@pytest.mark.parametrize(("dk", "dv"), [(0, 3), (2, 0)])
 def test_empty_feature_axes(backend, dk, dv):
     """dk = 0 (all logits 0: uniform weights) or dv = 0 (empty output) must not crash."""
     require_kernel(aa.criss_cross_attention, backend)
@@ -314,11 +325,23 @@ def test_empty_feature_axes(backend, dk, dv):
     v = rng.standard_normal((2, 3, 4, dv))
     out, res = aa.criss_cross_attention.fwd(q, k, v)
     g = aa.criss_cross_attention.bwd(res, np.ones_like(out))
-    assert out.shape == (2, 3, 4, dv) and g.q.shape == q.shape and g.v.shape == v.shape
+    assert out.shape == (2, 3, 4, dv)
+    assert g.q.shape == q.shape
+    assert g.v.shape == v.shape
     if dk == 0:  # uniform weights over the H + W - 1 keys of each pixel's cross
         keys = np.zeros((2, 3, 4, 3 + 4 - 1))
-        expected = np.stack([
-            np.stack([(v[:, y, :, :].sum(1) + v[:, :, x, :].sum(1) - v[:, y, x, :]) / keys.shape[-1]
-                      for x in range(4)], axis=1)
-            for y in range(3)], axis=1)
+        expected = np.stack(
+            [
+                np.stack(
+                    [
+                        (v[:, y, :, :].sum(1) + v[:, :, x, :].sum(1) - v[:, y, x, :])
+                        / keys.shape[-1]
+                        for x in range(4)
+                    ],
+                    axis=1,
+                )
+                for y in range(3)
+            ],
+            axis=1,
+        )
         np.testing.assert_allclose(out, expected, rtol=1e-12)

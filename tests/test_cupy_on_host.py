@@ -34,12 +34,18 @@ FAMILIES = ("attention", "criss_cross", "neighborhood")
 
 
 def _registry_source(family, exprs):
-    lines = ['#include "shim.h"', f'#include "{os.path.join(CUPY_DIR, family + ".cu")}"', "",
-             'extern "C" int run_kernel(const char* expr, int nargs, const uint64_t* slots, int grid,',
-             "                          int block, size_t shared) {",
-             "    const std::string e(expr);"]
+    lines = [
+        '#include "shim.h"',
+        f'#include "{os.path.join(CUPY_DIR, family + ".cu")}"',
+        "",
+        'extern "C" int run_kernel(const char* expr, int nargs, const uint64_t* slots, int grid,',
+        "                          int block, size_t shared) {",
+        "    const std::string e(expr);",
+    ]
     for expr in exprs:
-        lines.append(f'    if (e == "{expr}") return run(&{expr}, nargs, slots, grid, block, shared);')
+        lines.append(
+            f'    if (e == "{expr}") return run(&{expr}, nargs, slots, grid, block, shared);'
+        )
     lines += ["    return -4;  // not in the launcher's list", "}", ""]
     return "\n".join(lines)
 
@@ -72,15 +78,30 @@ def host_libs(tmp_path_factory):
         launcher = importlib.import_module(f"arrayattn.backends.cupy.{family}")
         src = out / f"{family}.cpp"
         src.write_text(_registry_source(family, launcher.NAME_EXPRESSIONS))
-        cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{out}",
-               f"-I{os.path.join(HERE, 'host_cuda')}", str(src), "-o", str(out / f"{family}.so")]
-        procs[family] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-fPIC",
+            "-shared",
+            "-pthread",
+            f"-I{out}",
+            f"-I{os.path.join(HERE, 'host_cuda')}",
+            str(src),
+            "-o",
+            str(out / f"{family}.so"),
+        ]
+        procs[family] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     libs = {}
     for family, proc in procs.items():
         _, err = proc.communicate()
         if proc.returncode:
             if "barrier" in err or "_Float16" in err or "c++20" in err or "bit_cast" in err:
-                pytest.skip(f"the C++ compiler lacks C++20 <barrier>, <bit> or _Float16: {err[:300]}")
+                pytest.skip(
+                    f"the C++ compiler lacks C++20 <barrier>, <bit> or _Float16: {err[:300]}"
+                )
             pytest.fail(f"{family}.cu does not compile as host C++:\n{err}")
         libs[family] = ctypes.CDLL(str(out / f"{family}.so"))
         libs[family].run_kernel.restype = ctypes.c_int
@@ -104,10 +125,15 @@ class _HostKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         slots = (ctypes.c_uint64 * len(args))(*map(_slot, args))
-        rc = self.lib.run_kernel(self.expr.encode(), len(args), slots, int(grid[0]), int(block[0]),
-                                 int(shared_mem))
-        reasons = {-1: "launch refused (shared memory or block size)", -2: "wrote past its shared memory",
-                   -4: "not in NAME_EXPRESSIONS", -5: "argument count differs from the kernel's"}
+        rc = self.lib.run_kernel(
+            self.expr.encode(), len(args), slots, int(grid[0]), int(block[0]), int(shared_mem)
+        )
+        reasons = {
+            -1: "launch refused (shared memory or block size)",
+            -2: "wrote past its shared memory",
+            -4: "not in NAME_EXPRESSIONS",
+            -5: "argument count differs from the kernel's",
+        }
         assert rc == 0, f"{self.expr}: {reasons.get(rc, rc)}"
         LAUNCHED.append(self.expr)
 
@@ -125,7 +151,9 @@ def host_cupy(host_libs, monkeypatch):
     for family in FAMILIES:
         module = importlib.import_module(f"arrayattn.backends.cupy.{family}")
         lib = host_libs[family]
-        monkeypatch.setattr(module, "function", lambda name, exprs, expr, shared=0, lib=lib: _HostKernel(lib, expr))
+        monkeypatch.setattr(
+            module, "function", lambda name, exprs, expr, shared=0, lib=lib: _HostKernel(lib, expr)
+        )
     monkeypatch.setattr(backend.attention, "_current_device", lambda: (90, 227 * 1024))  # an H100
     resolve, kernel_for = _registry.resolve, _registry.kernel_for
 
@@ -135,8 +163,11 @@ def host_cupy(host_libs, monkeypatch):
         return "cupy", backend.KERNELS[op.name]
 
     monkeypatch.setattr(_registry, "resolve", host_resolve)
-    monkeypatch.setattr(_registry, "kernel_for",
-                        lambda op, name: backend.KERNELS[op.name] if name == "cupy" else kernel_for(op, name))
+    monkeypatch.setattr(
+        _registry,
+        "kernel_for",
+        lambda op, name: backend.KERNELS[op.name] if name == "cupy" else kernel_for(op, name),
+    )
     LAUNCHED.clear()
     return LAUNCHED
 
@@ -168,6 +199,7 @@ def _run(op, args, kwargs, cts):
 def _compare(op, args, kwargs, dtype, rng, half_criterion=False):
     """The cupy kernels (on the host) against array_api in float64 (and, for half precision,
     FlashAttention's criterion: at most twice the error of array_api on the same inputs)."""
+
     def cast(x, dt):
         if isinstance(x, dict):
             return {key: cast(a, dt) for key, a in x.items()}
@@ -184,25 +216,38 @@ def _compare(op, args, kwargs, dtype, rng, half_criterion=False):
     launched = list(LAUNCHED)
     assert launched, "nothing ran on the host kernels"
     with aa.use_backend("array_api"):
-        ref = _run(op, [cast(a, np.float64) for a in x], {k: cast(a, np.float64) for k, a in kw.items()},
-                   tuple(c.astype(np.float64) for c in cts))
+        ref = _run(
+            op,
+            [cast(a, np.float64) for a in x],
+            {k: cast(a, np.float64) for k, a in kw.items()},
+            tuple(c.astype(np.float64) for c in cts),
+        )
         base = _run(op, x, kw, cts) if half_criterion else None
     assert LAUNCHED == launched, "the reference ran on the host kernels"
     LAUNCHED[:] = launched  # what the test may inspect: the kernels of the cupy run
-    pairs = list(zip(ours[0], ref[0], base[0] if base else ref[0]))
+    pairs = list(zip(ours[0], ref[0], base[0] if base else ref[0], strict=True))
     for name in op.differentiable:
-        pairs += list(zip(_leaves(getattr(ours[1], name)), _leaves(getattr(ref[1], name)),
-                          _leaves(getattr(base[1], name)) if base else _leaves(getattr(ref[1], name))))
+        pairs += list(
+            zip(
+                _leaves(getattr(ours[1], name)),
+                _leaves(getattr(ref[1], name)),
+                _leaves(getattr(base[1], name)) if base else _leaves(getattr(ref[1], name)),
+                strict=False,
+            )
+        )
     tol = {np.float64: 1e-10, np.float32: 2e-5}.get(np.dtype(dtype).type)
     for got, want, baseline in pairs:
-        scale = max(1.0, float(np.max(np.abs(np.asarray(want, np.float64)[np.isfinite(want)]), initial=0.0)))
+        scale = max(
+            1.0, float(np.max(np.abs(np.asarray(want, np.float64)[np.isfinite(want)]), initial=0.0))
+        )
         if half_criterion:
             assert _max_err(got, want) <= 2 * _max_err(baseline, want) + 1e-3 * scale
         else:
             assert _max_err(got, want) <= tol * scale
 
 
-# -- scaled dot-product attention -------------------------------------------------------------------
+# -- scaled dot-product attention
+# -------------------------------------------------------------------
 
 
 def _sdpa_everything(rng):
@@ -212,8 +257,13 @@ def _sdpa_everything(rng):
     mask[..., 3, :] = False  # a fully masked row
     # The bias broadcasts over query rows: its gradient sums over them (and the emulation runs
     # one host thread per bias element, so a full (4, 70, 90) one would be slow).
-    return (q, k, v), {"mask": mask, "bias": rng.standard_normal((4, 1, 90)), "enable_gqa": True,
-                       "causal": "bottom_right", "return_lse": True}
+    return (q, k, v), {
+        "mask": mask,
+        "bias": rng.standard_normal((4, 1, 90)),
+        "enable_gqa": True,
+        "causal": "bottom_right",
+        "return_lse": True,
+    }
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -221,24 +271,46 @@ def test_sdpa_every_option(host_cupy, rng, dtype):
     """Mask (with a fully masked row), bias and its gradient, GQA, causal, lse, partial tiles;
     float16 on the tensor-core kernels, float32/float64 on the CUDA-core ones."""
     args, kwargs = _sdpa_everything(rng)
-    _compare(aa.scaled_dot_product_attention, args, kwargs, dtype, rng, half_criterion=dtype == np.float16)
+    _compare(
+        aa.scaled_dot_product_attention,
+        args,
+        kwargs,
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
     wmma = [e for e in host_cupy if "_wmma<" in e]
     assert bool(wmma) == (dtype == np.float16), host_cupy
 
 
-@pytest.mark.parametrize("d,dv", [(32, 32), (64, 64), (128, 128), (16, 100), (160, 64)])
+@pytest.mark.parametrize(("d", "dv"), [(32, 32), (64, 64), (128, 128), (16, 100), (160, 64)])
 @pytest.mark.parametrize("causal", [False, "top_left"])
 def test_sdpa_half_widths(host_cupy, rng, d, dv, causal):
     """float16 at each padded width of the tensor-core kernels, and past them (160: CUDA cores)."""
-    args = (rng.standard_normal((1, 2, 77, d)), rng.standard_normal((1, 2, 93, d)), rng.standard_normal((1, 2, 93, dv)))
-    _compare(aa.scaled_dot_product_attention, args, {"causal": causal}, np.float16, rng, half_criterion=True)
+    args = (
+        rng.standard_normal((1, 2, 77, d)),
+        rng.standard_normal((1, 2, 93, d)),
+        rng.standard_normal((1, 2, 93, dv)),
+    )
+    _compare(
+        aa.scaled_dot_product_attention,
+        args,
+        {"causal": causal},
+        np.float16,
+        rng,
+        half_criterion=True,
+    )
     assert any("_wmma<" in e for e in host_cupy) == (max(d, dv) <= 128)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("d,dv", [(16, 8), (200, 72)])
+@pytest.mark.parametrize(("d", "dv"), [(16, 8), (200, 72)])
 def test_sdpa_cuda_cores_widths(host_cupy, rng, dtype, d, dv):
-    args = (rng.standard_normal((3, 40, d)), rng.standard_normal((3, 70, d)), rng.standard_normal((3, 70, dv)))
+    args = (
+        rng.standard_normal((3, 40, d)),
+        rng.standard_normal((3, 70, d)),
+        rng.standard_normal((3, 70, dv)),
+    )
     _compare(aa.scaled_dot_product_attention, args, {"causal": "top_left"}, dtype, rng)
 
 
@@ -252,16 +324,22 @@ def test_sdpa_bfloat16_tensor_cores(host_cupy, rng):
     v, do = rng.standard_normal((2, 93, 48)).astype(bf), rng.standard_normal((4, 77, 48)).astype(bf)
     scale = 0.125
     out, lse = launcher.sdpa_forward(q, k, v, causal="top_left", scale=scale, gqa_groups=2)
-    dq, dk, dv, _ = launcher.sdpa_backward(q, k, v, out, lse, do, causal="top_left", scale=scale, gqa_groups=2)
+    dq, dk, dv, _ = launcher.sdpa_backward(
+        q, k, v, out, lse, do, causal="top_left", scale=scale, gqa_groups=2
+    )
     assert all("_wmma<__nv_bfloat16" in e for e in host_cupy if "delta" not in e)
     opts = {"causal": "top_left", "enable_gqa": True, "scale": scale, "return_lse": True}
     results = {}
     for dt in (np.float64, np.float32):
         with aa.use_backend("array_api"):
-            (o, l_), res = aa.scaled_dot_product_attention.fwd(q.astype(dt), k.astype(dt), v.astype(dt), **opts)
+            (o, l_), res = aa.scaled_dot_product_attention.fwd(
+                q.astype(dt), k.astype(dt), v.astype(dt), **opts
+            )
             g = aa.scaled_dot_product_attention.bwd(res, (do.astype(dt), np.zeros_like(l_)))
         results[dt] = (o, l_, g.q, g.k, g.v)
-    for got, want, f32 in zip((out, lse, dq, dk, dv), results[np.float64], results[np.float32]):
+    for got, want, f32 in zip(
+        (out, lse, dq, dk, dv), results[np.float64], results[np.float32], strict=True
+    ):
         baseline = _max_err(f32 if f32.shape == lse.shape else f32.astype(bf), want)
         assert _max_err(got, want) <= 2 * baseline + 1e-3 * max(1.0, float(np.max(np.abs(want))))
 
@@ -271,23 +349,43 @@ def test_shared_memory_fits_sm80():
     from arrayattn.backends.cupy import attention as launcher
 
     for dp in launcher.WMMA_DPS:
-        for size in (launcher._wmma_shared(dp, 2), launcher._wmma_dkdv_shared(dp, 2), launcher._wmma_dq_shared(dp, 2)):
+        for size in (
+            launcher._wmma_shared(dp, 2),
+            launcher._wmma_dkdv_shared(dp, 2),
+            launcher._wmma_dq_shared(dp, 2),
+        ):
             assert size <= 163 * 1024
 
 
-# -- criss-cross and neighbourhood attention --------------------------------------------------------
+# -- criss-cross and neighbourhood attention
+# --------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
 def test_criss_cross(host_cupy, rng, dtype):
-    args = (rng.standard_normal((2, 9, 11, 16)), rng.standard_normal((2, 9, 11, 16)), rng.standard_normal((2, 9, 11, 8)))
-    _compare(aa.criss_cross_attention, args, {"scale": 0.3}, dtype, rng, half_criterion=dtype == np.float16)
+    args = (
+        rng.standard_normal((2, 9, 11, 16)),
+        rng.standard_normal((2, 9, 11, 16)),
+        rng.standard_normal((2, 9, 11, 8)),
+    )
+    _compare(
+        aa.criss_cross_attention,
+        args,
+        {"scale": 0.3},
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
     assert host_cupy
 
 
 NA_CASES = {
     "rel_bias+rel_pos, dilation 2, zero padding": (
-        (2, 3, 13, 17, 16), 24, {"kernel_size": 5, "dilation": 2, "boundary": "zero"}, True),
+        (2, 3, 13, 17, 16),
+        24,
+        {"kernel_size": 5, "dilation": 2, "boundary": "zero"},
+        True,
+    ),
     "clamp, even kernel": ((1, 2, 9, 10, 8), 8, {"kernel_size": 4, "boundary": "clamp"}, False),
 }
 
@@ -302,6 +400,16 @@ def test_neighborhood(host_cupy, rng, case, dtype):
     if rel:
         n = 2 * kwargs["kernel_size"] - 1
         kwargs["rel_bias"] = rng.standard_normal((shape[1], n, n))
-        kwargs["rel_pos"] = {"r_h": rng.standard_normal((n, shape[-1])) / 4, "r_w": rng.standard_normal((n, shape[-1])) / 4}
-    _compare(aa.neighborhood_attention_2d, (q, k, v), kwargs, dtype, rng, half_criterion=dtype == np.float16)
+        kwargs["rel_pos"] = {
+            "r_h": rng.standard_normal((n, shape[-1])) / 4,
+            "r_w": rng.standard_normal((n, shape[-1])) / 4,
+        }
+    _compare(
+        aa.neighborhood_attention_2d,
+        (q, k, v),
+        kwargs,
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
     assert host_cupy

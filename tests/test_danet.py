@@ -91,7 +91,10 @@ class TorchCAM(torch.nn.Module):
 # -- forward ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape,cq,bias", [((2, 8, 3, 5), 2, True), ((1, 4, 1, 1), 1, False), ((3, 6, 4, 1), 3, True)])
+@pytest.mark.parametrize(
+    ("shape", "cq", "bias"),
+    [((2, 8, 3, 5), 2, True), ((1, 4, 1, 1), 1, False), ((3, 6, 4, 1), 3, True)],
+)
 def test_pam_oracle(rng, backend, shape, cq, bias):
     x = rng.standard_normal(shape)
     p = example_pam_params(rng, shape[1], cq, bias=bias)
@@ -105,7 +108,9 @@ def test_pam_oracle(rng, backend, shape, cq, bias):
 def test_cam_oracle(rng, backend, shape, logits):
     x = rng.standard_normal(shape) / 2
     gamma = rng.standard_normal(1)
-    assert_close_rel(aa.channel_attention(x, gamma, logits=logits), cam_oracle(x, gamma, logits), 1e-12)
+    assert_close_rel(
+        aa.channel_attention(x, gamma, logits=logits), cam_oracle(x, gamma, logits), 1e-12
+    )
 
 
 def test_cam_rowmax_identity(rng):
@@ -131,7 +136,8 @@ def test_cam_huge_logits(rng, backend):
         assert np.all(np.isfinite(y))
         assert_close_rel(y, cam_oracle(x, gamma, logits), 1e-12)
         g = aa.channel_attention.bwd(res, np.ones_like(y))
-        assert np.all(np.isfinite(g.x)) and np.all(np.isfinite(g.gamma))
+        assert np.all(np.isfinite(g.x))
+        assert np.all(np.isfinite(g.gamma))
 
 
 def test_gamma_zero_is_identity(rng):
@@ -168,9 +174,12 @@ def test_pam_vs_official_torch(rng, backend):
     with torch.no_grad():
         m.gamma.fill_(0.7)
     p = {
-        "w_query": m.query_conv.weight.detach().numpy(), "b_query": m.query_conv.bias.detach().numpy(),
-        "w_key": m.key_conv.weight.detach().numpy(), "b_key": m.key_conv.bias.detach().numpy(),
-        "w_value": m.value_conv.weight.detach().numpy(), "b_value": m.value_conv.bias.detach().numpy(),
+        "w_query": m.query_conv.weight.detach().numpy(),
+        "b_query": m.query_conv.bias.detach().numpy(),
+        "w_key": m.key_conv.weight.detach().numpy(),
+        "b_key": m.key_conv.bias.detach().numpy(),
+        "w_value": m.value_conv.weight.detach().numpy(),
+        "b_value": m.value_conv.bias.detach().numpy(),
         "gamma": m.gamma.detach().numpy(),
     }
     dy = rng.standard_normal(x.shape)
@@ -179,12 +188,20 @@ def test_pam_vs_official_torch(rng, backend):
     g = aa.position_attention.bwd(res, dy)
     assert_close_rel(y, y_t, 1e-12)
     assert_close_rel(g.x, dx_t, 1e-10)
-    torch_names = {"w_query": m.query_conv.weight, "b_query": m.query_conv.bias, "w_key": m.key_conv.weight,
-                   "w_value": m.value_conv.weight, "b_value": m.value_conv.bias, "gamma": m.gamma}
+    torch_names = {
+        "w_query": m.query_conv.weight,
+        "b_query": m.query_conv.bias,
+        "w_key": m.key_conv.weight,
+        "w_value": m.value_conv.weight,
+        "b_value": m.value_conv.bias,
+        "gamma": m.gamma,
+    }
     for key, param in torch_names.items():
         assert_close_rel(g.params[key], param.grad.numpy(), 1e-10, key)
     # b_key: exactly zero in exact arithmetic for both; compare on the scale of the other grads
-    assert np.max(np.abs(g.params["b_key"] - m.key_conv.bias.grad.numpy())) < 1e-10 * np.max(np.abs(dx_t))
+    assert np.max(np.abs(g.params["b_key"] - m.key_conv.bias.grad.numpy())) < 1e-10 * np.max(
+        np.abs(dx_t)
+    )
 
 
 def test_cam_vs_official_torch(rng, backend):
@@ -213,7 +230,9 @@ def test_pam_elementwise_gradients(rng):
     num = numerical_gradient(lambda a: float(np.sum(aa.position_attention(a, p) * dy)), x)
     assert_close_rel(g.x, num, 1e-8, "x")
     for key in p:
-        num = numerical_gradient(lambda a: float(np.sum(aa.position_attention(x, {**p, key: a}) * dy)), p[key])
+        num = numerical_gradient(
+            lambda a: float(np.sum(aa.position_attention(x, {**p, key: a}) * dy)), p[key]
+        )
         assert_close_rel(g.params[key], num, 1e-7, key)
 
 
@@ -237,7 +256,9 @@ def test_directional(rng, backend):
     p["b_key"] = rng.standard_normal(2)  # exactly-zero gradient: judged against floor 1
     directional_check(aa.position_attention, (x, p), {}, rng)
     for logits in ("paper", "code"):
-        directional_check(aa.channel_attention, (x / 2, rng.standard_normal(1)), {"logits": logits}, rng)
+        directional_check(
+            aa.channel_attention, (x / 2, rng.standard_normal(1)), {"logits": logits}, rng
+        )
 
 
 def test_backends_agree(rng):
@@ -257,7 +278,7 @@ def test_backends_agree(rng):
             yc, resc = aa.channel_attention.fwd(x, p["gamma"], logits="code")
             gc = aa.channel_attention.bwd(resc, dy)
         results[b] = (y, g.x, g.params["w_key"], yc, gc.x, gc.gamma)
-    for a, b in zip(results["array_api"], results["numba"]):
+    for a, b in zip(results["array_api"], results["numba"], strict=True):
         assert_close_rel(b, a, 1e-10)
 
 
@@ -291,12 +312,17 @@ def test_float32(rng, backend):
     x32, p32 = x.astype(np.float32), {k: v.astype(np.float32) for k, v in p.items()}
     y = aa.position_attention(x32, p32)
     assert y.dtype == np.float32
-    assert_close_rel(y, pam_oracle(x32.astype(np.float64), {k: v.astype(np.float64) for k, v in p32.items()}), 2e-5)
+    assert_close_rel(
+        y,
+        pam_oracle(x32.astype(np.float64), {k: v.astype(np.float64) for k, v in p32.items()}),
+        2e-5,
+    )
     yc, res = aa.channel_attention.fwd(x32, p32["gamma"])
     assert yc.dtype == np.float32
     assert_close_rel(yc, cam_oracle(x32.astype(np.float64), p32["gamma"].astype(np.float64)), 2e-5)
     g = aa.channel_attention.bwd(res, np.ones_like(yc))
-    assert g.x.dtype == np.float32 and g.gamma.dtype == np.float32
+    assert g.x.dtype == np.float32
+    assert g.gamma.dtype == np.float32
 
 
 def test_read_only_inputs(rng):
@@ -312,7 +338,8 @@ def test_read_only_inputs(rng):
     np.testing.assert_array_equal(x, copies[0])
     for k in p:
         np.testing.assert_array_equal(p[k], copies[1][k])
-    assert not np.shares_memory(y2, x) and not np.shares_memory(g2.x, x)
+    assert not np.shares_memory(y2, x)
+    assert not np.shares_memory(g2.x, x)
 
 
 def _pam_bad(rng):
@@ -321,7 +348,7 @@ def _pam_bad(rng):
 
 
 @pytest.mark.parametrize(
-    "mutate,exc,match",
+    ("mutate", "exc", "match"),
     [
         (lambda x, p: (x, {k: v for k, v in p.items() if k != "gamma"}), ValueError, "gamma"),
         (lambda x, p: (x, {**p, "w_key": p["w_key"][:1]}), ValueError, "w_key"),

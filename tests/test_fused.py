@@ -23,14 +23,18 @@ def oracle(q, k, v, *, fuse="mean", mask=None, scale=None, params=None):
     lead = q.shape[:-2]
     m, length, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1 / np.sqrt(d) if scale is None else scale
-    mask = np.ones(lead + (m, length), bool) if mask is None else np.broadcast_to(mask, lead + (m, length))
+    mask = (
+        np.ones(lead + (m, length), bool)
+        if mask is None
+        else np.broadcast_to(mask, lead + (m, length))
+    )
     ys, alphas = [], []
     for idx in np.ndindex(*lead):
-        K, Q, V = k[idx].T, q[idx].T, v[idx].T            # (d, L), (d, M), (dv, L)
-        S = K.T @ Q * scale                                 # (L, M)
+        K, Q, V = k[idx].T, q[idx].T, v[idx].T  # (d, L), (d, M), (dv, L)
+        S = K.T @ Q * scale  # (L, M)
         S = np.where(mask[idx].T, S, -np.inf)
         A = np.zeros_like(S)
-        for col in range(m):                                # column-wise softmax over the L inputs
+        for col in range(m):  # column-wise softmax over the L inputs
             s = S[:, col]
             if np.isfinite(s).any():
                 e = np.exp(s - s[np.isfinite(s)].max())
@@ -49,12 +53,17 @@ def oracle(q, k, v, *, fuse="mean", mask=None, scale=None, params=None):
 
 
 def _qkv(rng, m, length, d, dv, lead=(2,)):
-    return (rng.standard_normal((*lead, m, d)), rng.standard_normal((*lead, length, d)),
-            rng.standard_normal((*lead, length, dv)))
+    return (
+        rng.standard_normal((*lead, m, d)),
+        rng.standard_normal((*lead, length, d)),
+        rng.standard_normal((*lead, length, dv)),
+    )
 
 
 @pytest.mark.parametrize("fuse", ["mean", "max"])
-@pytest.mark.parametrize("m,length,d,dv", [(3, 7, 4, 5), (1, 1, 1, 1), (5, 2, 3, 6), (4, 9, 2, 1)])
+@pytest.mark.parametrize(
+    ("m", "length", "d", "dv"), [(3, 7, 4, 5), (1, 1, 1, 1), (5, 2, 3, 6), (4, 9, 2, 1)]
+)
 def test_oracle(xp, fuse, m, length, d, dv, rng):
     q, k, v = _qkv(rng, m, length, d, dv)
     out, alpha = FA(*(to_xp(xp, a) for a in (q, k, v)), fuse=fuse, return_weights=True)
@@ -79,7 +88,9 @@ def test_options_oracle(rng):
     params = {"w_o": rng.standard_normal((2, 5)), "b_o": rng.standard_normal(2)}
     for fuse in ("mean", "max"):
         out = FA(q, k, v, fuse=fuse, mask=mask, scale=0.8, params=params)
-        assert_close_rel(out, oracle(q, k, v, fuse=fuse, mask=mask, scale=0.8, params=params)[0], 1e-12)
+        assert_close_rel(
+            out, oracle(q, k, v, fuse=fuse, mask=mask, scale=0.8, params=params)[0], 1e-12
+        )
     out = FA(q, k, v, params={"w_o": params["w_o"]})
     assert_close_rel(out, oracle(q, k, v, params={"w_o": params["w_o"]})[0], 1e-12)
 
@@ -132,7 +143,7 @@ def test_reference_namespaces_grads(xp, rng):
         out0, res0 = FA.fwd(q, k, v, fuse=fuse)
         g0 = FA.bwd(res0, dy)
         assert_close_rel(out, out0, 1e-12)
-        for a, b in zip(g[:3], g0[:3]):
+        for a, b in zip(g[:3], g0[:3], strict=True):
             assert_close_rel(a, b, 1e-12)
 
 
@@ -144,7 +155,8 @@ def test_huge_logits_and_float32(rng):
     q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
     out, res = FA.fwd(q32, k32, v32)
     g = FA.bwd(res, np.ones_like(out))
-    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in g[:3])
+    assert out.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in g[:3])
     assert_close_rel(out, oracle(q, k, v)[0], RTOL[np.float32])
 
 
@@ -156,7 +168,7 @@ def test_read_only_inputs(rng):
     copies = [a.copy() for a in (q, k, v)]
     out, res = FA.fwd(q, k, v, params=params, fuse="max")
     FA.bwd(res, np.ones_like(out))
-    for a, c in zip((q, k, v), copies):
+    for a, c in zip((q, k, v), copies, strict=True):
         assert np.array_equal(a, c)
 
 
@@ -182,8 +194,7 @@ def test_bad_inputs(rng):
         FA(q.astype(int), k, v)
     with pytest.raises(ValueError, match="k: expected leading"):
         FA(q, k[:1], v[:1])
+    torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="different namespaces"):
-        import torch
-
         FA(q, torch.from_numpy(k), v)
     assert to_numpy(FA(q, k, v)).shape == (2, 2)

@@ -17,8 +17,11 @@ import arrayattn as aa
 
 ARCHS = ("sm_80", "sm_90")
 #: .cu source -> the launcher module declaring its template instantiations
-SOURCES = {"attention.cu": "attention", "criss_cross.cu": "criss_cross",
-           "neighborhood.cu": "neighborhood"}
+SOURCES = {
+    "attention.cu": "attention",
+    "criss_cross.cu": "criss_cross",
+    "neighborhood.cu": "neighborhood",
+}
 
 
 def _nvrtc_reason():
@@ -82,13 +85,21 @@ def _sdpa_case(rng, dtype):
     mask = rng.random((1, 1, 150, 170)) > 0.2
     mask[..., 3, :] = False
     bias = rng.standard_normal((4, 150, 170))
-    return (q, k, v), {"mask": mask, "bias": bias, "enable_gqa": True, "causal": "bottom_right",
-                       "return_lse": True}
+    return (q, k, v), {
+        "mask": mask,
+        "bias": bias,
+        "enable_gqa": True,
+        "causal": "bottom_right",
+        "return_lse": True,
+    }
 
 
 def _cc_case(rng, dtype):
-    return (rng.standard_normal((2, 9, 11, 16)), rng.standard_normal((2, 9, 11, 16)),
-            rng.standard_normal((2, 9, 11, 8))), {"scale": 0.3}
+    return (
+        rng.standard_normal((2, 9, 11, 16)),
+        rng.standard_normal((2, 9, 11, 16)),
+        rng.standard_normal((2, 9, 11, 8)),
+    ), {"scale": 0.3}
 
 
 def _na_case(rng, dtype):
@@ -96,8 +107,13 @@ def _na_case(rng, dtype):
     q, k = rng.standard_normal((2, 3, 13, 17, 16)), rng.standard_normal((2, 3, 13, 17, 16))
     v = rng.standard_normal((2, 3, 13, 17, 24))
     rel = {"r_h": rng.standard_normal((9, 16)) / 4, "r_w": rng.standard_normal((9, 16)) / 4}
-    return (q, k, v), {"kernel_size": 5, "dilation": 2, "boundary": "zero",
-                       "rel_bias": rng.standard_normal((3, 9, 9)), "rel_pos": rel}
+    return (q, k, v), {
+        "kernel_size": 5,
+        "dilation": 2,
+        "boundary": "zero",
+        "rel_bias": rng.standard_normal((3, 9, 9)),
+        "rel_pos": rel,
+    }
 
 
 CASES = {"scaled_dot_product_attention": _sdpa_case, "criss_cross_attention": _cc_case}
@@ -115,7 +131,9 @@ def test_gpu_backend_matches_array_api(rng, op_name, backend, dtype):
     op = getattr(aa, op_name)
     args, kwargs = CASES[op_name](rng, dtype)
     if backend == "numba_cuda" and dtype == "float16":
-        pytest.skip("numba_cuda kernels take float32/float64 (half precision is the cupy backend's)")
+        pytest.skip(
+            "numba_cuda kernels take float32/float64 (half precision is the cupy backend's)"
+        )
 
     def dev(a, dt):
         if a is None or a.dtype == bool:
@@ -132,21 +150,29 @@ def test_gpu_backend_matches_array_api(rng, op_name, backend, dtype):
     g = op.bwd(res, cts if len(cts) > 1 else cts[0])
     # reference: float64 array_api on the same values
     with aa.use_backend("array_api"):
-        r_outs, r_res = op.fwd(*[a.astype("float64") for a in x], **{
-            k_: (a.astype("float64") if hasattr(a, "dtype") and a.dtype != bool else a)
-            for k_, a in kw.items()})
+        r_outs, r_res = op.fwd(
+            *[a.astype("float64") for a in x],
+            **{
+                k_: (a.astype("float64") if hasattr(a, "dtype") and a.dtype != bool else a)
+                for k_, a in kw.items()
+            },
+        )
         r_outs = r_outs if isinstance(r_outs, tuple) else (r_outs,)
-        rg = op.bwd(r_res, tuple(c.astype("float64") for c in cts) if len(cts) > 1
-                    else cts[0].astype("float64"))
+        rg = op.bwd(
+            r_res,
+            tuple(c.astype("float64") for c in cts) if len(cts) > 1 else cts[0].astype("float64"),
+        )
     if dtype == "float16":
         _check_half(cupy, op, x, kw, outs, g, r_outs, rg, cts)
         return
     tol = TOL[dtype]
-    for o, r in zip(outs, r_outs):
+    for o, r in zip(outs, r_outs, strict=True):
         o64, r64 = cupy.asnumpy(o).astype(np.float64), cupy.asnumpy(r)
         fin = np.isfinite(r64)
         assert np.array_equal(fin, np.isfinite(o64))
-        np.testing.assert_allclose(o64[fin], r64[fin], rtol=0, atol=tol * max(1, np.abs(r64[fin]).max()))
+        np.testing.assert_allclose(
+            o64[fin], r64[fin], rtol=0, atol=tol * max(1, np.abs(r64[fin]).max())
+        )
     for name in op.differentiable:
         a, b = getattr(g, name), getattr(rg, name)
         if b is None:
@@ -169,25 +195,34 @@ def _check_half(cupy, op, x, kw, outs, g, r_outs, rg, cts):
         ng = op.bwd(n_res, cts if len(cts) > 1 else cts[0])
 
     def err(a, ref):
-        return float(cupy.max(cupy.abs(cupy.nan_to_num(a.astype("float64") - ref, posinf=0, neginf=0))))
+        return float(
+            cupy.max(cupy.abs(cupy.nan_to_num(a.astype("float64") - ref, posinf=0, neginf=0)))
+        )
 
-    for o, r, n in zip(outs, r_outs, n_outs):
+    for o, r, n in zip(outs, r_outs, n_outs, strict=True):
         assert err(o, r) <= 2 * err(n, r) + 1e-3
     for name in op.differentiable:
-        for a, b, n in zip(_leaves(getattr(g, name)), _leaves(getattr(rg, name)), _leaves(getattr(ng, name))):
+        for a, b, n in zip(
+            _leaves(getattr(g, name)),
+            _leaves(getattr(rg, name)),
+            _leaves(getattr(ng, name)),
+            strict=False,
+        ):
             scale = max(1.0, float(cupy.max(cupy.abs(b))))
             assert err(a, b) <= 2 * err(n, b) + 1e-3 * scale, name
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,dv", [(32, 32), (64, 48), (128, 128), (160, 64)])
+@pytest.mark.parametrize(("d", "dv"), [(32, 32), (64, 48), (128, 128), (160, 64)])
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_gpu_sdpa_half_widths(rng, d, dv, causal):
     """float16 SDPA forward and backward at each padded width of the tensor-core kernels (32, 64,
     128) and beyond them (160: CUDA cores), lengths that leave partial tiles."""
     cupy = _cupy()
-    x = [cupy.asarray(rng.standard_normal(shape).astype("float16"))
-         for shape in ((2, 3, 77, d), (2, 3, 93, d), (2, 3, 93, dv))]
+    x = [
+        cupy.asarray(rng.standard_normal(shape).astype("float16"))
+        for shape in ((2, 3, 77, d), (2, 3, 93, d), (2, 3, 93, dv))
+    ]
     op = aa.scaled_dot_product_attention
     with aa.use_backend("cupy"):
         outs, res = op.fwd(*x, causal=causal)
@@ -221,13 +256,17 @@ def test_gpu_neighborhood_matches_array_api(rng, op_name, backend, dtype):
     if not info.available:
         pytest.skip(f"backend {backend} unavailable: {info.reason}")
     if backend == "numba_cuda" and dtype == "float16":
-        pytest.skip("numba_cuda kernels take float32/float64 (half precision is the cupy backend's)")
+        pytest.skip(
+            "numba_cuda kernels take float32/float64 (half precision is the cupy backend's)"
+        )
     op = getattr(aa, op_name)
     if op_name == "halo_attention":  # 4x4 blocks, halo 2, timm's 2(b+2h)-1 = 15-row tables
         args, kwargs = _na_case(rng, dtype)[0], {"block_size": 4, "halo_size": 2}
         args = tuple(a[..., :12, :16, :] for a in args)
-        kwargs["rel_pos"] = {"r_h": rng.standard_normal((15, 16)) / 4,
-                             "r_w": rng.standard_normal((15, 16)) / 4}
+        kwargs["rel_pos"] = {
+            "r_h": rng.standard_normal((15, 16)) / 4,
+            "r_w": rng.standard_normal((15, 16)) / 4,
+        }
     else:
         args, kwargs = _na_case(rng, dtype)
 
@@ -242,7 +281,8 @@ def test_gpu_neighborhood_matches_array_api(rng, op_name, backend, dtype):
     kw64 = {key: on_dev(a, "float64") for key, a in kwargs.items()}
     with aa.use_backend(backend):
         out, res = op.fwd(*x, **kw)
-    assert res.backend == backend and out.dtype == x[0].dtype
+    assert res.backend == backend
+    assert out.dtype == x[0].dtype
     ct = cupy.asarray(rng.standard_normal(out.shape).astype(dtype))
     g = op.bwd(res, ct)
     with aa.use_backend("array_api"):
@@ -265,9 +305,9 @@ def test_gpu_neighborhood_matches_array_api(rng, op_name, backend, dtype):
     for name in op.differentiable:
         got, want = _leaves(getattr(g, name)), _leaves(getattr(rg, name))
         assert len(got) == len(want), name
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             close(a, b)
     g2 = op.bwd(res, ct)  # deterministic
     for name in op.differentiable:
-        for a, b in zip(_leaves(getattr(g, name)), _leaves(getattr(g2, name))):
+        for a, b in zip(_leaves(getattr(g, name)), _leaves(getattr(g2, name)), strict=True):
             assert bool(cupy.all(a == b))

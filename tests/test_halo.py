@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_neighborhood import _all_grads, dense_oracle
 
 import arrayattn as aa
 from arrayattn._gradcheck import directional_errors
 from support import assert_close_rel, require_kernel
-from test_neighborhood import _all_grads, dense_oracle
 
 HALO = aa.halo_attention
 
@@ -27,18 +27,38 @@ def halo_oracle(q, k, v, *, block_size, halo_size, rel_pos=None, scale=None):
         return b + h - 1 if t is None or t.shape[-2] == 2 * (b + h) - 1 else b + 3 * h - 1
 
     oy, ox = origin(r_h), origin(r_w)
-    return dense_oracle(q, k, v, keys, keys, scale=scale, rel_y=lambda i, n: n - i + oy,
-                        rel_x=lambda i, n: n - i + ox, r_h=r_h, r_w=r_w)
+    return dense_oracle(
+        q,
+        k,
+        v,
+        keys,
+        keys,
+        scale=scale,
+        rel_y=lambda i, n: n - i + oy,
+        rel_x=lambda i, n: n - i + ox,
+        r_h=r_h,
+        r_w=r_w,
+    )
 
 
 def _qkv(rng, shape, dv):
-    return (rng.standard_normal(shape), rng.standard_normal(shape),
-            rng.standard_normal(shape[:-1] + (dv,)))
+    return (
+        rng.standard_normal(shape),
+        rng.standard_normal(shape),
+        rng.standard_normal(shape[:-1] + (dv,)),
+    )
 
 
-@pytest.mark.parametrize("b,h,hw,table", [(2, 1, (4, 6), "compact"), (2, 1, (4, 6), "timm"),
-                                          (3, 2, (6, 3), "compact"), (2, 0, (4, 4), "compact"),
-                                          (4, 1, (4, 8), "timm")])
+@pytest.mark.parametrize(
+    ("b", "h", "hw", "table"),
+    [
+        (2, 1, (4, 6), "compact"),
+        (2, 1, (4, 6), "timm"),
+        (3, 2, (6, 3), "compact"),
+        (2, 0, (4, 4), "compact"),
+        (4, 1, (4, 8), "timm"),
+    ],
+)
 def test_halo_matches_dense_oracle(backend, rng, b, h, hw, table):
     q, k, v = _qkv(rng, (2, 2) + hw + (3,), 4)
     rows = 2 * (b + h) - 1 if table == "compact" else 2 * (b + 2 * h) - 1
@@ -58,14 +78,15 @@ def test_halo_block_one_is_sasa_zero_mode(backend, rng):
     na_rel = {"r_h": np.concatenate([pad, r_h, pad]), "r_w": np.concatenate([pad, r_w, pad])}
     ct = rng.standard_normal(v.shape)
     o1, res1 = HALO.fwd(q, k, v, block_size=1, halo_size=h, rel_pos={"r_h": r_h, "r_w": r_w})
-    o2, res2 = aa.neighborhood_attention_2d.fwd(q, k, v, kernel_size=kernel, boundary="zero",
-                                                rel_pos=na_rel)
+    o2, res2 = aa.neighborhood_attention_2d.fwd(
+        q, k, v, kernel_size=kernel, boundary="zero", rel_pos=na_rel
+    )
     assert_close_rel(o1, o2, 1e-13)
     g1, g2 = HALO.bwd(res1, ct), aa.neighborhood_attention_2d.bwd(res2, ct)
     for name in "qkv":
         assert_close_rel(getattr(g1, name), getattr(g2, name), 1e-12, name)
     for key in ("r_h", "r_w"):
-        assert_close_rel(g1.rel_pos[key], g2.rel_pos[key][h:3 * h + 1], 1e-12, key)
+        assert_close_rel(g1.rel_pos[key], g2.rel_pos[key][h : 3 * h + 1], 1e-12, key)
         np.testing.assert_array_equal(g2.rel_pos[key][:h], 0)
 
 
@@ -81,15 +102,17 @@ def test_halo_gradients_and_unused_rows(backend, rng):
     g = HALO.bwd(res, rng.standard_normal(out.shape))
     for key in ("r_h", "r_w"):
         np.testing.assert_array_equal(g.rel_pos[key][: 2 * h], 0)
-        assert np.all(np.abs(g.rel_pos[key][2 * h:]).sum(-1) > 0)
+        assert np.all(np.abs(g.rel_pos[key][2 * h :]).sum(-1) > 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_halo_numba_equals_array_api(rng, dtype):
     require_kernel(HALO, "numba")
     q, k, v = (a.astype(dtype) for a in _qkv(rng, (2, 2, 6, 4, 3), 5))
-    rel = {"r_h": rng.standard_normal((7, 3)).astype(dtype),
-           "r_w": rng.standard_normal((5, 3)).astype(dtype)}
+    rel = {
+        "r_h": rng.standard_normal((7, 3)).astype(dtype),
+        "r_w": rng.standard_normal((5, 3)).astype(dtype),
+    }
     ct = rng.standard_normal(v.shape).astype(dtype)
     got = {}
     for name in ("array_api", "numba"):
@@ -97,7 +120,7 @@ def test_halo_numba_equals_array_api(rng, dtype):
             out, res = HALO.fwd(q, k, v, block_size=2, halo_size=1, rel_pos=rel)
             got[name] = [out] + _all_grads(HALO.bwd(res, ct))
     rtol = 1e-12 if dtype == np.float64 else 3e-5
-    for a, r in zip(got["numba"], got["array_api"]):
+    for a, r in zip(got["numba"], got["array_api"], strict=True):
         assert a.dtype == dtype
         assert_close_rel(a, r.astype(np.float64), rtol)
 
@@ -128,7 +151,7 @@ _BLOCK_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("batch,hw,b,h,rel", _BLOCK_CASES)
+@pytest.mark.parametrize(("batch", "hw", "b", "h", "rel"), _BLOCK_CASES)
 def test_halo_block_kernel_equals_array_api(rng, dtype, batch, hw, b, h, rel):
     """The numba block-by-block BLAS kernel against the reference, forward and every gradient."""
     require_kernel(HALO, "numba")
@@ -148,8 +171,9 @@ def test_halo_block_kernel_equals_array_api(rng, dtype, batch, hw, b, h, rel):
             got[name] = [out] + _all_grads(HALO.bwd(res, ct))
     assert len(got["numba"]) == len(got["array_api"])
     rtol = 1e-12 if dtype == np.float64 else 3e-5
-    for a, r in zip(got["numba"], got["array_api"]):
-        assert a.dtype == dtype and a.shape == r.shape
+    for a, r in zip(got["numba"], got["array_api"], strict=True):
+        assert a.dtype == dtype
+        assert a.shape == r.shape
         assert_close_rel(a, r.astype(np.float64), rtol)
 
 
@@ -168,9 +192,9 @@ def test_halo_block_kernel_deterministic_and_read_only(rng):
             out, res = HALO.fwd(q, k, v, block_size=2, halo_size=2, rel_pos=rel)
             runs.append([out] + _all_grads(HALO.bwd(res, ct)))
     for run in runs[1:]:
-        for a, r in zip(run, runs[0]):
+        for a, r in zip(run, runs[0], strict=True):
             np.testing.assert_array_equal(a, r)
-    for a, c in zip((q, k, v, *rel), copies):
+    for a, c in zip((q, k, v, *rel), copies, strict=True):
         np.testing.assert_array_equal(a, c)
 
 
@@ -180,4 +204,6 @@ def test_halo_block_kernel_empty(rng):
     with aa.use_backend("numba"):
         out, res = HALO.fwd(q, k, v, block_size=2, halo_size=1)
         g = HALO.bwd(res, np.ones_like(out))
-    assert out.shape == (0, 4, 4, 2) and g.q.shape == q.shape and g.v.shape == v.shape
+    assert out.shape == (0, 4, 4, 2)
+    assert g.q.shape == q.shape
+    assert g.v.shape == v.shape

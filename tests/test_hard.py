@@ -26,12 +26,13 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-# -- hard attention ---------------------------------------------------------------------------------
+# -- hard attention
+# ---------------------------------------------------------------------------------
 
 
 def ha_oracle(a, e, u, mask=None):
     """Inverse-CDF sample per row: the first i with cdf_i > u (searchsorted 'right')."""
-    lead, length = e.shape[:-1], e.shape[-1]
+    lead = e.shape[:-1]
     mask = np.ones(e.shape, bool) if mask is None else np.broadcast_to(mask, e.shape)
     z = np.zeros(lead + (a.shape[-1],))
     s = np.zeros(e.shape)
@@ -52,7 +53,11 @@ def ha_oracle(a, e, u, mask=None):
 
 
 def _hard_inputs(rng, lead=(3, 2), length=5, d=4):
-    return rng.standard_normal((*lead, length, d)), rng.standard_normal((*lead, length)), rng.random(lead)
+    return (
+        rng.standard_normal((*lead, length, d)),
+        rng.standard_normal((*lead, length)),
+        rng.random(lead),
+    )
 
 
 def test_hard_attention_oracle(xp, rng):
@@ -61,7 +66,9 @@ def test_hard_attention_oracle(xp, rng):
     mask[0, 1] = False
     for m in (None, mask):
         outs = HA(*(to_xp(xp, x) for x in (a, e, u)), mask=to_xp(xp, m))
-        for got, want, what in zip(outs, ha_oracle(a, e, u, m), ("glimpse", "sample", "log_prob", "entropy")):
+        for got, want, what in zip(
+            outs, ha_oracle(a, e, u, m), ("glimpse", "sample", "log_prob", "entropy"), strict=True
+        ):
             assert_close_rel(got, want, RTOL[np.float64], what)
 
 
@@ -77,7 +84,9 @@ def test_hard_attention_sampling_frequencies(rng):
     # Extreme uniforms stay inside the support; masked locations are never drawn.
     mask = np.array([1, 0, 1, 1, 0, 1, 0], bool)
     _, s, logp, _ = HA(np.stack([a, a]), np.stack([e, e]), np.array([0.0, 1.0]), mask=mask)
-    assert s[0].argmax() == 0 and s[1].argmax() == 5 and np.isfinite(logp).all()
+    assert s[0].argmax() == 0
+    assert s[1].argmax() == 5
+    assert np.isfinite(logp).all()
 
 
 def test_hard_attention_estimator(rng):
@@ -130,7 +139,9 @@ def test_hard_attention_gradients(rng):
 
     def f(e_):
         o = HA(a, e_, u)
-        return float(sum(np.sum(x * c) for x, c, keep in zip(o, cts, (1, 0, 1, 1)) if keep))
+        return float(
+            sum(np.sum(x * c) for x, c, keep in zip(o, cts, (1, 0, 1, 1), strict=True) if keep)
+        )
 
     np.testing.assert_allclose(g.e, numerical_gradient(f, e), rtol=1e-6, atol=1e-9)
 
@@ -141,9 +152,14 @@ def test_hard_attention_fully_masked_and_huge(rng):
     mask[1] = False
     (z, s, lp, h), res = HA.fwd(a, e * 1e4, u, mask=mask)
     assert np.isfinite(np.concatenate([z.ravel(), s.ravel(), lp, h])).all()
-    assert not z[1].any() and not s[1].any() and lp[1] == 0 and h[1] == 0
+    assert not z[1].any()
+    assert not s[1].any()
+    assert lp[1] == 0
+    assert h[1] == 0
     g = HA.bwd(res, tuple(np.ones_like(x) for x in (z, s, lp, h)))
-    assert np.isfinite(g.e).all() and not g.e[1].any() and not g.a[1].any()
+    assert np.isfinite(g.e).all()
+    assert not g.e[1].any()
+    assert not g.a[1].any()
 
 
 def test_hard_attention_float32(rng):
@@ -166,7 +182,8 @@ def test_hard_attention_bad_inputs(rng):
         HA(a, e, np.ones(u.shape, int))
 
 
-# -- Gumbel-softmax -----------------------------------------------------------------------------------
+# -- Gumbel-softmax
+# -----------------------------------------------------------------------------------
 
 
 def gumbel_oracle(logits, u, tau, axis=-1):
@@ -195,7 +212,9 @@ def test_gumbel_straight_through_gradient_is_soft(rng):
     def f(x):
         return float(np.sum(GS(x, u, tau=0.7) * dy))
 
-    np.testing.assert_allclose(GS.bwd(soft, dy).logits, numerical_gradient(f, logits), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(
+        GS.bwd(soft, dy).logits, numerical_gradient(f, logits), rtol=1e-6, atol=1e-10
+    )
     for args, kwargs in GS.examples(rng):
         assert max(directional_errors(GS, args, kwargs, rng=rng).values()) < 1e-6
 
@@ -228,10 +247,12 @@ def test_gumbel_extremes(rng):
     for tau in (1.0, 1e-4):
         y, res = GS.fwd(logits * 1e3, u, tau=tau)
         g = GS.bwd(res, np.ones_like(y))
-        assert np.isfinite(y).all() and np.isfinite(g.logits).all()
+        assert np.isfinite(y).all()
+        assert np.isfinite(g.logits).all()
         assert np.allclose(y.sum(-1), 1)
     y32 = GS(logits.astype(np.float32), u.astype(np.float32), tau=0.01)
-    assert y32.dtype == np.float32 and np.isfinite(y32).all()
+    assert y32.dtype == np.float32
+    assert np.isfinite(y32).all()
     eps = np.finfo(np.float64).eps
     assert_close_rel(GS(logits, u), gumbel_oracle(logits, np.clip(u, eps, 1 - eps), 1.0), 1e-12)
 
@@ -250,7 +271,8 @@ def test_gumbel_bad_inputs(rng):
         GS(logits, u, hard=1)
 
 
-# -- hard-concrete gates ----------------------------------------------------------------------------
+# -- hard-concrete gates
+# ----------------------------------------------------------------------------
 
 
 def hc_oracle(log_alpha, u, beta=2 / 3, gamma=-0.1, zeta=1.1, eps=1e-6, training=True):
@@ -263,7 +285,9 @@ def hc_oracle(log_alpha, u, beta=2 / 3, gamma=-0.1, zeta=1.1, eps=1e-6, training
     return g, np.sum(sigmoid(log_alpha - beta * np.log(-gamma / zeta)))
 
 
-@pytest.mark.parametrize("opts", [{}, {"beta": 0.33}, {"training": False}, {"gamma": -0.3, "zeta": 1.2}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"beta": 0.33}, {"training": False}, {"gamma": -0.3, "zeta": 1.2}]
+)
 def test_hard_concrete_oracle(xp, opts, rng):
     log_alpha, u = rng.standard_normal(8) * 2, rng.random((3, 8))
     g, l0 = HC(to_xp(xp, log_alpha), to_xp(xp, u), **opts)
@@ -277,11 +301,14 @@ def test_hard_concrete_limits(rng):
     la = np.array([-50.0, -3.0, 0.0, 2.0, 50.0])
     g, _ = HC(la, training=False)
     np.testing.assert_allclose(g, np.clip(sigmoid(la) * 1.2 - 0.1, 0, 1), rtol=1e-14)
-    assert g[0] == 0 and g[-1] == 1
+    assert g[0] == 0
+    assert g[-1] == 1
     # Sampled: log α → ±∞ closes / opens every gate; the penalty counts the open ones.
     u = rng.random((50, 5))
     g, l0 = HC(la, u)
-    assert not g[:, 0].any() and (g[:, -1] == 1).all() and ((g >= 0) & (g <= 1)).all()
+    assert not g[:, 0].any()
+    assert (g[:, -1] == 1).all()
+    assert ((g >= 0) & (g <= 1)).all()
     assert l0 == pytest.approx(np.sum(sigmoid(la - (2 / 3) * np.log(0.1 / 1.1))))
     # The L0 term is P(g > 0) exactly: on a grid of N uniforms the open fraction is within 1/N.
     n = 2000
@@ -291,7 +318,9 @@ def test_hard_concrete_limits(rng):
         g, _ = HC(la, np.broadcast_to(grid, (n, 6)), beta=beta)
         p_open = sigmoid(la - beta * np.log(0.1 / 1.1))
         assert np.all(np.abs((g > 0).mean(axis=0) - p_open) <= 1.5 / n)
-        assert np.all(np.abs((g == 1).mean(axis=0) - (1 - sigmoid(beta * np.log(1.1 / 0.1) - la))) <= 1.5 / n)
+        assert np.all(
+            np.abs((g == 1).mean(axis=0) - (1 - sigmoid(beta * np.log(1.1 / 0.1) - la))) <= 1.5 / n
+        )
 
 
 def test_hard_concrete_gradients(rng):
@@ -301,7 +330,9 @@ def test_hard_concrete_gradients(rng):
         (g, l0), res = HC.fwd(la, u, **opts)
         dg, dl0 = rng.standard_normal(g.shape), np.asarray(0.37)
         got = HC.bwd(res, (dg, dl0)).log_alpha
-        num = numerical_gradient(lambda x: float(np.sum(HC(x, u, **opts)[0] * dg) + HC(x, u, **opts)[1] * dl0), la)
+        num = numerical_gradient(
+            lambda x: float(np.sum(HC(x, u, **opts)[0] * dg) + HC(x, u, **opts)[1] * dl0), la
+        )
         np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-9)
     (g, _), res = HC.fwd(la, u)
     dla = HC.bwd(res, (np.ones_like(g), None)).log_alpha
@@ -350,5 +381,5 @@ def test_read_only_inputs(rng):
     GS.bwd(res, np.ones_like(y))
     outs, res = HC.fwd(la, uu)
     HC.bwd(res, tuple(np.ones_like(o) for o in outs))
-    for x, c in zip((a, e, u, la, uu), copies):
+    for x, c in zip((a, e, u, la, uu), copies, strict=True):
         assert np.array_equal(x, c)

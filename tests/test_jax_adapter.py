@@ -75,13 +75,14 @@ class Example:
         self.leaves = tuple(self.leaves)
         # Which leaves check_grads may perturb: differentiable float arguments.
         self.diff = tuple(
-            i for i, (arg, _) in enumerate(self.slots)
+            i
+            for i, (arg, _) in enumerate(self.slots)
             if arg in op.differentiable and np.issubdtype(self.leaves[i].dtype, np.floating)
         )
 
     def rebuild(self, leaves):
         arguments = {k: v for k, v in self.arguments.items()}
-        for (arg, key), leaf in zip(self.slots, leaves):
+        for (arg, key), leaf in zip(self.slots, leaves, strict=True):
             if key is None:
                 arguments[arg] = leaf
             else:
@@ -99,7 +100,7 @@ class Example:
 
         def f(*xs):
             leaves = list(self.leaves)
-            for i, x in zip(self.diff, xs):
+            for i, x in zip(self.diff, xs, strict=True):
                 leaves[i] = x
             return self.jax(*leaves, use_callback=use_callback)
 
@@ -122,20 +123,20 @@ def _floats(out):
 def _masked_sum(out, weights):
     """Σ w · o over the finite entries of every float output (an empty row's +inf lse drops out)."""
     total = 0.0
-    for o, w in zip(_floats(out), weights):
+    for o, w in zip(_floats(out), weights, strict=True):
         total = total + jnp.sum(jnp.where(jnp.isfinite(o), o * w, 0.0))
     return total
 
 
 def _assert_outputs(got, expected, rtol, atol):
-    for a, b in zip(_tuple(got), _tuple(expected)):
+    for a, b in zip(_tuple(got), _tuple(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
 # -- results and gradients equal the NumPy op ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name, i", FIRST)
+@pytest.mark.parametrize(("name", "i"), FIRST)
 def test_reference_path_equals_numpy(name, i):
     ex = Example(name, i)
     expected, res = ex.numpy()
@@ -147,33 +148,44 @@ def test_reference_path_equals_numpy(name, i):
         return
     weights = ex.weights()
     f = ex.diff_fn()
-    grads = jax.jit(jax.grad(lambda *xs: _masked_sum(f(*xs), weights),
-                             argnums=tuple(range(len(ex.diff)))))(*(ex.leaves[i] for i in ex.diff))
+    grads = jax.jit(
+        jax.grad(lambda *xs: _masked_sum(f(*xs), weights), argnums=tuple(range(len(ex.diff))))
+    )(*(ex.leaves[i] for i in ex.diff))
     cts = []
     it = iter(weights)
     for o in _tuple(expected):
         o = np.asarray(o)
-        cts.append(np.where(np.isfinite(o), next(it), 0.0).astype(o.dtype)
-                   if np.issubdtype(o.dtype, np.floating) else None)
+        cts.append(
+            np.where(np.isfinite(o), next(it), 0.0).astype(o.dtype)
+            if np.issubdtype(o.dtype, np.floating)
+            else None
+        )
     g = ex.op.bwd(res, tuple(cts) if len(cts) > 1 else cts[0])
-    for j, grad in zip(ex.diff, grads):
+    for j, grad in zip(ex.diff, grads, strict=True):
         arg, key = ex.slots[j]
         want = getattr(g, arg) if key is None else getattr(g, arg)[key]
         np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name, i", FIRST)
+@pytest.mark.parametrize(("name", "i"), FIRST)
 def test_check_grads_reverse(name, i):
     ex = Example(name, i)
     if not ex.diff:
         pytest.skip(f"{name}: no differentiable inputs in this example")
     weights = ex.weights()
     f = ex.diff_fn()
-    check_grads(jax.jit(lambda *xs: _masked_sum(f(*xs), weights)), tuple(ex.leaves[i] for i in ex.diff),
-                order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
+    check_grads(
+        jax.jit(lambda *xs: _masked_sum(f(*xs), weights)),
+        tuple(ex.leaves[i] for i in ex.diff),
+        order=1,
+        modes=("rev",),
+        eps=1e-6,
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
-@pytest.mark.parametrize("name, i", SUBSET)
+@pytest.mark.parametrize(("name", "i"), SUBSET)
 def test_jit_equals_eager(name, i):
     ex = Example(name, i)
     eager = ex.jax(*ex.leaves)
@@ -185,8 +197,12 @@ def test_jit_equals_eager(name, i):
         loss = lambda *xs: _masked_sum(f(*xs), weights)  # noqa: E731
         argnums = tuple(range(len(ex.diff)))
         xs = tuple(ex.leaves[i] for i in ex.diff)
-        _assert_outputs(jax.jit(jax.grad(loss, argnums))(*xs), jax.grad(loss, argnums)(*xs),
-                        rtol=1e-11, atol=1e-13)
+        _assert_outputs(
+            jax.jit(jax.grad(loss, argnums))(*xs),
+            jax.grad(loss, argnums)(*xs),
+            rtol=1e-11,
+            atol=1e-13,
+        )
 
 
 def _batched(ex, seed=11):
@@ -200,7 +216,7 @@ def _batched(ex, seed=11):
 
 
 @pytest.mark.parametrize("use_callback", [False, True], ids=["reference", "callback"])
-@pytest.mark.parametrize("name, i", SUBSET)
+@pytest.mark.parametrize(("name", "i"), SUBSET)
 def test_vmap_over_batch_axis(name, i, use_callback):
     ex = Example(name, i)
     batch = _batched(ex)
@@ -223,13 +239,13 @@ def test_vmap_over_batch_axis(name, i, use_callback):
             _assert_outputs(tuple(g[b] for g in vg), gb, rtol=1e-11, atol=1e-13)
 
 
-@pytest.mark.parametrize("name, i", FIRST)
+@pytest.mark.parametrize(("name", "i"), FIRST)
 def test_callback_path_equals_numpy(name, i):
     ex = Example(name, i)
     expected, res = ex.numpy()
     got = jax.jit(lambda *xs: ex.jax(*xs, use_callback=True))(*ex.leaves)
     # The NumPy backend itself runs: bitwise its results.
-    for a, b in zip(_tuple(got), _tuple(expected)):
+    for a, b in zip(_tuple(got), _tuple(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if not ex.diff:
         return
@@ -268,19 +284,20 @@ def test_sdpa_gradient_matches_jax_attention():
         for f in (ours, jax_nn, plain)
     }
     np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads["ours"], grads["plain"]):
+    for a, b in zip(grads["ours"], grads["plain"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     # jax.nn.dot_product_attention forms the logits in float32 even for float64 inputs, so
     # agreement with it is at float32 level.
     np.testing.assert_allclose(ours(q, k, v), jax_nn(q, k, v), rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads["ours"], grads["jax_nn"]):
+    for a, b in zip(grads["ours"], grads["jax_nn"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_static_options_are_bound_not_traced():
     q = jnp.ones((1, 4, 3))
-    f = jax.jit(lambda q: aaj.scaled_dot_product_attention(q, q, q, causal="bottom_right",
-                                                           scale=0.5))
+    f = jax.jit(
+        lambda q: aaj.scaled_dot_product_attention(q, q, q, causal="bottom_right", scale=0.5)
+    )
     assert f(q).shape == (1, 4, 3)
     with pytest.raises(TypeError, match="hashable"):
         aaj.multi_head_attention(q, q, {"w_q": q[0]}, num_heads=[1])

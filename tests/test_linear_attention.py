@@ -50,14 +50,18 @@ def linear_prefix_loop(q, k, v, eps=1e-6):
         fk, fq = phi(k[..., i, :]), phi(q[..., i, :])
         s = s + fk[..., :, None] * v[..., i, None, :]
         z = z + fk
-        out[..., i, :] = np.einsum("...d,...dm->...m", fq, s) / (np.sum(fq * z, -1) + eps)[..., None]
+        out[..., i, :] = (
+            np.einsum("...d,...dm->...m", fq, s) / (np.sum(fq * z, -1) + eps)[..., None]
+        )
     return out
 
 
 def _qkv(rng, lq, lk, d, dv, lead=(2,), dtype=np.float64):
-    return (rng.standard_normal((*lead, lq, d)).astype(dtype),
-            rng.standard_normal((*lead, lk, d)).astype(dtype),
-            rng.standard_normal((*lead, lk, dv)).astype(dtype))
+    return (
+        rng.standard_normal((*lead, lq, d)).astype(dtype),
+        rng.standard_normal((*lead, lk, d)).astype(dtype),
+        rng.standard_normal((*lead, lk, dv)).astype(dtype),
+    )
 
 
 def _fd_all(op, args, kwargs, rng):
@@ -66,19 +70,23 @@ def _fd_all(op, args, kwargs, rng):
     do = rng.standard_normal(out.shape)
     g = op.bwd(res, do)
     for i, name in enumerate(("q", "k", "v")):
+
         def f(x, i=i):
             a = list(args)
             a[i] = x
             return float(np.sum(op(*a, **kwargs) * do))
 
-        np.testing.assert_allclose(getattr(g, name), numerical_gradient(f, args[i]),
-                                   rtol=1e-6, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(
+            getattr(g, name), numerical_gradient(f, args[i]), rtol=1e-6, atol=1e-8, err_msg=name
+        )
 
 
 # -- efficient attention --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lq,lk,d,dv", [(5, 7, 3, 4), (7, 3, 6, 2), (1, 1, 1, 1), (4, 9, 1, 3)])
+@pytest.mark.parametrize(
+    ("lq", "lk", "d", "dv"), [(5, 7, 3, 4), (7, 3, 6, 2), (1, 1, 1, 1), (4, 9, 1, 3)]
+)
 def test_efficient_oracle(xp, lq, lk, d, dv, rng):
     q, k, v = _qkv(rng, lq, lk, d, dv)
     out = EA(*(to_xp(xp, a) for a in (q, k, v)))
@@ -106,7 +114,8 @@ def test_efficient_huge_logits_and_float32(rng):
     q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
     out, res = EA.fwd(q32, k32, v32)
     g = EA.bwd(res, np.ones_like(out))
-    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in g)
+    assert out.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in g)
     assert_close_rel(out, efficient_oracle(q, k, v), RTOL[np.float32])
 
 
@@ -128,8 +137,9 @@ def test_linear_noncausal_lengths_differ(rng):
 
 def test_linear_causal_vs_prefix_loop(rng):
     q, k, v = _qkv(rng, 37, 37, 4, 3, lead=(2, 2))
-    assert_close_rel(LA(q, k, v, causal=True, eps=1e-3), linear_prefix_loop(q, k, v, 1e-3),
-                     RTOL[np.float64])
+    assert_close_rel(
+        LA(q, k, v, causal=True, eps=1e-3), linear_prefix_loop(q, k, v, 1e-3), RTOL[np.float64]
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -149,7 +159,7 @@ def test_linear_causal_gradients_across_chunks(rng, monkeypatch):
     assert max(errors.values()) < 1e-6, errors
     out2, res2 = LA.fwd(q, k, v, causal=True)
     g2 = LA.bwd(res2, np.cos(out2))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert_close_rel(b, a, 1e-12)
 
 
@@ -162,7 +172,7 @@ def test_linear_reference_namespaces_grads(xp, rng):
         with aa.use_backend("array_api"):
             out, res = LA.fwd(*(to_xp(xp, a) for a in (q, k, v)), causal=causal)
             g = LA.bwd(res, to_xp(xp, do))
-        for a, b in zip((out, *g), (out0, *g0)):
+        for a, b in zip((out, *g), (out0, *g0), strict=True):
             assert_close_rel(a, b, 1e-12)
 
 

@@ -6,13 +6,15 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import arrayattn as aa
 from arrayattn._gradcheck import directional_errors, numerical_gradient
-from support import assert_close_rel, require_kernel, to_numpy, to_xp, RTOL
+from support import RTOL, assert_close_rel, require_kernel, to_numpy, to_xp
 
-# -- dense float64 oracle, written loop by loop from the spec formulas ------------------------------
+# -- dense float64 oracle, written loop by loop from the spec formulas
+# ------------------------------
 
 
 def _sigmoid(x):
@@ -56,7 +58,9 @@ def oracle(h_t, h_s, params=None, *, kind="dot", mask=None, local=None):
                     scale = s_len if local.get("p_scale", "S") == "S" else s_len - 1
                     p_t = scale * _sigmoid(p["v_p"] @ np.tanh(p["w_p"] @ ht[b, t]))
                     pos = p_t - local.get("index_base", 0)
-                    centre = math.floor(pos if local.get("center", "floor") == "floor" else pos + 0.5)
+                    centre = math.floor(
+                        pos if local.get("center", "floor") == "floor" else pos + 0.5
+                    )
                     sigma = radius / 2
                     gauss = np.exp(-((np.arange(s_len) - pos) ** 2) / (2 * sigma**2))
                 window = [s for s in range(centre - radius, centre + radius + 1) if 0 <= s < s_len]
@@ -65,7 +69,7 @@ def oracle(h_t, h_s, params=None, *, kind="dot", mask=None, local=None):
                 continue
             z = np.array([_score(kind, p, ht[b, t], hs[b, s], s) for s in valid])
             e = np.exp(z - z.max())
-            for s, a in zip(valid, e / e.sum()):
+            for s, a in zip(valid, e / e.sum(), strict=True):
                 weights[b, t, s] = a * gauss[s]
     context = weights @ hs
     return context.reshape(lead + (t_len, h_s.shape[-1])), weights.reshape(lead + (t_len, s_len))
@@ -84,8 +88,11 @@ def _params(rng, kind, d_t, d_s, *, s_max=None, d_a=3, bias=True):
             p["b_a"] = rng.standard_normal(s_max)
         return p
     else:
-        p = {"w_a": rng.standard_normal((d_a, d_t)), "u_a": rng.standard_normal((d_a, d_s)),
-             "v_a": rng.standard_normal(d_a)}
+        p = {
+            "w_a": rng.standard_normal((d_a, d_t)),
+            "u_a": rng.standard_normal((d_a, d_s)),
+            "v_a": rng.standard_normal(d_a),
+        }
     if bias:
         p["b_a"] = rng.standard_normal(d_a)
     return p
@@ -157,7 +164,7 @@ LOCAL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind,local", LOCAL_CASES)
+@pytest.mark.parametrize(("kind", "local"), LOCAL_CASES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_local_forward_matches_oracle(xp, kind, local, masked, rng):
     h_t, h_s, params, mask = _inputs(rng, kind, t=5, s=8, masked=masked)
@@ -170,7 +177,8 @@ def test_local_forward_matches_oracle(xp, kind, local, masked, rng):
 
 
 def test_local_monotonic_window_is_exact(rng):
-    """local-m: 0-based p_t = offset + t; out-of-sentence positions are excluded, so rows sum to 1."""
+    """local-m: 0-based p_t = offset + t; out-of-sentence positions are excluded, so rows sum to
+    1."""
     h_t, h_s = rng.standard_normal((6, 3)), rng.standard_normal((7, 3))
     _, a = aa.local_attention(h_t, h_s, window=1, offset=1)
     support = [tuple(np.nonzero(row)[0]) for row in a]
@@ -182,7 +190,8 @@ def test_local_predictive_not_renormalised(rng):
     h_t, h_s = rng.standard_normal((2, 4, 5)), rng.standard_normal((2, 9, 5))
     params = {"w_p": rng.standard_normal((3, 5)), "v_p": rng.standard_normal(3)}
     _, a = aa.local_attention(h_t, h_s, params, window=2, mode="predictive")
-    assert np.all(a.sum(-1) < 1) and np.all(a.sum(-1) > 0)
+    assert np.all(a.sum(-1) < 1)
+    assert np.all(a.sum(-1) > 0)
     assert np.all(np.count_nonzero(a, axis=-1) <= 5)
 
 
@@ -190,11 +199,12 @@ def test_local_equals_global_when_window_covers(rng):
     h_t, h_s, params, mask = _inputs(rng, "general", t=4, s=5)
     g = aa.luong_attention(h_t, h_s, params, score="general", mask=mask)
     loc = aa.local_attention(h_t, h_s, params, score="general", mask=mask, window=9)
-    for x, y in zip(g, loc):
+    for x, y in zip(g, loc, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-15)
 
 
-# -- gradients against finite differences -----------------------------------------------------------
+# -- gradients against finite differences
+# -----------------------------------------------------------
 
 
 def _loss_fd_check(op, args, kwargs, rng, rtol=1e-6):
@@ -214,6 +224,7 @@ def _loss_fd_check(op, args, kwargs, rng, rtol=1e-6):
             continue
         leaves = value.items() if isinstance(value, dict) else [(None, value)]
         for key, x in leaves:
+
             def f(xn, i=i, key=key):
                 new = list(args)
                 new[i] = xn if key is None else {**args[i], key: xn}
@@ -234,7 +245,7 @@ def test_global_gradients_fd(backend, kind, rng):
     _loss_fd_check(op, args, kwargs, rng)
 
 
-@pytest.mark.parametrize("kind,local", LOCAL_CASES)
+@pytest.mark.parametrize(("kind", "local"), LOCAL_CASES)
 def test_local_gradients_fd(backend, kind, local, rng):
     h_t, h_s, params, mask = _inputs(rng, kind, t=4, s=7)
     if local.get("mode") == "predictive":
@@ -303,11 +314,12 @@ def test_fully_masked_source_gives_zeros(backend, kind, rng):
     op, args, kwargs = _op_and_args(kind, h_t, h_s, params, mask)
     _skip_unsupported(backend, op, args, kwargs)
     (c, a), res = op.fwd(*args, **kwargs)
-    assert np.all(c[1] == 0) and np.all(a[1] == 0)
+    assert np.all(c[1] == 0)
+    assert np.all(a[1] == 0)
     g = op.bwd(res, (np.ones_like(c), np.ones_like(a)))
     for name in op.differentiable:
         x = getattr(g, name)
-        for arr in (x.values() if isinstance(x, dict) else [] if x is None else [x]):
+        for arr in x.values() if isinstance(x, dict) else [] if x is None else [x]:
             assert np.all(np.isfinite(arr))
     assert np.all(getattr(g, op.differentiable[0])[1] == 0)
 
@@ -315,19 +327,22 @@ def test_fully_masked_source_gives_zeros(backend, kind, rng):
 def test_local_window_outside_sentence_gives_zeros(backend, rng):
     h_t, h_s = rng.standard_normal((4, 3)), rng.standard_normal((3, 3))
     (c, a), res = aa.local_attention.fwd(h_t, h_s, window=0, offset=1)  # p_t = 1..4
-    assert np.all(a[2:] == 0) and np.all(c[2:] == 0)
+    assert np.all(a[2:] == 0)
+    assert np.all(c[2:] == 0)
     g = aa.local_attention.bwd(res, (np.ones_like(c), np.ones_like(a)))
-    assert np.all(np.isfinite(g.h_t)) and np.all(g.h_t[2:] == 0)
+    assert np.all(np.isfinite(g.h_t))
+    assert np.all(g.h_t[2:] == 0)
 
 
-@pytest.mark.parametrize("kind", ("dot", "general", "concat"))
+@pytest.mark.parametrize("kind", ["dot", "general", "concat"])
 def test_huge_logits_no_overflow(backend, kind, rng):
     h_t, h_s, params, mask = _inputs(rng, kind, d_s=4)
     h_t, h_s = h_t * 1e3, h_s * 1e3
     op, args, kwargs = _op_and_args(kind, h_t, h_s, params, mask)
     _skip_unsupported(backend, op, args, kwargs)
     c, a = op(*args, **kwargs)
-    assert np.all(np.isfinite(c)) and np.all(np.isfinite(a))
+    assert np.all(np.isfinite(c))
+    assert np.all(np.isfinite(a))
     np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-12)
 
 
@@ -346,30 +361,38 @@ def test_no_batch_dims_and_empty_targets(rng):
     c_ref, a_ref = oracle(h_t, h_s, params, kind="concat")
     np.testing.assert_allclose(c, c_ref, rtol=1e-12)
     (c, a), res = aa.luong_attention.fwd(h_t[:0], h_s, params, score="concat")
-    assert c.shape == (0, 4) and a.shape == (0, 5)
+    assert c.shape == (0, 4)
+    assert a.shape == (0, 5)
     g = aa.luong_attention.bwd(res, (c, a))
-    assert g.h_t.shape == (0, 4) and np.all(g.params["w_a"] == 0)
+    assert g.h_t.shape == (0, 4)
+    assert np.all(g.params["w_a"] == 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_low_precision_dtypes(dtype, rng):
     h_t, h_s, params, mask = _inputs(rng, "concat")
-    cast = lambda x: None if x is None else x.astype(dtype)
+
+    def cast(x):
+        return None if x is None else x.astype(dtype)
+
     p = {k: cast(v) for k, v in params.items()}
     (c, a), res = aa.luong_attention.fwd(cast(h_t), cast(h_s), p, score="concat", mask=mask)
-    assert c.dtype == dtype and a.dtype == dtype
+    assert c.dtype == dtype
+    assert a.dtype == dtype
     c_ref, a_ref = oracle(cast(h_t), cast(h_s), p, kind="concat", mask=mask)
     tol = 2e-6 if dtype == np.float32 else 2e-3
     assert_close_rel(c, c_ref, tol, "context")
     g = aa.luong_attention.bwd(res, (np.ones_like(c), np.ones_like(a)))
-    assert g.h_t.dtype == dtype and g.params["w_a"].dtype == dtype
+    assert g.h_t.dtype == dtype
+    assert g.params["w_a"].dtype == dtype
 
 
 def test_nan_propagates(rng):
     h_t, h_s, _, _ = _inputs(rng, "dot", masked=False)
     h_s[0, 2, 0] = np.nan
     c, a = aa.luong_attention(h_t, h_s)
-    assert np.isnan(a[0]).all() and np.isfinite(a[1]).all()
+    assert np.isnan(a[0]).all()
+    assert np.isfinite(a[1]).all()
 
 
 def test_read_only_inputs_unchanged(backend, rng):
@@ -379,18 +402,20 @@ def test_read_only_inputs_unchanged(backend, rng):
     copies = [x.copy() for x in arrays]
     for x in arrays:
         x.flags.writeable = False
-    (c, a), res = aa.local_attention.fwd(h_t, h_s, params, window=2, mode="predictive",
-                                         score="concat", mask=mask)
+    (c, a), res = aa.local_attention.fwd(
+        h_t, h_s, params, window=2, mode="predictive", score="concat", mask=mask
+    )
     g = aa.local_attention.bwd(res, (np.ones_like(c), np.ones_like(a)))
-    for x, y in zip(arrays, copies):
+    for x, y in zip(arrays, copies, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.shares_memory(g.h_t, h_t)
 
 
-# -- independent PyTorch re-implementation (OpenNMT-py GlobalAttention semantics) -------------------
+# -- independent PyTorch re-implementation (OpenNMT-py GlobalAttention semantics)
+# -------------------
 
 
-@pytest.mark.parametrize("kind", ("dot", "general", "mlp"))
+@pytest.mark.parametrize("kind", ["dot", "general", "mlp"])
 def test_matches_opennmt_style_torch(kind, rng):
     torch = pytest.importorskip("torch")
     n, t, s, d = 2, 3, 6, 5
@@ -428,7 +453,7 @@ def test_matches_opennmt_style_torch(kind, rng):
     np.testing.assert_allclose(a, align.detach().numpy(), rtol=1e-12, atol=1e-13)
     g = op.bwd(res, (dc, da))
     ours = [g[0], g[1]] + ([] if params is None else [g.params[k] for k in params])
-    for x, y in zip(ours, tgrads):
+    for x, y in zip(ours, tgrads, strict=True):
         np.testing.assert_allclose(x, y.numpy().reshape(x.shape), rtol=1e-10, atol=1e-12)
 
 
@@ -436,8 +461,12 @@ def test_matches_opennmt_style_torch(kind, rng):
 
 
 @given(
-    t=st.integers(1, 4), s=st.integers(1, 6), d=st.integers(1, 4), radius=st.integers(0, 3),
-    offset=st.integers(-2, 3), seed=st.integers(0, 2**16),
+    t=st.integers(1, 4),
+    s=st.integers(1, 6),
+    d=st.integers(1, 4),
+    radius=st.integers(0, 3),
+    offset=st.integers(-2, 3),
+    seed=st.integers(0, 2**16),
 )
 def test_local_m_property(t, s, d, radius, offset, seed):
     rng = np.random.default_rng(seed)
@@ -490,8 +519,8 @@ def test_bad_inputs(rng):
         f(h_t, h_s, [np.eye(4)], score="general")
     with pytest.raises(ValueError, match="h_s"):
         f(h_t, h_s[:, :0])
+    torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="namespaces"):
-        torch = pytest.importorskip("torch")
         f(h_t, torch.tensor(h_s))
     b = aa.bahdanau_attention
     p = {"w_a": np.ones((3, 4)), "u_a": np.ones((3, 4)), "v_a": np.ones(3)}
@@ -512,8 +541,13 @@ def test_bad_inputs(rng):
         loc(h_t, h_s, window=2, mode="predictive")
     with pytest.raises(ValueError, match="v_p"):
         loc(h_t, h_s, {"w_p": np.ones((2, 4)), "v_p": np.ones(3)}, window=2, mode="predictive")
-    for name, value in (("mode", "fixed"), ("center", "ceil"), ("p_scale", "S+1"),
-                        ("index_base", 2), ("score", "location")):
+    for name, value in (
+        ("mode", "fixed"),
+        ("center", "ceil"),
+        ("p_scale", "S+1"),
+        ("index_base", 2),
+        ("score", "location"),
+    ):
         with pytest.raises(ValueError, match=name):
             loc(h_t, h_s, window=1, **{name: value})
     (c, a), res = f.fwd(h_t, h_s)
@@ -536,14 +570,17 @@ NUMBA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,kind,local", NUMBA_CASES)
+@pytest.mark.parametrize(("family", "kind", "local"), NUMBA_CASES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_numba_equals_reference(family, kind, local, dtype, rng):
     h_t, h_s, params, mask = _inputs(rng, kind, t=6, s=9, d_s=4)
     if local and local.get("mode") == "predictive":
         params = dict(params or {}, w_p=rng.standard_normal((3, 4)), v_p=rng.standard_normal(3))
     mask[0, 0, :] = False  # a fully masked batch element
-    cast = lambda x: None if x is None else x.astype(dtype)
+
+    def cast(x):
+        return None if x is None else x.astype(dtype)
+
     h_t, h_s = cast(h_t), cast(h_s)
     params = None if params is None else {k: cast(v) for k, v in params.items()}
     op, args, kwargs = _op_and_args(kind, h_t, h_s, params, mask, local)
@@ -555,12 +592,15 @@ def test_numba_equals_reference(family, kind, local, dtype, rng):
             (c, a), res = op.fwd(*args, **kwargs)
             assert res.backend == name
             if cts is None:
-                cts = (rng.standard_normal(c.shape).astype(dtype),
-                       rng.standard_normal(a.shape).astype(dtype))
+                cts = (
+                    rng.standard_normal(c.shape).astype(dtype),
+                    rng.standard_normal(a.shape).astype(dtype),
+                )
             results[name] = (c, a, op.bwd(res, cts))
     ref, got = results["array_api"], results["numba"]
     tol = RTOL[dtype]
-    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert got[0].dtype == dtype
+    assert got[1].dtype == dtype
     assert_close_rel(got[0], ref[0], tol, "context")
     assert_close_rel(got[1], ref[1], tol, "weights")
     for name in op.differentiable:
@@ -582,12 +622,15 @@ WIDE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind,local", WIDE_CASES)
-@pytest.mark.parametrize("parallel,min_items", [(False, 8), (True, 1)])
+@pytest.mark.parametrize(("kind", "local"), WIDE_CASES)
+@pytest.mark.parametrize(("parallel", "min_items"), [(False, 8), (True, 1)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_numba_kernel_paths_equal_reference(kind, local, parallel, min_items, dtype, rng, monkeypatch):
+def test_numba_kernel_paths_equal_reference(
+    kind, local, parallel, min_items, dtype, rng, monkeypatch
+):
     """The serial and parallel twins of the numba kernels (and the additive backward with per-chunk
-    dkb buffers (3 chunks of 5 steps) and without), with d_a and d_s wide enough for the vectorized body of the
+    dkb buffers (3 chunks of 5 steps) and without), with d_a and d_s wide enough for the vectorized
+    body of the
     inner loops plus a remainder, and some saturated tanh."""
     luong_kernels = pytest.importorskip("arrayattn.backends.numba.luong")
     monkeypatch.setattr(luong_kernels, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
@@ -603,7 +646,10 @@ def test_numba_kernel_paths_equal_reference(kind, local, parallel, min_items, dt
     h_t, h_s = h_t.astype(dtype), h_s.astype(dtype)
     op, args, kwargs = _op_and_args(kind, h_t, h_s, params, mask, local)
     require_kernel(op, "numba")
-    cts = (rng.standard_normal((3, 5, d_s)).astype(dtype), rng.standard_normal((3, 5, 7)).astype(dtype))
+    cts = (
+        rng.standard_normal((3, 5, d_s)).astype(dtype),
+        rng.standard_normal((3, 5, 7)).astype(dtype),
+    )
     results = {}
     for name in ("array_api", "numba"):
         with aa.use_backend(name):

@@ -1,4 +1,5 @@
-"""multi_head_attention: a NumPy re-implementation of torch.nn.MultiheadAttention, torch itself, FD."""
+"""multi_head_attention: a NumPy re-implementation of torch.nn.MultiheadAttention, torch itself,
+FD."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def mha_oracle(x_q, x_kv, p, heads, keep=None, causal=False):
     """torch.nn.MultiheadAttention's math (batch_first), in float64, from its documentation:
     in-projections ``x Wᵀ + b``, heads as contiguous column blocks, softmax(q kᵀ/sqrt(dh)), concat,
     out-projection. ``keep`` is a keep-mask (True = may attend) broadcastable to (N, h, Lq, Lk)."""
+
     def lin(x, w, b):
         return x @ w.T + (0 if b is None else b)
 
@@ -84,7 +86,9 @@ CASES = {
     "cross_kdim": dict(n=2, lq=3, lk=5, e=6, ekv=4, heads=3, dh=2, dv=2, eo=6),
     "uneven_widths": dict(n=1, lq=3, lk=4, e=5, ekv=3, heads=2, dh=2, dv=3, eo=4),
     "no_bias": dict(n=2, lq=3, lk=4, e=4, ekv=4, heads=2, dh=2, dv=2, eo=4, biases=()),
-    "some_bias": dict(n=2, lq=3, lk=4, e=4, ekv=4, heads=1, dh=4, dv=2, eo=3, biases=("b_v", "b_o")),
+    "some_bias": dict(
+        n=2, lq=3, lk=4, e=4, ekv=4, heads=1, dh=4, dv=2, eo=3, biases=("b_v", "b_o")
+    ),
 }
 
 
@@ -121,7 +125,8 @@ def test_forward_matches_numpy_mha(attn_backend, case, mask, causal, rng):
     keep = _mask(mask, rng, x_q.shape[0], heads, x_q.shape[1], x_kv.shape[1])
     y = MHA(x_q, x_kv, p, num_heads=heads, mask=keep, causal=causal)
     want = mha_oracle(x_q, x_kv, p, heads, keep, causal)
-    assert y.shape == want.shape and y.dtype == x_q.dtype
+    assert y.shape == want.shape
+    assert y.dtype == x_q.dtype
     assert_close_rel(y, want, 1e-12)
 
 
@@ -133,21 +138,29 @@ def _grads_by_fd(x_q, x_kv, p, heads, dy, **kw):
                 args[which] = x
             else:
                 args["params"][key] = x
-            return float(np.sum(MHA(args["x_q"], args["x_kv"], args["params"], num_heads=heads,
-                                    **kw) * dy))
+            return float(
+                np.sum(MHA(args["x_q"], args["x_kv"], args["params"], num_heads=heads, **kw) * dy)
+            )
+
         return f
 
-    fd = {"x_q": numerical_gradient(f_of("x_q"), x_q),
-          "x_kv": numerical_gradient(f_of("x_kv"), x_kv)}
+    fd = {
+        "x_q": numerical_gradient(f_of("x_q"), x_q),
+        "x_kv": numerical_gradient(f_of("x_kv"), x_kv),
+    }
     fd["params"] = {key: numerical_gradient(f_of("params", key), val) for key, val in p.items()}
     return fd
 
 
 @pytest.mark.parametrize(
-    "case,mask,causal",
-    [("self_biases", "none", False), ("cross_kdim", "1h1lk", True),
-     ("uneven_widths", "n1_lq_lk", "bottom_right"), ("no_bias", "lk", False),
-     ("some_bias", "lq_lk", True)],
+    ("case", "mask", "causal"),
+    [
+        ("self_biases", "none", False),
+        ("cross_kdim", "1h1lk", True),
+        ("uneven_widths", "n1_lq_lk", "bottom_right"),
+        ("no_bias", "lk", False),
+        ("some_bias", "lq_lk", True),
+    ],
 )
 def test_gradients_match_finite_differences(attn_backend, case, mask, causal, rng):
     x_q, x_kv, p, heads = build(case, rng)
@@ -157,8 +170,9 @@ def test_gradients_match_finite_differences(attn_backend, case, mask, causal, rn
     if attn_backend != "array_api":
         # Dot-product test per parameter (two calls each): the kernel's per-call cost makes
         # entry-by-entry differences slow; entries are pinned by the array_api run below.
-        errors = directional_check(MHA, (x_q, x_kv, p),
-                                   dict(num_heads=heads, mask=keep, causal=causal), rng)
+        errors = directional_check(
+            MHA, (x_q, x_kv, p), dict(num_heads=heads, mask=keep, causal=causal), rng
+        )
         assert len(errors) == 2 + len(p)
         with aa.use_backend("array_api"):
             y_ref, res_ref = MHA.fwd(x_q, x_kv, p, num_heads=heads, mask=keep, causal=causal)
@@ -206,8 +220,9 @@ def test_matches_torch_multihead_attention(kdim, mask, rng):
     torch = pytest.importorskip("torch")
     n, lq, lk, e, heads = 2, 5, 6, 6, 3
     torch.manual_seed(0)
-    module = torch.nn.MultiheadAttention(e, heads, batch_first=True, bias=True, kdim=kdim,
-                                         vdim=kdim, dtype=torch.float64)
+    module = torch.nn.MultiheadAttention(
+        e, heads, batch_first=True, bias=True, kdim=kdim, vdim=kdim, dtype=torch.float64
+    )
     with torch.no_grad():  # non-zero biases, so their gradients mean something
         module.in_proj_bias.normal_()
         module.out_proj.bias.normal_()
@@ -216,8 +231,16 @@ def test_matches_torch_multihead_attention(kdim, mask, rng):
     else:
         w_q, w_k, w_v = (getattr(module, f"{c}_proj_weight").detach() for c in "qkv")
     b_q, b_k, b_v = module.in_proj_bias.detach().chunk(3)
-    params = {"w_q": w_q, "w_k": w_k, "w_v": w_v, "w_o": module.out_proj.weight.detach(),
-              "b_q": b_q, "b_k": b_k, "b_v": b_v, "b_o": module.out_proj.bias.detach()}
+    params = {
+        "w_q": w_q,
+        "w_k": w_k,
+        "w_v": w_v,
+        "w_o": module.out_proj.weight.detach(),
+        "b_q": b_q,
+        "b_k": b_k,
+        "b_v": b_v,
+        "b_o": module.out_proj.bias.detach(),
+    }
     params = {key: val.numpy().copy() for key, val in params.items()}
     x_q = rng.standard_normal((n, lq, e))
     x_kv = rng.standard_normal((n, lk, kdim or e))
@@ -242,17 +265,22 @@ def test_matches_torch_multihead_attention(kdim, mask, rng):
     assert_close_rel(g.x_q, tq.grad.numpy(), 1e-12, "x_q")
     assert_close_rel(g.x_kv, tkv.grad.numpy(), 1e-12, "x_kv")
     if kdim is None:
-        torch_w = dict(zip(("w_q", "w_k", "w_v"), module.in_proj_weight.grad.chunk(3)))
+        torch_w = dict(zip(("w_q", "w_k", "w_v"), module.in_proj_weight.grad.chunk(3), strict=True))
     else:
         torch_w = {f"w_{c}": getattr(module, f"{c}_proj_weight").grad for c in "qkv"}
-    torch_grads = {**torch_w, "w_o": module.out_proj.weight.grad,
-                   **dict(zip(("b_q", "b_k", "b_v"), module.in_proj_bias.grad.chunk(3))),
-                   "b_o": module.out_proj.bias.grad}
+    torch_grads = {
+        **torch_w,
+        "w_o": module.out_proj.weight.grad,
+        **dict(zip(("b_q", "b_k", "b_v"), module.in_proj_bias.grad.chunk(3), strict=True)),
+        "b_o": module.out_proj.bias.grad,
+    }
     assert set(g.params) == set(torch_grads)
     for key, want in torch_grads.items():
         assert_close_rel(g.params[key], want.numpy(), 1e-12, key, floor=1.0)
     # and the NumPy re-implementation agrees with torch too
-    assert_close_rel(mha_oracle(x_q, x_kv, params, heads, keep, causal), y_t.detach().numpy(), 1e-12)
+    assert_close_rel(
+        mha_oracle(x_q, x_kv, params, heads, keep, causal), y_t.detach().numpy(), 1e-12
+    )
 
 
 def test_torch_tensors_through_array_api(rng):
@@ -265,8 +293,14 @@ def test_torch_tensors_through_array_api(rng):
     g = MHA.bwd(res, dy)
     t = lambda a: torch.asarray(a)  # noqa: E731
     with aa.use_backend("array_api"):
-        yt, rest = MHA.fwd(t(x_q), t(x_kv), {k_: t(a) for k_, a in p.items()}, num_heads=heads,
-                           mask=t(keep), causal=True)
+        yt, rest = MHA.fwd(
+            t(x_q),
+            t(x_kv),
+            {k_: t(a) for k_, a in p.items()},
+            num_heads=heads,
+            mask=t(keep),
+            causal=True,
+        )
         gt = MHA.bwd(rest, t(dy))
     assert isinstance(yt, torch.Tensor)
     assert_close_rel(to_numpy(yt), y, 1e-12)
@@ -292,10 +326,15 @@ def test_low_precision_dtypes(dtype, rng):
     cast = lambda a: a.astype(dtype)  # noqa: E731
     y, res = MHA.fwd(cast(x_q), cast(x_kv), {k_: cast(a) for k_, a in p.items()}, num_heads=heads)
     g = MHA.bwd(res, np.ones(y.shape, dtype))
-    assert y.dtype == dtype and g.x_q.dtype == dtype and g.x_kv.dtype == dtype
+    assert y.dtype == dtype
+    assert g.x_q.dtype == dtype
+    assert g.x_kv.dtype == dtype
     assert all(a.dtype == dtype for a in g.params.values())
-    want = mha_oracle(*(a.astype(np.float64) for a in (cast(x_q), cast(x_kv))),
-                      {k_: cast(a).astype(np.float64) for k_, a in p.items()}, heads)
+    want = mha_oracle(
+        *(a.astype(np.float64) for a in (cast(x_q), cast(x_kv))),
+        {k_: cast(a).astype(np.float64) for k_, a in p.items()},
+        heads,
+    )
     assert_close_rel(y, want, {np.float32: 1e-5, np.float16: 5e-3}[dtype])
 
 
@@ -307,7 +346,7 @@ def test_residuals_nest_the_attention_record_and_rebuild(rng):
     y, res = MHA.fwd(x_q, x_kv, p, num_heads=heads, causal=True)
     assert {"attn/q", "attn/k", "attn/v", "attn/out", "attn/lse"} <= set(res.arrays)
     assert all("/" not in key or key.startswith("attn/") for key in res.arrays)
-    assert ("attn/" in dict(res.static))
+    assert "attn/" in dict(res.static)
     dy = rng.standard_normal(y.shape)
     g = MHA.bwd(res, dy)
     # What a framework adapter does: save the arrays, rebuild the record from its own copies.
@@ -359,7 +398,7 @@ def test_deterministic(rng):
         y, res = MHA.fwd(x_q, x_kv, p, num_heads=heads, causal=True)
         g = MHA.bwd(res, np.ones_like(y))
         runs.append([y, g.x_q, g.x_kv, *(g.params[key] for key in sorted(p))])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert a.tobytes() == b.tobytes()
 
 
@@ -369,44 +408,105 @@ def _bad(rng):
 
 
 BAD = [
-    ("params not a mapping", lambda x_q, x_kv, p: ((x_q, x_kv, list(p.values())), {}), TypeError,
-     ["params", "list"]),
-    ("missing weight", lambda x_q, x_kv, p: ((x_q, x_kv, {k: v for k, v in p.items() if k != "w_k"}),
-                                              {}), ValueError, ["params", "w_k"]),
-    ("unknown key", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_x": p["w_q"]}), {}), ValueError,
-     ["params", "w_x"]),
-    ("weight wrong shape", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_k": p["w_k"][:, :3]}), {}),
-     ValueError, ["w_k", "(6, 3)"]),
-    ("bias wrong shape", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "b_o": p["b_o"][:2]}), {}),
-     ValueError, ["b_o", "(2,)"]),
-    ("weight not 2-D", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_o": p["w_o"][0]}), {}),
-     ValueError, ["w_o"]),
-    ("param not an array", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "b_q": [0.0] * 6}), {}),
-     TypeError, ["b_q"]),
-    ("param dtype", lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_q": p["w_q"].astype(np.float32)}), {}),
-     TypeError, ["w_q", "float32"]),
+    (
+        "params not a mapping",
+        lambda x_q, x_kv, p: ((x_q, x_kv, list(p.values())), {}),
+        TypeError,
+        ["params", "list"],
+    ),
+    (
+        "missing weight",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {k: v for k, v in p.items() if k != "w_k"}), {}),
+        ValueError,
+        ["params", "w_k"],
+    ),
+    (
+        "unknown key",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_x": p["w_q"]}), {}),
+        ValueError,
+        ["params", "w_x"],
+    ),
+    (
+        "weight wrong shape",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_k": p["w_k"][:, :3]}), {}),
+        ValueError,
+        ["w_k", "(6, 3)"],
+    ),
+    (
+        "bias wrong shape",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "b_o": p["b_o"][:2]}), {}),
+        ValueError,
+        ["b_o", "(2,)"],
+    ),
+    (
+        "weight not 2-D",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_o": p["w_o"][0]}), {}),
+        ValueError,
+        ["w_o"],
+    ),
+    (
+        "param not an array",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "b_q": [0.0] * 6}), {}),
+        TypeError,
+        ["b_q"],
+    ),
+    (
+        "param dtype",
+        lambda x_q, x_kv, p: ((x_q, x_kv, {**p, "w_q": p["w_q"].astype(np.float32)}), {}),
+        TypeError,
+        ["w_q", "float32"],
+    ),
     ("x_q int", lambda x_q, x_kv, p: ((x_q.astype(int), x_kv, p), {}), TypeError, ["x_q"]),
     ("x_q rank", lambda x_q, x_kv, p: ((x_q[0], x_kv, p), {}), ValueError, ["x_q", "(N, Lq, E)"]),
     ("x_kv rank", lambda x_q, x_kv, p: ((x_q, x_kv[None], p), {}), ValueError, ["x_kv"]),
-    ("batch mismatch", lambda x_q, x_kv, p: ((x_q, x_kv[:1], p), {}), ValueError, ["x_kv", "N = 2"]),
+    (
+        "batch mismatch",
+        lambda x_q, x_kv, p: ((x_q, x_kv[:1], p), {}),
+        ValueError,
+        ["x_kv", "N = 2"],
+    ),
     ("x_kv width", lambda x_q, x_kv, p: ((x_q, x_kv[..., :3], p), {}), ValueError, ["w_k"]),
-    ("heads do not divide", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 4}), ValueError,
-     ["w_q", "num_heads"]),
-    ("num_heads zero", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 0}), ValueError,
-     ["num_heads", "0"]),
-    ("num_heads float", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 3.0}), TypeError,
-     ["num_heads", "float"]),
-    ("num_heads bool", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": True}), TypeError,
-     ["num_heads", "bool"]),
-    ("mask not bool", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"mask": np.ones((3, 5))}), TypeError,
-     ["mask"]),
-    ("mask shape", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"mask": np.ones((3, 4), bool)}),
-     ValueError, ["mask", "(3, 4)"]),
+    (
+        "heads do not divide",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 4}),
+        ValueError,
+        ["w_q", "num_heads"],
+    ),
+    (
+        "num_heads zero",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 0}),
+        ValueError,
+        ["num_heads", "0"],
+    ),
+    (
+        "num_heads float",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": 3.0}),
+        TypeError,
+        ["num_heads", "float"],
+    ),
+    (
+        "num_heads bool",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"num_heads": True}),
+        TypeError,
+        ["num_heads", "bool"],
+    ),
+    (
+        "mask not bool",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"mask": np.ones((3, 5))}),
+        TypeError,
+        ["mask"],
+    ),
+    (
+        "mask shape",
+        lambda x_q, x_kv, p: ((x_q, x_kv, p), {"mask": np.ones((3, 4), bool)}),
+        ValueError,
+        ["mask", "(3, 4)"],
+    ),
     ("causal", lambda x_q, x_kv, p: ((x_q, x_kv, p), {"causal": "yes"}), ValueError, ["causal"]),
 ]
 
 
-@pytest.mark.parametrize("label,make,exc,words", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("label", "make", "exc", "words"), BAD, ids=[b[0] for b in BAD])
 def test_bad_inputs(label, make, exc, words, rng):
     args, kwargs = make(*_bad(rng))
     kwargs.setdefault("num_heads", 3)

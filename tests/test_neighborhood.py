@@ -1,4 +1,5 @@
-"""Neighbourhood attention 1-D/2-D, SASA block: dense float64 oracles, gradients, backends, errors."""
+"""Neighbourhood attention 1-D/2-D, SASA block: dense float64 oracles, gradients, backends,
+errors."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def dense_oracle(q, k, v, keys_y, keys_x, *, scale, rel_y, rel_x, bias=None, r_h
 
     def padded(a):
         out = np.zeros(a.shape[:-3] + (hp, wp, a.shape[-1]))
-        out[..., pad:pad + h, pad:pad + w, :] = a
+        out[..., pad : pad + h, pad : pad + w, :] = a
         return out.reshape(a.shape[:-3] + (hp * wp, a.shape[-1]))
 
     kp, vp = padded(k), padded(v)
@@ -86,9 +87,13 @@ def dense_oracle(q, k, v, keys_y, keys_x, *, scale, rel_y, rel_x, bias=None, r_h
                     keep[p, col] = True
                     ty, tx = rel_y(i, ny), rel_x(j, nx)
                     if r_h is not None:
-                        extra[..., p, col] += np.sum(q[..., i, j, :] * np.asarray(r_h)[..., ty, :], -1)
+                        extra[..., p, col] += np.sum(
+                            q[..., i, j, :] * np.asarray(r_h)[..., ty, :], -1
+                        )
                     if r_w is not None:
-                        extra[..., p, col] += np.sum(q[..., i, j, :] * np.asarray(r_w)[..., tx, :], -1)
+                        extra[..., p, col] += np.sum(
+                            q[..., i, j, :] * np.asarray(r_w)[..., tx, :], -1
+                        )
                     if bias is not None:
                         extra[..., p, col] += np.asarray(bias)[..., ty, tx]
     s = np.where(keep, logits + extra, -np.inf)
@@ -99,31 +104,44 @@ def dense_oracle(q, k, v, keys_y, keys_x, *, scale, rel_y, rel_x, bias=None, r_h
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 
-def na2d_oracle(q, k, v, *, kernel_size, dilation=1, boundary="clamp", rel_bias=None,
-                rel_pos=None, scale=None):
+def na2d_oracle(
+    q, k, v, *, kernel_size, dilation=1, boundary="clamp", rel_bias=None, rel_pos=None, scale=None
+):
     h, w, d = q.shape[-3:]
     scale = 1 / np.sqrt(d) if scale is None else scale
     r_h, r_w = (None, None) if rel_pos is None else rel_pos
     rel = lambda i, n: (n - i) // dilation + kernel_size - 1  # noqa: E731
     return dense_oracle(
-        q, k, v,
+        q,
+        k,
+        v,
         lambda i: axis_keys(i, h, kernel_size, dilation, boundary),
         lambda j: axis_keys(j, w, kernel_size, dilation, boundary),
-        scale=scale, rel_y=rel, rel_x=rel, bias=rel_bias, r_h=r_h, r_w=r_w,
+        scale=scale,
+        rel_y=rel,
+        rel_x=rel,
+        bias=rel_bias,
+        r_h=r_h,
+        r_w=r_w,
     )
 
 
-def na1d_oracle(q, k, v, *, kernel_size, dilation=1, causal=False, boundary="clamp",
-                rel_bias=None, scale=None):
+def na1d_oracle(
+    q, k, v, *, kernel_size, dilation=1, causal=False, boundary="clamp", rel_bias=None, scale=None
+):
     length, d = q.shape[-2:]
     scale = 1 / np.sqrt(d) if scale is None else scale
     bias = None if rel_bias is None else np.asarray(rel_bias)[..., None, :]
     out = dense_oracle(
-        q[..., None, :, :], k[..., None, :, :], v[..., None, :, :],
+        q[..., None, :, :],
+        k[..., None, :, :],
+        v[..., None, :, :],
         lambda i: [0],
         lambda j: axis_keys(j, length, kernel_size, dilation, boundary, causal),
-        scale=scale, rel_y=lambda i, n: 0,
-        rel_x=lambda i, n: (n - i) // dilation + kernel_size - 1, bias=bias,
+        scale=scale,
+        rel_y=lambda i, n: 0,
+        rel_x=lambda i, n: (n - i) // dilation + kernel_size - 1,
+        bias=bias,
     )
     return out[..., 0, :, :]
 
@@ -135,7 +153,8 @@ def _qkv(rng, shape, dv=None):
     return q, k, v
 
 
-# -- forward against the dense oracle ----------------------------------------------------------------
+# -- forward against the dense oracle
+# ----------------------------------------------------------------
 
 CONFIGS_2D = [
     # (H, W, K, dilation, boundary)
@@ -155,7 +174,7 @@ CONFIGS_2D = [
 ]
 
 
-@pytest.mark.parametrize("h,w,kernel,dil,boundary", CONFIGS_2D)
+@pytest.mark.parametrize(("h", "w", "kernel", "dil", "boundary"), CONFIGS_2D)
 def test_na2d_matches_dense_oracle(backend, rng, h, w, kernel, dil, boundary):
     q, k, v = _qkv(rng, (2, 2, h, w, 3), dv=4)
     t = 2 * kernel - 1
@@ -180,7 +199,7 @@ CONFIGS_1D = [
 ]
 
 
-@pytest.mark.parametrize("length,kernel,dil,causal,boundary", CONFIGS_1D)
+@pytest.mark.parametrize(("length", "kernel", "dil", "causal", "boundary"), CONFIGS_1D)
 def test_na1d_matches_dense_oracle(backend, rng, length, kernel, dil, causal, boundary):
     q, k, v = _qkv(rng, (3, length, 4), dv=2)
     bias = rng.standard_normal((3, 2 * kernel - 1))
@@ -236,10 +255,16 @@ def test_sasa_relative_tables_match_split_embedding(rng):
         for b in range(kernel):
             concat[a + kernel - 1 - r, b + kernel - 1 - r] = np.concatenate([r_row[a], r_col[b]])
     bias_free = dense_oracle(
-        q, k, v,
-        lambda i: axis_keys(i, 5, kernel, 1, "zero"), lambda j: axis_keys(j, 6, kernel, 1, "zero"),
-        scale=1.0, rel_y=lambda i, n: n - i + kernel - 1, rel_x=lambda i, n: n - i + kernel - 1,
-        r_h=None, r_w=None,
+        q,
+        k,
+        v,
+        lambda i: axis_keys(i, 5, kernel, 1, "zero"),
+        lambda j: axis_keys(j, 6, kernel, 1, "zero"),
+        scale=1.0,
+        rel_y=lambda i, n: n - i + kernel - 1,
+        rel_x=lambda i, n: n - i + kernel - 1,
+        r_h=None,
+        r_w=None,
     )
     del bias_free
     # dense with the concatenated table: use r_h = concat rows via a per-pair table
@@ -262,7 +287,8 @@ def test_sasa_relative_tables_match_split_embedding(rng):
     assert_close_rel(out, expected, 1e-12)
 
 
-# -- gradients --------------------------------------------------------------------------------------
+# -- gradients
+# --------------------------------------------------------------------------------------
 
 
 def _pairing_grad_check(op, args, kwargs, rng, names):
@@ -290,7 +316,8 @@ def _pairing_grad_check_here(op, args, kwargs, rng, names):
         elif name == "rel_bias":
             num = numerical_gradient(
                 lambda x: float(np.sum(op(*args, **{**kwargs, "rel_bias": x}) * ct)),
-                kwargs["rel_bias"])
+                kwargs["rel_bias"],
+            )
             ana = g.rel_bias
         else:  # rel_pos entry
             key = name
@@ -304,23 +331,36 @@ def _pairing_grad_check_here(op, args, kwargs, rng, names):
         assert_close_rel(ana, num, 1e-6, name)
 
 
-@pytest.mark.parametrize("kernel,dil,boundary", [(3, 1, "clamp"), (2, 2, "clamp"),
-                                                 (3, 1, "zero"), (4, 1, "mask")])
+@pytest.mark.parametrize(
+    ("kernel", "dil", "boundary"),
+    [(3, 1, "clamp"), (2, 2, "clamp"), (3, 1, "zero"), (4, 1, "mask")],
+)
 def test_na2d_gradients_finite_differences(rng, kernel, dil, boundary):
     q, k, v = _qkv(rng, (1, 2, 4, 5, 2), dv=3)
     t = 2 * kernel - 1
-    kw = dict(kernel_size=kernel, dilation=dil, boundary=boundary,
-              rel_bias=rng.standard_normal((2, t, t)),
-              rel_pos={"r_h": rng.standard_normal((t, 2)), "r_w": rng.standard_normal((2, t, 2))})
+    kw = dict(
+        kernel_size=kernel,
+        dilation=dil,
+        boundary=boundary,
+        rel_bias=rng.standard_normal((2, t, t)),
+        rel_pos={"r_h": rng.standard_normal((t, 2)), "r_w": rng.standard_normal((2, t, 2))},
+    )
     _pairing_grad_check(NA2, (q, k, v), kw, rng, ["q", "k", "v", "rel_bias", "r_h", "r_w"])
 
 
-@pytest.mark.parametrize("kernel,dil,causal,boundary", [(3, 2, False, "clamp"), (4, 1, True, "zero"),
-                                                        (3, 1, True, "clamp")])
+@pytest.mark.parametrize(
+    ("kernel", "dil", "causal", "boundary"),
+    [(3, 2, False, "clamp"), (4, 1, True, "zero"), (3, 1, True, "clamp")],
+)
 def test_na1d_gradients_finite_differences(rng, kernel, dil, causal, boundary):
     q, k, v = _qkv(rng, (2, 7, 2), dv=3)
-    kw = dict(kernel_size=kernel, dilation=dil, causal=causal, boundary=boundary,
-              rel_bias=rng.standard_normal((2 * kernel - 1,)))
+    kw = dict(
+        kernel_size=kernel,
+        dilation=dil,
+        causal=causal,
+        boundary=boundary,
+        rel_bias=rng.standard_normal((2 * kernel - 1,)),
+    )
     _pairing_grad_check(NA1, (q, k, v), kw, rng, ["q", "k", "v", "rel_bias"])
 
 
@@ -329,10 +369,13 @@ def test_rel_pos_tuple_form_returns_tuple(rng):
     rel = (rng.standard_normal((5, 2)), None)
     out, res = NA2.fwd(q, k, v, kernel_size=3, rel_pos=rel)
     g = NA2.bwd(res, np.ones_like(out))
-    assert isinstance(g.rel_pos, tuple) and g.rel_pos[1] is None and g.rel_pos[0].shape == (5, 2)
+    assert isinstance(g.rel_pos, tuple)
+    assert g.rel_pos[1] is None
+    assert g.rel_pos[0].shape == (5, 2)
 
 
-# -- backends ----------------------------------------------------------------------------------------
+# -- backends
+# ----------------------------------------------------------------------------------------
 
 
 def _all_grads(g):
@@ -369,8 +412,10 @@ def test_numba_equals_array_api(rng, case, dtype):
     kw = dict(kw)
     if op is NA2:
         kw["rel_bias"] = rng.standard_normal((shape[1], t, t)).astype(dtype)
-        kw["rel_pos"] = {"r_h": rng.standard_normal((t, shape[-1])).astype(dtype),
-                         "r_w": rng.standard_normal((shape[1], t, shape[-1])).astype(dtype)}
+        kw["rel_pos"] = {
+            "r_h": rng.standard_normal((t, shape[-1])).astype(dtype),
+            "r_w": rng.standard_normal((shape[1], t, shape[-1])).astype(dtype),
+        }
     else:
         kw["rel_bias"] = rng.standard_normal((t,)).astype(dtype)
     ct = rng.standard_normal(q.shape[:-1] + (5,)).astype(dtype)
@@ -382,14 +427,21 @@ def test_numba_equals_array_api(rng, case, dtype):
             results[name] = [out] + _all_grads(op.bwd(res, ct))
     # the float64 reference is the oracle for the float32 kernels
     q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
-    kw64 = {key: (val.astype(np.float64) if hasattr(val, "astype") else
-                  {kk: vv.astype(np.float64) for kk, vv in val.items()} if isinstance(val, dict)
-                  else val) for key, val in kw.items()}
+    kw64 = {
+        key: (
+            val.astype(np.float64)
+            if hasattr(val, "astype")
+            else {kk: vv.astype(np.float64) for kk, vv in val.items()}
+            if isinstance(val, dict)
+            else val
+        )
+        for key, val in kw.items()
+    }
     with aa.use_backend("array_api"):
         out, res = op.fwd(q64, k64, v64, **kw64)
         ref = [out] + _all_grads(op.bwd(res, ct.astype(np.float64)))
     rtol = 1e-12 if dtype == np.float64 else 2e-5
-    for a, b, r in zip(results["numba"], results["array_api"], ref):
+    for a, b, r in zip(results["numba"], results["array_api"], ref, strict=True):
         assert a.dtype == dtype
         assert_close_rel(a, r, rtol)
         assert_close_rel(b, r, rtol)
@@ -397,7 +449,7 @@ def test_numba_equals_array_api(rng, case, dtype):
     with aa.use_backend("numba"):
         out, res = op.fwd(q, k, v, **kw)
         again = [out] + _all_grads(op.bwd(res, ct))
-    for a, b in zip(again, results["numba"]):
+    for a, b in zip(again, results["numba"], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -410,11 +462,16 @@ def test_reference_runs_on_namespace(xp, rng):
     with aa.use_backend("array_api"):
         out, res = NA2.fwd(q, k, v, **kw)
         g = NA2.bwd(res, ct)
-        out_x, res_x = NA2.fwd(*(to_xp(xp, a) for a in (q, k, v)), kernel_size=5, boundary="zero",
-                               rel_bias=to_xp(xp, bias), rel_pos=to_xp(xp, rel))
+        out_x, res_x = NA2.fwd(
+            *(to_xp(xp, a) for a in (q, k, v)),
+            kernel_size=5,
+            boundary="zero",
+            rel_bias=to_xp(xp, bias),
+            rel_pos=to_xp(xp, rel),
+        )
         g_x = NA2.bwd(res_x, to_xp(xp, ct))
     assert_close_rel(to_numpy(out_x), out, 1e-12)
-    for a, b in zip(_all_grads(g_x), _all_grads(g)):
+    for a, b in zip(_all_grads(g_x), _all_grads(g), strict=True):
         assert_close_rel(to_numpy(a), b, 1e-12)
     q1, k1, v1 = (a[:, 0] for a in (q, k, v))
     with aa.use_backend("array_api"):
@@ -446,9 +503,10 @@ def test_read_only_inputs(backend, rng):
         a.flags.writeable = False
     out, res = NA2.fwd(q, k, v, kernel_size=3, rel_bias=bias)
     g = NA2.bwd(res, np.ones_like(out))
-    for a, c in zip((q, k, v, bias), copies):
+    for a, c in zip((q, k, v, bias), copies, strict=True):
         np.testing.assert_array_equal(a, c)
-    assert not np.shares_memory(out, q) and not np.shares_memory(g.q, q)
+    assert not np.shares_memory(out, q)
+    assert not np.shares_memory(g.q, q)
 
 
 def test_errors(rng):
@@ -492,7 +550,8 @@ def test_errors(rng):
         NA2(q, torch.asarray(k), v, kernel_size=3)
 
 
-# -- SASA block -------------------------------------------------------------------------------------
+# -- SASA block
+# -------------------------------------------------------------------------------------
 
 
 def _sasa_params(rng, c, cout, heads, kernel, per_head=False):
@@ -518,8 +577,14 @@ def test_sasa_block_matches_oracle(backend, rng):
         return z.reshape(2, 5, 6, heads, cout // heads).transpose(0, 3, 1, 2, 4)
 
     q, k, v = proj("w_q"), proj("w_k"), proj("w_v", "b_v")
-    o = na2d_oracle(q, k, v, kernel_size=kernel, boundary="zero",
-                    rel_pos=(params["rel_h"][None], params["rel_w"][None]))
+    o = na2d_oracle(
+        q,
+        k,
+        v,
+        kernel_size=kernel,
+        boundary="zero",
+        rel_pos=(params["rel_h"][None], params["rel_w"][None]),
+    )
     expected = o.transpose(0, 1, 4, 2, 3).reshape(2, cout, 5, 6)
     assert_close_rel(y, expected, 1e-12)
 
@@ -528,8 +593,9 @@ def test_sasa_block_gradients(backend, rng):
     params = _sasa_params(rng, 3, 4, 2, 3)
     params["b_q"] = rng.standard_normal(4)
     x = rng.standard_normal((1, 3, 4, 5))
-    errors = directional_errors(aa.sasa_block, (x, params), {"num_heads": 2, "kernel_size": 3},
-                                rng=rng)
+    errors = directional_errors(
+        aa.sasa_block, (x, params), {"num_heads": 2, "kernel_size": 3}, rng=rng
+    )
     assert set(errors) == {"x"} | {f"params[{k!r}]" for k in params}
     assert max(errors.values()) < 1e-6, errors
 
@@ -544,7 +610,9 @@ def test_sasa_block_errors(rng):
     with pytest.raises(ValueError, match="rel_h"):
         aa.sasa_block(x, {**params, "rel_h": np.zeros((4, 2))}, num_heads=2, kernel_size=3)
     with pytest.raises(ValueError, match="w_v"):
-        aa.sasa_block(x, {k: a for k, a in params.items() if k != "w_v"}, num_heads=2, kernel_size=3)
+        aa.sasa_block(
+            x, {k: a for k, a in params.items() if k != "w_v"}, num_heads=2, kernel_size=3
+        )
     with pytest.raises(ValueError, match="extra"):
         aa.sasa_block(x, {**params, "extra": np.zeros(2)}, num_heads=2, kernel_size=3)
     with pytest.raises(ValueError, match="x"):

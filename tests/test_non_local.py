@@ -7,7 +7,6 @@ import pytest
 
 import arrayattn as aa
 from arrayattn._gradcheck import numerical_gradient
-from arrayattn._xp import namespace_name
 from arrayattn.non_local import example_params
 from support import assert_close_rel, directional_check, to_numpy, to_xp
 
@@ -52,14 +51,18 @@ def nl_oracle(x, p, mode="embedded_gaussian", subsample=False, scale=1.0):
     else:
         ci = theta.shape[1]
         wf = p["w_f"][0, :, 0, 0]
-        pre = np.einsum("c,nci->ni", wf[:ci], theta)[:, :, None] + np.einsum("c,ncj->nj", wf[ci:], phi)[:, None, :]
+        pre = (
+            np.einsum("c,nci->ni", wf[:ci], theta)[:, :, None]
+            + np.einsum("c,ncj->nj", wf[ci:], phi)[:, None, :]
+        )
         f = np.maximum(pre, 0) / npos
     y = np.einsum("nij,ncj->nci", f, g)
     z = conv1x1(y, p["w_z"], p.get("b_z")) + xf
     return z.reshape(x.shape)
 
 
-# -- PyTorch re-implementation of AlexHex7/Non-local_pytorch (lib/non_local_*.py), BN omitted -------
+# -- PyTorch re-implementation of AlexHex7/Non-local_pytorch (lib/non_local_*.py), BN omitted
+# -------
 
 
 class TorchNonLocal(torch.nn.Module):
@@ -75,7 +78,9 @@ class TorchNonLocal(torch.nn.Module):
             self.theta = torch.nn.Conv2d(c, ci, 1)
             self.phi = torch.nn.Conv2d(c, ci, 1)
         if mode == "concat":
-            self.concat_project = torch.nn.Sequential(torch.nn.Conv2d(ci * 2, 1, 1, bias=False), torch.nn.ReLU())
+            self.concat_project = torch.nn.Sequential(
+                torch.nn.Conv2d(ci * 2, 1, 1, bias=False), torch.nn.ReLU()
+            )
         if sub_sample:
             self.g = torch.nn.Sequential(self.g, pool)
             if mode == "gaussian":
@@ -121,7 +126,12 @@ def _conv(seq):
 def torch_params(m, mode):
     p = {"w_g": _conv(m.g).weight, "b_g": _conv(m.g).bias, "w_z": m.W.weight, "b_z": m.W.bias}
     if mode != "gaussian":
-        p.update(w_theta=m.theta.weight, b_theta=m.theta.bias, w_phi=_conv(m.phi).weight, b_phi=_conv(m.phi).bias)
+        p.update(
+            w_theta=m.theta.weight,
+            b_theta=m.theta.bias,
+            w_phi=_conv(m.phi).weight,
+            b_phi=_conv(m.phi).bias,
+        )
     if mode == "concat":
         p["w_f"] = m.concat_project[0].weight
     return p
@@ -136,7 +146,9 @@ def torch_params(m, mode):
 def test_oracle(rng, backend, mode, subsample, shape):
     x = rng.standard_normal(shape)
     p = example_params(rng, shape[1], 3, mode)
-    assert_close_rel(NL(x, p, mode=mode, subsample=subsample), nl_oracle(x, p, mode, subsample), 1e-12)
+    assert_close_rel(
+        NL(x, p, mode=mode, subsample=subsample), nl_oracle(x, p, mode, subsample), 1e-12
+    )
 
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
@@ -167,7 +179,8 @@ def test_zero_w_z_is_identity(rng):
     np.testing.assert_array_equal(NL(x, p), x)
 
 
-# -- against AlexHex7/Non-local_pytorch semantics (same weights) -------------------------------------
+# -- against AlexHex7/Non-local_pytorch semantics (same weights)
+# -------------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -190,7 +203,9 @@ def test_vs_alexhex7_torch(rng, backend, mode, subsample):
     floor = np.max(np.abs(xt.grad.numpy()))
     for key, param in tp.items():
         # b_phi of the softmax mode has an exactly-zero gradient: compare on the scale of dx
-        assert_close_rel(g.params[key], param.grad.numpy(), 1e-10, key, floor=floor if key == "b_phi" else 0.0)
+        assert_close_rel(
+            g.params[key], param.grad.numpy(), 1e-10, key, floor=floor if key == "b_phi" else 0.0
+        )
 
 
 # -- gradients -------------------------------------------------------------------------------------
@@ -205,7 +220,9 @@ def test_elementwise_gradients(rng, mode, subsample):
     kw = {"mode": mode, "subsample": subsample}
     _, res = NL.fwd(x, p, **kw)
     g = NL.bwd(res, dy)
-    assert_close_rel(g.x, numerical_gradient(lambda a: float(np.sum(NL(a, p, **kw) * dy)), x), 1e-7, "x")
+    assert_close_rel(
+        g.x, numerical_gradient(lambda a: float(np.sum(NL(a, p, **kw) * dy)), x), 1e-7, "x"
+    )
     for key in p:
         num = numerical_gradient(lambda a: float(np.sum(NL(x, {**p, key: a}, **kw) * dy)), p[key])
         floor = np.max(np.abs(g.x)) if (key == "b_phi" and mode == "embedded_gaussian") else 0.0
@@ -235,7 +252,7 @@ def test_backends_agree(rng):
             g = NL.bwd(res, dy)
         assert dict(res.static)["attn/"][1] == b  # the core ran on that backend
         out[b] = (z, g.x, g.params["w_theta"], g.params["w_g"])
-    for a, b in zip(out["array_api"], out["numba"]):
+    for a, b in zip(out["array_api"], out["numba"], strict=True):
         assert_close_rel(b, a, 1e-10)
 
 
@@ -264,10 +281,13 @@ def test_float32(rng, backend, mode):
     p = {k: v.astype(np.float32) for k, v in example_params(rng, 6, 3, mode).items()}
     z, res = NL.fwd(x, p, mode=mode, subsample=True)
     assert z.dtype == np.float32
-    ref = nl_oracle(x.astype(np.float64), {k: v.astype(np.float64) for k, v in p.items()}, mode, True)
+    ref = nl_oracle(
+        x.astype(np.float64), {k: v.astype(np.float64) for k, v in p.items()}, mode, True
+    )
     assert_close_rel(z, ref, 2e-5)
     g = NL.bwd(res, np.ones_like(z))
-    assert g.x.dtype == np.float32 and all(v.dtype == np.float32 for v in g.params.values())
+    assert g.x.dtype == np.float32
+    assert all(v.dtype == np.float32 for v in g.params.values())
 
 
 def test_read_only_inputs(rng):
@@ -282,24 +302,55 @@ def test_read_only_inputs(rng):
         np.testing.assert_array_equal(x, before[0])
         for k in p:
             np.testing.assert_array_equal(p[k], before[1][k])
-        assert not np.shares_memory(z, x) and not np.shares_memory(g.x, x)
+        assert not np.shares_memory(z, x)
+        assert not np.shares_memory(g.x, x)
 
 
 @pytest.mark.parametrize(
-    "mode,mutate,kwargs,exc,match",
+    ("mode", "mutate", "kwargs", "exc", "match"),
     [
-        ("embedded_gaussian", lambda p: {k: v for k, v in p.items() if k != "w_theta"}, {}, ValueError, "w_theta"),
+        (
+            "embedded_gaussian",
+            lambda p: {k: v for k, v in p.items() if k != "w_theta"},
+            {},
+            ValueError,
+            "w_theta",
+        ),
         ("embedded_gaussian", lambda p: {**p, "w_phi": p["w_phi"][:1]}, {}, ValueError, "w_phi"),
         ("embedded_gaussian", lambda p: {**p, "w_z": p["w_z"][..., 0, 0]}, {}, ValueError, "w_z"),
         ("embedded_gaussian", lambda p: {**p, "b_z": p["b_z"][:1]}, {}, ValueError, "b_z"),
         ("embedded_gaussian", lambda p: {**p, "w_f": np.ones((1, 4, 1, 1))}, {}, ValueError, "w_f"),
-        ("gaussian", lambda p: {**p, "w_theta": np.ones((2, 4, 1, 1))}, {"mode": "gaussian"}, ValueError, "w_theta"),
-        ("concat", lambda p: {k: v for k, v in p.items() if k != "w_f"}, {"mode": "concat"}, ValueError, "w_f"),
+        (
+            "gaussian",
+            lambda p: {**p, "w_theta": np.ones((2, 4, 1, 1))},
+            {"mode": "gaussian"},
+            ValueError,
+            "w_theta",
+        ),
+        (
+            "concat",
+            lambda p: {k: v for k, v in p.items() if k != "w_f"},
+            {"mode": "concat"},
+            ValueError,
+            "w_f",
+        ),
         ("dot", lambda p: p, {"mode": "dot", "scale": 0.5}, ValueError, "scale"),
         ("dot", lambda p: p, {"mode": "softmax"}, ValueError, "mode"),
         ("dot", lambda p: p, {"mode": "dot", "subsample": 1}, TypeError, "subsample"),
-        ("dot", lambda p: {**p, "w_g": p["w_g"].astype(np.float32)}, {"mode": "dot"}, TypeError, "w_g"),
-        ("dot", lambda p: {k: v for k, v in p.items() if k != "w_g"}, {"mode": "dot"}, ValueError, "w_g"),
+        (
+            "dot",
+            lambda p: {**p, "w_g": p["w_g"].astype(np.float32)},
+            {"mode": "dot"},
+            TypeError,
+            "w_g",
+        ),
+        (
+            "dot",
+            lambda p: {k: v for k, v in p.items() if k != "w_g"},
+            {"mode": "dot"},
+            ValueError,
+            "w_g",
+        ),
     ],
 )
 def test_bad_params(rng, mode, mutate, kwargs, exc, match):

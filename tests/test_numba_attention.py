@@ -25,7 +25,9 @@ def _ulps(got, ref64, dtype):
     return np.abs(got.astype(np.float64) - ref64) / np.spacing(np.abs(ref)).astype(np.float64)
 
 
-@pytest.mark.parametrize("dtype, lo, hi, max_ulp", [(np.float32, -126, 127, 2.0), (np.float64, -1022, 1023, 2.0)])
+@pytest.mark.parametrize(
+    ("dtype", "lo", "hi", "max_ulp"), [(np.float32, -126, 127, 2.0), (np.float64, -1022, 1023, 2.0)]
+)
 def test_exp2_accuracy_in_ulp(dtype, lo, hi, max_ulp):
     from arrayattn.backends.numba._exp import exp2_array
 
@@ -41,12 +43,16 @@ def test_exp2_special_values(dtype):
 
     x = np.array([-np.inf, -1e30, -2000.0, 0.0, np.inf, np.nan], dtype=dtype)
     got = exp2_array(x)
-    assert got[0] == 0 and got[1] == 0 and got[2] == 0  # exactly zero: masked entries stay 0
+    assert got[0] == 0
+    assert got[1] == 0
+    assert got[2] == 0
     assert not np.signbit(got[:3]).any()
-    assert got[3] == 1 and got[4] == np.inf and np.isnan(got[5])
+    assert got[3] == 1
+    assert got[4] == np.inf
+    assert np.isnan(got[5])
 
 
-@pytest.mark.parametrize("dtype, max_ulp", [(np.float32, 2.0), (np.float64, 2.0)])
+@pytest.mark.parametrize(("dtype", "max_ulp"), [(np.float32, 2.0), (np.float64, 2.0)])
 def test_tanh_accuracy_in_ulp(dtype, max_ulp):
     from arrayattn.backends.numba._exp import tanh_array
 
@@ -103,7 +109,8 @@ def _close(a, b, dtype):
     if a is None:
         assert b is None
         return
-    assert a.dtype == b.dtype and a.shape == b.shape
+    assert a.dtype == b.dtype
+    assert a.shape == b.shape
     fin = np.isfinite(a)
     np.testing.assert_array_equal(fin, np.isfinite(b))
     np.testing.assert_array_equal(a[~fin], b[~fin])
@@ -132,7 +139,7 @@ def test_tiles_not_dividing_lengths(monkeypatch, dtype, blocks, causal, rng):
     kw = dict(mask=mask, bias=bias, causal=causal, return_lse=True)
     ref, gref = _run("array_api", q, k, v, do, **kw)
     got, g = _run("numba", q, k, v, do, **kw)
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         _close(a, b, dtype)
     for name in ("q", "k", "v", "bias"):
         _close(getattr(gref, name), getattr(g, name), dtype)
@@ -142,7 +149,8 @@ def test_fully_masked_everything(rng):
     q, k, v = (rng.standard_normal((1, 2, 9, 4)).astype(np.float32) for _ in range(3))
     mask = np.zeros((9, 9), dtype=bool)
     (out, lse), g = _run("numba", q, k, v, np.ones_like(q), mask=mask, return_lse=True)
-    assert (out == 0).all() and (lse == np.inf).all()
+    assert (out == 0).all()
+    assert (lse == np.inf).all()
     for name in ("q", "k", "v"):
         assert (getattr(g, name) == 0).all()
 
@@ -155,11 +163,11 @@ def test_length_one(dtype, rng):
     np.testing.assert_allclose(out, v, rtol=1e-6)  # one key: the output is its value
     np.testing.assert_allclose(g.v, do, rtol=1e-6)
     ref, gref = _run("array_api", q, k, v, do, return_lse=True)
-    for a, b in zip(ref, (out, lse)):
+    for a, b in zip(ref, (out, lse), strict=True):
         _close(a, b, dtype)
 
 
-@pytest.mark.parametrize("heads, length", [(3, 300), (1, 700)])
+@pytest.mark.parametrize(("heads", "length"), [(3, 300), (1, 700)])
 def test_deterministic_bitwise(heads, length, rng):
     """Two runs bitwise equal, also when the backward splits key tiles into dQ chunks (H=1)."""
     q, k, v, do = (rng.standard_normal((1, heads, length, 16)).astype(np.float32) for _ in range(4))
@@ -185,9 +193,11 @@ def test_numba_unavailable_falls_back(monkeypatch, rng):
     reason = "numba cannot be imported (simulated); install the 'numba' extra"
     backend = _registry._BACKENDS["numba"]
     monkeypatch.setitem(
-        _registry._BACKENDS, "numba", _registry._Backend(
+        _registry._BACKENDS,
+        "numba",
+        _registry._Backend(
             backend.name, backend.description, backend.module, backend.namespaces, lambda: reason
-        )
+        ),
     )
     _registry._unavailable.cache_clear()
     try:
@@ -195,7 +205,8 @@ def test_numba_unavailable_falls_back(monkeypatch, rng):
         _, res = SDPA.fwd(q, q, q)
         assert res.backend == "array_api"
         info = {b.name: b for b in aa.backends()}["numba"]
-        assert not info.available and info.reason == reason
+        assert not info.available
+        assert info.reason == reason
         with aa.use_backend("numba"), pytest.raises(aa.BackendError, match="simulated"):
             SDPA(q, q, q)
     finally:
@@ -224,8 +235,10 @@ def test_no_blas_threading_warning(layer, tmp_path):
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
     if layer != "default":
         env["NUMBA_THREADING_LAYER"] = layer
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
-    assert "OpenMP" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    assert "OpenMP" not in proc.stderr, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr

@@ -1,4 +1,5 @@
-"""Tests of the differentiable array primitives (conv2d, pools, upsampling, linear, layer norm, activations)."""
+"""Tests of the differentiable array primitives (conv2d, pools, upsampling, linear, layer norm,
+activations)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,18 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 OPS = [
-    aa.conv2d, aa.linear, aa.layer_norm, aa.sigmoid, aa.relu, aa.tanh, aa.elu, aa.max_pool2d,
-    aa.avg_pool2d, aa.adaptive_avg_pool2d, aa.adaptive_max_pool2d, aa.upsample_nearest2d,
+    aa.conv2d,
+    aa.linear,
+    aa.layer_norm,
+    aa.sigmoid,
+    aa.relu,
+    aa.tanh,
+    aa.elu,
+    aa.max_pool2d,
+    aa.avg_pool2d,
+    aa.adaptive_avg_pool2d,
+    aa.adaptive_max_pool2d,
+    aa.upsample_nearest2d,
     aa.upsample_bilinear2d,
 ]
 
@@ -26,8 +37,13 @@ OPS = [
 
 
 def conv2d_oracle(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-    """Loop over output positions of y[n,o,p,q] = b[o] + Σ w[o,c,i,j] x_pad[n, g·Cg + c, s p + d i, s q + d j]."""
-    s, pd, d = (stride,) * 2 if isinstance(stride, int) else stride, (padding,) * 2 if isinstance(padding, int) else padding, (dilation,) * 2 if isinstance(dilation, int) else dilation
+    """Loop over output positions of y[n,o,p,q] = b[o] + Σ w[o,c,i,j] x_pad[n, g·Cg + c, s p + d
+    i, s q + d j]."""
+    s, pd, d = (
+        (stride,) * 2 if isinstance(stride, int) else stride,
+        (padding,) * 2 if isinstance(padding, int) else padding,
+        (dilation,) * 2 if isinstance(dilation, int) else dilation,
+    )
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     xp_ = np.pad(x, ((0, 0), (0, 0), (pd[0], pd[0]), (pd[1], pd[1])))
@@ -39,8 +55,12 @@ def conv2d_oracle(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
         g = oc // og
         for p in range(ho):
             for q in range(wo):
-                patch = xp_[:, g * cg:(g + 1) * cg, p * s[0]: p * s[0] + d[0] * (kh - 1) + 1: d[0],
-                            q * s[1]: q * s[1] + d[1] * (kw - 1) + 1: d[1]]
+                patch = xp_[
+                    :,
+                    g * cg : (g + 1) * cg,
+                    p * s[0] : p * s[0] + d[0] * (kh - 1) + 1 : d[0],
+                    q * s[1] : q * s[1] + d[1] * (kw - 1) + 1 : d[1],
+                ]
                 y[:, oc, p, q] = np.einsum("ncij,cij->n", patch, w[oc])
     if b is not None:
         y += b[None, :, None, None]
@@ -51,8 +71,18 @@ def pool_oracle(x, k, s, reduce, pad=0, fill=0.0):
     xp_ = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=fill)
     ho = (x.shape[2] + 2 * pad - k) // s + 1
     wo = (x.shape[3] + 2 * pad - k) // s + 1
-    return np.array([[[[reduce(xp_[a, b, p * s:p * s + k, q * s:q * s + k]) for q in range(wo)]
-                       for p in range(ho)] for b in range(x.shape[1])] for a in range(x.shape[0])])
+    return np.array(
+        [
+            [
+                [
+                    [reduce(xp_[a, b, p * s : p * s + k, q * s : q * s + k]) for q in range(wo)]
+                    for p in range(ho)
+                ]
+                for b in range(x.shape[1])
+            ]
+            for a in range(x.shape[0])
+        ]
+    )
 
 
 def adaptive_oracle(x, o, reduce):
@@ -95,7 +125,7 @@ def test_conv2d_forward_backward(rng, cfg):
 
 
 @pytest.mark.parametrize(
-    "n,cfg",
+    ("n", "cfg"),
     [
         (1, dict(c=3, o=2, k=1, stride=1, padding=1, dilation=1, groups=1)),  # 1×1 with padding
         (1, dict(c=2, o=3, k=3, stride=1, padding=0, dilation=1, groups=1)),
@@ -164,7 +194,8 @@ def test_conv2d_numba_equals_array_api(rng, cfg, dtype, path, monkeypatch):
             out[name] = (y, aa.conv2d.bwd(res, out["dy"]))
     (y0, g0), (y1, g1) = out["array_api"], out["numba"]
     tol = RTOL[dtype]
-    assert y1.dtype == dtype and y1.flags.c_contiguous
+    assert y1.dtype == dtype
+    assert y1.flags.c_contiguous
     assert_close_rel(y1, y0, tol, "y")
     for name in ("x", "weight", "bias"):
         assert getattr(g1, name).dtype == dtype
@@ -184,12 +215,17 @@ def test_conv2d_numerical_gradient(rng):
     np.testing.assert_allclose(g.weight, num_w, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("k,s,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+@pytest.mark.parametrize(("k", "s", "pad"), [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
 def test_pools_vs_oracle(rng, k, s, pad):
     x = rng.standard_normal((2, 3, 7, 8))
     assert_close_rel(aa.max_pool2d(x, k, s, pad), pool_oracle(x, k, s, np.max, pad, -np.inf), 1e-15)
-    assert_close_rel(aa.avg_pool2d(x, k, s, pad), pool_oracle(x, k, s, np.mean, pad, 0.0) if pad == 0
-                     else pool_oracle(x, k, s, np.sum, pad) / (k * k), 1e-14)
+    assert_close_rel(
+        aa.avg_pool2d(x, k, s, pad),
+        pool_oracle(x, k, s, np.mean, pad, 0.0)
+        if pad == 0
+        else pool_oracle(x, k, s, np.sum, pad) / (k * k),
+        1e-14,
+    )
 
 
 @pytest.mark.parametrize("o", [1, 2, 3, 4, 5])
@@ -207,31 +243,67 @@ def _torch_grad(fn, x, dy):
 
 
 @pytest.mark.parametrize(
-    "name,ours,theirs",
+    ("name", "ours", "theirs"),
     [
-        ("maxpool", lambda x: aa.max_pool2d.fwd(x, (3, 2), (2, 1), (1, 1), dilation=(1, 2)),
-         lambda t: F.max_pool2d(t, (3, 2), (2, 1), (1, 1), dilation=(1, 2))),
-        ("avgpool", lambda x: aa.avg_pool2d.fwd(x, 3, 2, 1, count_include_pad=False),
-         lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=False)),
-        ("aavg", lambda x: aa.adaptive_avg_pool2d.fwd(x, (4, 3)), lambda t: F.adaptive_avg_pool2d(t, (4, 3))),
-        ("amax", lambda x: aa.adaptive_max_pool2d.fwd(x, (4, 3)), lambda t: F.adaptive_max_pool2d(t, (4, 3))),
-        ("nearest", lambda x: aa.upsample_nearest2d.fwd(x, (17, 11)),
-         lambda t: F.interpolate(t, (17, 11), mode="nearest")),
-        ("nearest_sf", lambda x: aa.upsample_nearest2d.fwd(x, scale_factor=2),
-         lambda t: F.interpolate(t, scale_factor=2, mode="nearest")),
-        ("bilinear", lambda x: aa.upsample_bilinear2d.fwd(x, (13, 20)),
-         lambda t: F.interpolate(t, (13, 20), mode="bilinear")),
-        ("bilinear_down", lambda x: aa.upsample_bilinear2d.fwd(x, (4, 3)),
-         lambda t: F.interpolate(t, (4, 3), mode="bilinear")),
-        ("bilinear_ac", lambda x: aa.upsample_bilinear2d.fwd(x, (13, 20), align_corners=True),
-         lambda t: F.interpolate(t, (13, 20), mode="bilinear", align_corners=True)),
-        ("bilinear_sf", lambda x: aa.upsample_bilinear2d.fwd(x, scale_factor=1.5),
-         lambda t: F.interpolate(t, scale_factor=1.5, mode="bilinear")),
+        (
+            "maxpool",
+            lambda x: aa.max_pool2d.fwd(x, (3, 2), (2, 1), (1, 1), dilation=(1, 2)),
+            lambda t: F.max_pool2d(t, (3, 2), (2, 1), (1, 1), dilation=(1, 2)),
+        ),
+        (
+            "avgpool",
+            lambda x: aa.avg_pool2d.fwd(x, 3, 2, 1, count_include_pad=False),
+            lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=False),
+        ),
+        (
+            "aavg",
+            lambda x: aa.adaptive_avg_pool2d.fwd(x, (4, 3)),
+            lambda t: F.adaptive_avg_pool2d(t, (4, 3)),
+        ),
+        (
+            "amax",
+            lambda x: aa.adaptive_max_pool2d.fwd(x, (4, 3)),
+            lambda t: F.adaptive_max_pool2d(t, (4, 3)),
+        ),
+        (
+            "nearest",
+            lambda x: aa.upsample_nearest2d.fwd(x, (17, 11)),
+            lambda t: F.interpolate(t, (17, 11), mode="nearest"),
+        ),
+        (
+            "nearest_sf",
+            lambda x: aa.upsample_nearest2d.fwd(x, scale_factor=2),
+            lambda t: F.interpolate(t, scale_factor=2, mode="nearest"),
+        ),
+        (
+            "bilinear",
+            lambda x: aa.upsample_bilinear2d.fwd(x, (13, 20)),
+            lambda t: F.interpolate(t, (13, 20), mode="bilinear"),
+        ),
+        (
+            "bilinear_down",
+            lambda x: aa.upsample_bilinear2d.fwd(x, (4, 3)),
+            lambda t: F.interpolate(t, (4, 3), mode="bilinear"),
+        ),
+        (
+            "bilinear_ac",
+            lambda x: aa.upsample_bilinear2d.fwd(x, (13, 20), align_corners=True),
+            lambda t: F.interpolate(t, (13, 20), mode="bilinear", align_corners=True),
+        ),
+        (
+            "bilinear_sf",
+            lambda x: aa.upsample_bilinear2d.fwd(x, scale_factor=1.5),
+            lambda t: F.interpolate(t, scale_factor=1.5, mode="bilinear"),
+        ),
         ("sigmoid", lambda x: aa.sigmoid.fwd(x), torch.sigmoid),
         ("relu", lambda x: aa.relu.fwd(x), torch.relu),
         ("tanh", lambda x: aa.tanh.fwd(x), torch.tanh),
         ("elu", lambda x: aa.elu.fwd(x, alpha=0.7), lambda t: F.elu(t, 0.7)),
-        ("layer_norm", lambda x: aa.layer_norm.fwd(x, eps=1e-3), lambda t: F.layer_norm(t, (t.shape[-1],), eps=1e-3)),
+        (
+            "layer_norm",
+            lambda x: aa.layer_norm.fwd(x, eps=1e-3),
+            lambda t: F.layer_norm(t, (t.shape[-1],), eps=1e-3),
+        ),
     ],
 )
 def test_vs_torch_functional(rng, name, ours, theirs):
@@ -251,7 +323,12 @@ def test_linear_and_layer_norm_params_vs_torch(rng):
     g = aa.linear.bwd(res, dy)
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
     F.linear(xt, wt, bt).backward(torch.tensor(dy))
-    for ours, t in ((y, F.linear(xt, wt, bt)), (g.x, xt.grad), (g.weight, wt.grad), (g.bias, bt.grad)):
+    for ours, t in (
+        (y, F.linear(xt, wt, bt)),
+        (g.x, xt.grad),
+        (g.weight, wt.grad),
+        (g.bias, bt.grad),
+    ):
         assert_close_rel(ours, t.detach().numpy(), 1e-13)
     lw, lb = rng.standard_normal(5), rng.standard_normal(5)
     y, res = aa.layer_norm.fwd(x, lw, lb)
@@ -266,13 +343,19 @@ def test_linear_and_layer_norm_params_vs_torch(rng):
 
 def test_sigmoid_extremes_and_max_ties():
     y = aa.sigmoid(np.array([-1000.0, 1000.0], dtype=np.float32))
-    assert np.all(np.isfinite(y)) and y[0] == 0 and y[1] == 1
+    assert np.all(np.isfinite(y))
+    assert y[0] == 0
+    assert y[1] == 1
     # ties: the gradient goes to the first maximum only (no double counting)
     x = np.ones((1, 1, 2, 2))
     _, res = aa.max_pool2d.fwd(x, 2)
-    np.testing.assert_array_equal(aa.max_pool2d.bwd(res, np.ones((1, 1, 1, 1))).x, [[[[1, 0], [0, 0]]]])
+    np.testing.assert_array_equal(
+        aa.max_pool2d.bwd(res, np.ones((1, 1, 1, 1))).x, [[[[1, 0], [0, 0]]]]
+    )
     _, res = aa.adaptive_max_pool2d.fwd(x, 1)
-    np.testing.assert_array_equal(aa.adaptive_max_pool2d.bwd(res, np.ones((1, 1, 1, 1))).x, [[[[1, 0], [0, 0]]]])
+    np.testing.assert_array_equal(
+        aa.adaptive_max_pool2d.bwd(res, np.ones((1, 1, 1, 1))).x, [[[[1, 0], [0, 0]]]]
+    )
 
 
 # -- finite differences on every op's examples ----------------------------------------------------
@@ -316,7 +399,8 @@ def test_low_precision_dtypes(rng, dtype):
     y, res = aa.conv2d.fwd(x, w, padding=1)
     assert y.dtype == dtype
     g = aa.conv2d.bwd(res, np.ones_like(y))
-    assert g.x.dtype == dtype and g.weight.dtype == dtype
+    assert g.x.dtype == dtype
+    assert g.weight.dtype == dtype
     ref = conv2d_oracle(x.astype(np.float64), w.astype(np.float64), padding=1)
     assert_close_rel(y, ref, 1e-5 if dtype == np.float32 else 2e-3)
 
@@ -329,8 +413,12 @@ def test_read_only_inputs_unchanged(rng):
     x0, w0 = x.copy(), w.copy()
     y, res = aa.conv2d.fwd(x, w, padding=1)
     aa.conv2d.bwd(res, np.ones_like(y))
-    for op, args in ((aa.max_pool2d, (x, 1)), (aa.relu, (x,)), (aa.adaptive_avg_pool2d, (x, 5)),
-                     (aa.upsample_nearest2d, (x, (5, 5)))):
+    for op, args in (
+        (aa.max_pool2d, (x, 1)),
+        (aa.relu, (x,)),
+        (aa.adaptive_avg_pool2d, (x, 5)),
+        (aa.upsample_nearest2d, (x, (5, 5))),
+    ):
         y, res = op.fwd(*args)
         assert not np.shares_memory(y, x), op.name
         op.bwd(res, np.ones_like(y))
@@ -342,7 +430,7 @@ def test_read_only_inputs_unchanged(rng):
 
 
 @pytest.mark.parametrize(
-    "call,exc,match",
+    ("call", "exc", "match"),
     [
         (lambda x, w: aa.conv2d(x[0], w), ValueError, "x"),
         (lambda x, w: aa.conv2d(x, w[:, :1]), ValueError, "weight"),

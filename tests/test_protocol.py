@@ -1,4 +1,5 @@
-"""The op protocol: fwd/bwd/vjp, Grads records, Residuals (flat, nested, rebuilt), cotangent checks."""
+"""The op protocol: fwd/bwd/vjp, Grads records, Residuals (flat, nested, rebuilt), cotangent
+checks."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ MHA = aa.multi_head_attention
 
 @pytest.fixture
 def qkv(rng):
-    return (rng.standard_normal((2, 2, 4, 3)), rng.standard_normal((2, 2, 5, 3)),
-            rng.standard_normal((2, 2, 5, 2)))
+    return (
+        rng.standard_normal((2, 2, 4, 3)),
+        rng.standard_normal((2, 2, 5, 3)),
+        rng.standard_normal((2, 2, 5, 2)),
+    )
 
 
 @pytest.fixture
@@ -25,14 +29,19 @@ def mha_call(rng):
     e, heads = 4, 2
     params = {f"w_{c}": rng.standard_normal((e, e)) / 2 for c in "qkvo"}
     params["b_o"] = rng.standard_normal(e)
-    return (rng.standard_normal((2, 3, e)), rng.standard_normal((2, 5, e)), params), {"num_heads": heads}
+    return (rng.standard_normal((2, 3, e)), rng.standard_normal((2, 5, e)), params), {
+        "num_heads": heads
+    }
 
 
 def test_ops_are_registered_objects():
     ops = aa.registered_ops()
-    assert ops["scaled_dot_product_attention"] is SDPA and ops["multi_head_attention"] is MHA
-    assert isinstance(SDPA, aa.Op) and SDPA.name == "scaled_dot_product_attention"
-    assert SDPA.__doc__ and "Parameters" in SDPA.__doc__
+    assert ops["scaled_dot_product_attention"] is SDPA
+    assert ops["multi_head_attention"] is MHA
+    assert isinstance(SDPA, aa.Op)
+    assert SDPA.name == "scaled_dot_product_attention"
+    assert SDPA.__doc__
+    assert "Parameters" in SDPA.__doc__
     assert repr(SDPA) == "<arrayattn op scaled_dot_product_attention>"
     assert pickle.loads(pickle.dumps(SDPA)) is SDPA
     assert SDPA.differentiable == ("q", "k", "v", "bias")
@@ -43,19 +52,23 @@ def test_grads_record(qkv, rng):
     q, k, v = qkv
     out, res = SDPA.fwd(q, k, v)
     g = SDPA.bwd(res, np.ones_like(out))
-    assert isinstance(g, tuple) and type(g).__name__ == "ScaledDotProductAttentionGrads"
+    assert isinstance(g, tuple)
+    assert type(g).__name__ == "ScaledDotProductAttentionGrads"
     assert g._fields == ("q", "k", "v", "bias")
-    assert g.bias is None and g[3] is None
+    assert g.bias is None
+    assert g[3] is None
     assert (g.q.shape, g.k.shape, g.v.shape) == (q.shape, k.shape, v.shape)
     bias = rng.standard_normal((2, 1, 5))
     out, res = SDPA.fwd(q, k, v, bias=bias, mask=np.ones((4, 5), bool))
     g = SDPA.bwd(res, np.ones_like(out))
-    assert g.bias.shape == bias.shape and g.bias.dtype == bias.dtype
+    assert g.bias.shape == bias.shape
+    assert g.bias.dtype == bias.dtype
     assert "mask" not in g._fields  # masks are not differentiable
     q2, k2, v2 = q, k[:, :1], v[:, :1]
     out, res = SDPA.fwd(q2, k2, v2, enable_gqa=True)
     g = SDPA.bwd(res, np.ones_like(out))
-    assert g.k.shape == k2.shape and g.v.shape == v2.shape
+    assert g.k.shape == k2.shape
+    assert g.v.shape == v2.shape
 
 
 def test_mha_grads_params_dict(mha_call):
@@ -63,7 +76,8 @@ def test_mha_grads_params_dict(mha_call):
     y, res = MHA.fwd(*args, **kw)
     g = MHA.bwd(res, np.ones_like(y))
     assert g._fields == ("x_q", "x_kv", "params")
-    assert isinstance(g.params, dict) and set(g.params) == set(args[2])
+    assert isinstance(g.params, dict)
+    assert set(g.params) == set(args[2])
     for key, val in args[2].items():
         assert g.params[key].shape == val.shape
 
@@ -73,13 +87,15 @@ def test_vjp_equals_fwd_then_bwd(qkv, rng):
     kw = dict(causal="bottom_right", bias=rng.standard_normal((5,)), return_lse=True)
     (out, lse), res = SDPA.fwd(q, k, v, **kw)
     (out2, lse2), pullback = aa.vjp(SDPA, q, k, v, **kw)
-    assert out.tobytes() == out2.tobytes() and lse.tobytes() == lse2.tobytes()
+    assert out.tobytes() == out2.tobytes()
+    assert lse.tobytes() == lse2.tobytes()
     cts = (rng.standard_normal(out.shape), rng.standard_normal(lse.shape))
-    for a, b in zip(SDPA.bwd(res, cts), pullback(cts)):
+    for a, b in zip(SDPA.bwd(res, cts), pullback(cts), strict=True):
         assert a.tobytes() == b.tobytes()
     # the plain call is the first output of fwd, bit for bit
     out3, lse3 = SDPA(q, k, v, **kw)
-    assert out3.tobytes() == out.tobytes() and lse3.tobytes() == lse.tobytes()
+    assert out3.tobytes() == out.tobytes()
+    assert lse3.tobytes() == lse.tobytes()
 
 
 def test_vjp_mha(mha_call, rng):
@@ -104,13 +120,14 @@ def test_none_cotangents_for_unused_outputs(qkv, rng):
     do, dlse = rng.standard_normal(out.shape), rng.standard_normal(lse.shape)
     full = SDPA.bwd(res, (do, np.zeros_like(lse)))
     only_out = SDPA.bwd(res, (do, None))
-    for a, b in zip(full, only_out):
+    for a, b in zip(full, only_out, strict=True):
         if a is not None:
             np.testing.assert_array_equal(a, b)
     only_lse = SDPA.bwd(res, (None, dlse))
-    assert np.all(only_lse.v == 0) and np.any(only_lse.q != 0)
+    assert np.all(only_lse.v == 0)
+    assert np.any(only_lse.q != 0)
     both = SDPA.bwd(res, (do, dlse))
-    for a, b, c in zip(both, only_out, only_lse):
+    for a, b, c in zip(both, only_out, only_lse, strict=True):
         if a is not None:
             np.testing.assert_allclose(a, b + c, rtol=1e-12, atol=1e-14)
     # a list is accepted like a tuple
@@ -122,20 +139,28 @@ def test_residuals_record(qkv, rng):
     mask = rng.random((4, 5)) > 0.2
     out, res = SDPA.fwd(q, k, v, mask=mask, causal=True, scale=0.3)
     assert isinstance(res, aa.Residuals)
-    assert res.op == "scaled_dot_product_attention" and res.backend in ("array_api", "numba")
+    assert res.op == "scaled_dot_product_attention"
+    assert res.backend in ("array_api", "numba")
     # a flat record of arrays (None for absent ones) plus hashable static options
     for key, val in res.arrays.items():
-        assert "/" not in key and (val is None or hasattr(val, "shape"))
+        assert "/" not in key
+        assert val is None or hasattr(val, "shape")
     hash(res.static)
     opts = res.options
-    assert opts["scale"] == 0.3 and opts["causal"] == "top_left" and opts["return_lse"] is False
+    assert opts["scale"] == 0.3
+    assert opts["causal"] == "top_left"
+    assert opts["return_lse"] is False
     assert res.outputs == (("out", out.shape, out.dtype),)
     # never the Lq x Lk probabilities: only the caller's mask reaches that size
-    big = [key for key, val in res.arrays.items()
-           if val is not None and val.shape[-2:] == (4, 5) and key != "mask"]
+    big = [
+        key
+        for key, val in res.arrays.items()
+        if val is not None and val.shape[-2:] == (4, 5) and key != "mask"
+    ]
     assert big == []
     lse = res.arrays["lse"]
-    assert lse.shape == (2, 2, 4) and lse.dtype == np.float64
+    assert lse.shape == (2, 2, 4)
+    assert lse.dtype == np.float64
 
 
 def test_residuals_with_arrays_round_trip(qkv, rng):
@@ -146,8 +171,9 @@ def test_residuals_with_arrays_round_trip(qkv, rng):
     g = SDPA.bwd(res, cts)
     copies = {key: None if a is None else a.copy() for key, a in res.arrays.items()}
     rebuilt = res.with_arrays(copies)
-    assert rebuilt.arrays is not res.arrays and rebuilt.static == res.static
-    for a, b in zip(SDPA.bwd(rebuilt, cts), g):
+    assert rebuilt.arrays is not res.arrays
+    assert rebuilt.static == res.static
+    for a, b in zip(SDPA.bwd(rebuilt, cts), g, strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="arrays"):
         res.with_arrays({key: a for key, a in copies.items() if key != "lse"})
@@ -156,7 +182,8 @@ def test_residuals_with_arrays_round_trip(qkv, rng):
 
 
 def test_residuals_with_arrays_through_another_namespace(qkv):
-    """An adapter saves the arrays as its own tensors: rebuild with torch tensors of the same values."""
+    """An adapter saves the arrays as its own tensors: rebuild with torch tensors of the same
+    values."""
     torch = pytest.importorskip("torch")
     q, k, v = qkv
     with aa.use_backend("array_api"):
@@ -165,7 +192,7 @@ def test_residuals_with_arrays_through_another_namespace(qkv):
         g = SDPA.bwd(res, torch.ones_like(out))
         saved = {key: None if a is None else a.clone() for key, a in res.arrays.items()}
         g2 = SDPA.bwd(res.with_arrays(saved), torch.ones_like(out))
-    for a, b in zip(g, g2):
+    for a, b in zip(g, g2, strict=True):
         if a is not None:
             np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
@@ -248,8 +275,11 @@ def test_residuals_of_another_op(qkv, mha_call):
     args, kw = mha_call
     y, mha_res = MHA.fwd(*args, **kw)
     out, sdpa_res = SDPA.fwd(q, k, v)
-    with pytest.raises(TypeError, match="res: expected the Residuals of scaled_dot_product_attention, "
-                                        "got multi_head_attention"):
+    with pytest.raises(
+        TypeError,
+        match="res: expected the Residuals of scaled_dot_product_attention, "
+        "got multi_head_attention",
+    ):
         SDPA.bwd(mha_res, np.ones_like(out))
     with pytest.raises(TypeError, match="res.*multi_head_attention.*scaled_dot_product_attention"):
         MHA.bwd(sdpa_res, np.ones_like(y))
@@ -263,12 +293,14 @@ def test_explain_names_the_backend(qkv):
     q, k, v = qkv
     with aa.use_backend("array_api"):
         text = SDPA.explain(q, k, v, causal=True)
-    assert "scaled_dot_product_attention" in text and "'array_api'" in text
+    assert "scaled_dot_product_attention" in text
+    assert "'array_api'" in text
     for name in ("cupy", "numba_cuda", "numba", "array_api"):
         assert f"  {name}:" in text
     with aa.use_backend("cupy"):
         text = SDPA.explain(q, k, v)
-    assert "no backend can run" in text and "cupy:" in text
+    assert "no backend can run" in text
+    assert "cupy:" in text
     # explain validates like a call
     with pytest.raises(ValueError, match="causal"):
         SDPA.explain(q, k, v, causal="diagonal")
@@ -284,7 +316,7 @@ def test_protocol_on_other_namespaces(namespace, qkv):
     g = pullback(xp.ones(out.shape, dtype=out.dtype))
     assert g.bias is None
     ref = SDPA.bwd(SDPA.fwd(*qkv, causal=True)[1], np.ones(tuple(out.shape)))
-    for a, b in zip(g[:3], ref[:3]):
+    for a, b in zip(g[:3], ref[:3], strict=True):
         np.testing.assert_allclose(to_numpy(a), b, rtol=1e-12, atol=1e-14)
 
 

@@ -45,7 +45,9 @@ CASES = {
     "bias_lk": dict(q=(2, 2, 3, 3), k=(2, 2, 4, 3), v=(2, 2, 4, 2), bias=(4,)),
     "bias_1lq1": dict(q=(2, 2, 3, 3), k=(2, 2, 4, 3), v=(2, 2, 4, 2), bias=(1, 3, 1)),
     "bias_h1lk": dict(q=(2, 2, 3, 3), k=(2, 2, 4, 3), v=(2, 2, 4, 2), bias=(2, 1, 4)),
-    "mask_bias": dict(q=(1, 2, 4, 3), k=(1, 2, 5, 3), v=(1, 2, 5, 2), mask=(1, 4, 5), bias=(2, 1, 5)),
+    "mask_bias": dict(
+        q=(1, 2, 4, 3), k=(1, 2, 5, 3), v=(1, 2, 5, 2), mask=(1, 4, 5), bias=(2, 1, 5)
+    ),
     "causal_square": dict(q=(2, 4, 3), k=(2, 4, 3), v=(2, 4, 2), causal=True),
     "causal_tl_short_q": dict(q=(2, 3, 3), k=(2, 5, 3), v=(2, 5, 2), causal="top_left"),
     "causal_br_short_q": dict(q=(2, 3, 3), k=(2, 5, 3), v=(2, 5, 2), causal="bottom_right"),
@@ -54,8 +56,13 @@ CASES = {
     "gqa_2of4": dict(q=(1, 4, 3, 3), k=(1, 2, 4, 3), v=(1, 2, 4, 2), enable_gqa=True),
     "gqa_mqa": dict(q=(2, 3, 3, 2), k=(2, 1, 4, 2), v=(2, 1, 4, 3), enable_gqa=True, causal=True),
     "gqa_mask_bias_br": dict(
-        q=(1, 4, 3, 2), k=(1, 2, 5, 2), v=(1, 2, 5, 2), enable_gqa=True,
-        mask=(1, 4, 1, 5), bias=(4, 3, 5), causal="bottom_right",
+        q=(1, 4, 3, 2),
+        k=(1, 2, 5, 2),
+        v=(1, 2, 5, 2),
+        enable_gqa=True,
+        mask=(1, 4, 1, 5),
+        bias=(4, 3, 5),
+        causal="bottom_right",
     ),
     "empty_rows": dict(q=(1, 2, 4, 3), k=(1, 2, 5, 3), v=(1, 2, 5, 2), mask="empty_rows"),
     "bias_neg_inf": dict(q=(2, 3, 3), k=(2, 4, 3), v=(2, 4, 2), bias="neg_inf"),
@@ -99,13 +106,16 @@ def test_forward_matches_oracle(backend, case, dtype, rng):
     q, k, v, kw = build(CASES[case], rng, dtype)
     out, lse = SDPA(q, k, v, return_lse=True, **kw)
     ref_out, ref_lse = sdpa_oracle(q, k, v, **kw)
-    assert out.dtype == dtype and out.shape == ref_out.shape
-    assert lse.dtype == dtype and lse.shape == ref_lse.shape
+    assert out.dtype == dtype
+    assert out.shape == ref_out.shape
+    assert lse.dtype == dtype
+    assert lse.shape == ref_lse.shape
     assert_close_rel(out, ref_out, RTOL[dtype], "out")
     assert_close_rel(lse, ref_lse, RTOL[dtype], "lse")
     # Fully masked rows: output exactly 0, lse exactly +inf, never NaN.
     empty = np.isinf(ref_lse)
-    assert np.all(out[empty] == 0) and np.all(np.isposinf(lse[empty]))
+    assert np.all(out[empty] == 0)
+    assert np.all(np.isposinf(lse[empty]))
     assert not np.isnan(out).any()
     # The plain call returns just the output, the same bits.
     np.testing.assert_array_equal(SDPA(q, k, v, **kw), out)
@@ -120,11 +130,12 @@ def test_backward_matches_dense_oracle(backend, case, dtype, rng):
     do = rng.standard_normal(out.shape).astype(dtype)
     g = SDPA.bwd(res, do)
     ref_grads = sdpa_oracle_grads(q, k, v, do, **kw)
-    for name, got, want in zip(("q", "k", "v", "bias"), g, ref_grads):
+    for name, got, want in zip(("q", "k", "v", "bias"), g, ref_grads, strict=True):
         if want is None:
             assert got is None
             continue
-        assert got.shape == want.shape and got.dtype == dtype, name
+        assert got.shape == want.shape, name
+        assert got.dtype == dtype, name
         assert not np.isnan(got).any(), name
         assert_close_rel(got, want, RTOL[dtype], f"d{name}", floor=1.0)
 
@@ -154,12 +165,16 @@ def _fd_check(q, k, v, kw, rng, *, with_lse=False, tol=1e-6, elementwise=True):
     def loss(name):
         def f(x):
             call = dict(arrays, **{name: x})
-            got = SDPA(call["q"], call["k"], call["v"], bias=call["bias"], return_lse=with_lse,
-                       **rest)
+            got = SDPA(
+                call["q"], call["k"], call["v"], bias=call["bias"], return_lse=with_lse, **rest
+            )
             got = got if with_lse else (got,)
             # A +inf logsumexp (empty row) is constant: it carries no gradient.
-            return sum(float(np.sum(np.where(np.isfinite(o), o, 0.0) * c))
-                       for o, c in zip(got, cts))
+            return sum(
+                float(np.sum(np.where(np.isfinite(o), o, 0.0) * c))
+                for o, c in zip(got, cts, strict=True)
+            )
+
         return f
 
     for name, x in arrays.items():
@@ -170,7 +185,8 @@ def _fd_check(q, k, v, kw, rng, *, with_lse=False, tol=1e-6, elementwise=True):
         # A -inf bias entry stays -inf when perturbed: its difference quotient is 0, as is its
         # gradient.
         fd = numerical_gradient(loss(name), x)
-        assert g.shape == fd.shape and g.dtype == x.dtype
+        assert g.shape == fd.shape
+        assert g.dtype == x.dtype
         err = np.max(np.abs(g - fd), initial=0.0)
         assert err <= tol * max(np.max(np.abs(fd), initial=0.0), 1e-3), (name, err)
 
@@ -183,8 +199,15 @@ def test_gradients_match_finite_differences(backend, case, rng):
 
 
 @pytest.mark.parametrize(
-    "case", ["plain_3d", "bias_h1lk", "causal_tl_short_q", "causal_br_long_q", "gqa_mask_bias_br",
-             "empty_rows"]
+    "case",
+    [
+        "plain_3d",
+        "bias_h1lk",
+        "causal_tl_short_q",
+        "causal_br_long_q",
+        "gqa_mask_bias_br",
+        "empty_rows",
+    ],
 )
 def test_lse_cotangent_matches_finite_differences(backend, case, rng):
     require_kernel(SDPA, backend)
@@ -199,7 +222,7 @@ def test_lse_cotangent_alone(rng):
     dlse = rng.standard_normal(lse.shape)
     g = SDPA.bwd(res, (None, dlse))
     want = sdpa_oracle_grads(q, k, v, np.zeros_like(out), dlse, **kw)
-    for got, exp in zip(g, want):
+    for got, exp in zip(g, want, strict=True):
         assert_close_rel(got, exp, 1e-10, floor=1.0)
     assert np.all(g.v == 0)  # lse does not depend on v
 
@@ -212,7 +235,8 @@ def test_dot_product_identity(rng):
     assert max(errors.values()) < 1e-6, errors
 
 
-# -- tiled == untiled (the reference's online softmax) ----------------------------------------------
+# -- tiled == untiled (the reference's online softmax)
+# ----------------------------------------------
 
 TILE_CASES = {
     "plain": dict(),
@@ -227,7 +251,7 @@ TILE_CASES = {
 }
 
 
-@pytest.mark.parametrize("lq,lk", [(11, 13), (13, 11)])
+@pytest.mark.parametrize(("lq", "lk"), [(11, 13), (13, 11)])
 @pytest.mark.parametrize("case", sorted(TILE_CASES))
 def test_tiled_equals_one_tile(case, lq, lk, rng):
     spec = dict(TILE_CASES[case])
@@ -249,7 +273,7 @@ def test_tiled_equals_one_tile(case, lq, lk, rng):
     # The one-tile run agrees with the dense oracle.
     oracle_opts = dict(mask=mask, bias=bias, causal=spec.get("causal", False), scale=0.4)
     assert_close_rel(out1, sdpa_oracle(q, k, v, **oracle_opts)[0], 1e-12)
-    for got, want in zip(g1, sdpa_oracle_grads(q, k, v, do, dlse, **oracle_opts)):
+    for got, want in zip(g1, sdpa_oracle_grads(q, k, v, do, dlse, **oracle_opts), strict=True):
         if want is not None:
             assert_close_rel(got, want, 1e-11, floor=1.0)
 
@@ -259,7 +283,7 @@ def test_tiled_equals_one_tile(case, lq, lk, rng):
         assert_close_rel(out, out1, 1e-13, f"out {bq}x{bk}")
         np.testing.assert_array_equal(np.isinf(lse), np.isinf(lse1))
         assert_close_rel(lse, lse1, 1e-13, f"lse {bq}x{bk}")
-        for name, a, b in zip(("dq", "dk", "dv", "dbias"), g, g1):
+        for name, a, b in zip(("dq", "dk", "dv", "dbias"), g, g1, strict=True):
             if b is None:
                 assert a is None
                 continue
@@ -281,8 +305,9 @@ def test_causal_skip_is_exercised_and_exact(monkeypatch, rng):
     q, k, v = (rng.standard_normal((2, 12, 3)) for _ in range(3))
     for causal in ("top_left", "bottom_right"):
         skipped.clear()
-        out, lse = ref.sdpa_forward(xnp, q, k[:, :9], v[:, :9], causal=causal, scale=0.5,
-                                    block_q=3, block_k=2)
+        out, lse = ref.sdpa_forward(
+            xnp, q, k[:, :9], v[:, :9], causal=causal, scale=0.5, block_q=3, block_k=2
+        )
         assert any(skipped)
         want, want_lse = sdpa_oracle(q, k[:, :9], v[:, :9], causal=causal, scale=0.5)
         assert_close_rel(out, want, 1e-12)
@@ -303,19 +328,23 @@ def test_fully_masked_rows_and_tiles(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for bq, bk in [(3, 5), (9, 10), (2, 3)]:
-            out, lse = ref.sdpa_forward(xnp, q, k, v, mask=mask, bias=bias, scale=0.5,
-                                        block_q=bq, block_k=bk)
-            dq, dk, dv, db = ref.sdpa_backward(xnp, q, k, v, out, lse, do, mask=mask, bias=bias,
-                                               scale=0.5, block_q=bq, block_k=bk)
+            out, lse = ref.sdpa_forward(
+                xnp, q, k, v, mask=mask, bias=bias, scale=0.5, block_q=bq, block_k=bk
+            )
+            dq, dk, dv, db = ref.sdpa_backward(
+                xnp, q, k, v, out, lse, do, mask=mask, bias=bias, scale=0.5, block_q=bq, block_k=bk
+            )
             for a in (out, dq, dk, dv, db):
                 assert not np.isnan(a).any()
             empty = ~mask.any(-1)
-            assert np.all(out[empty] == 0) and np.all(np.isposinf(lse[empty]))
+            assert np.all(out[empty] == 0)
+            assert np.all(np.isposinf(lse[empty]))
             assert np.all(dq[empty] == 0)
-            assert np.all(dk[..., 0:5, :] == 0) and np.all(dv[..., 0:5, :] == 0)
+            assert np.all(dk[..., 0:5, :] == 0)
+            assert np.all(dv[..., 0:5, :] == 0)
             assert np.all(db[..., 0:5] == 0)
             want = sdpa_oracle_grads(q, k, v, do, mask=mask, bias=bias, scale=0.5)
-            for got, exp in zip((dq, dk, dv, db), want):
+            for got, exp in zip((dq, dk, dv, db), want, strict=True):
                 assert_close_rel(got, exp, 1e-11, floor=1.0)
 
 
@@ -327,41 +356,58 @@ def test_all_rows_masked_public(backend, rng):
         warnings.simplefilter("error", RuntimeWarning)
         (out, lse), res = SDPA.fwd(q, k, v, mask=mask, return_lse=True)
         g = SDPA.bwd(res, (np.ones_like(out), np.ones_like(lse)))
-    assert np.all(out == 0) and np.all(np.isposinf(lse))
+    assert np.all(out == 0)
+    assert np.all(np.isposinf(lse))
     for a in g[:3]:
         assert np.all(a == 0)
     # bottom-right causal with Lq > Lk: the first Lq - Lk rows see nothing
     out, lse = SDPA(q, k[:, :1], v[:, :1], causal="bottom_right", return_lse=True)
-    assert np.all(out[:, :2] == 0) and np.all(np.isposinf(lse[:, :2]))
+    assert np.all(out[:, :2] == 0)
+    assert np.all(np.isposinf(lse[:, :2]))
     assert np.all(np.isfinite(lse[:, 2]))
 
 
-# -- edge cases -------------------------------------------------------------------------------------
+# -- edge cases
+# -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lq,lk,d,dv", [(1, 1, 3, 2), (1, 5, 3, 2), (4, 1, 3, 2), (0, 4, 3, 2),
-                                        (4, 0, 3, 2), (4, 5, 0, 2), (4, 5, 3, 0), (0, 0, 0, 0)])
+@pytest.mark.parametrize(
+    ("lq", "lk", "d", "dv"),
+    [
+        (1, 1, 3, 2),
+        (1, 5, 3, 2),
+        (4, 1, 3, 2),
+        (0, 4, 3, 2),
+        (4, 0, 3, 2),
+        (4, 5, 0, 2),
+        (4, 5, 3, 0),
+        (0, 0, 0, 0),
+    ],
+)
 @pytest.mark.parametrize("with_options", [False, True])
 def test_degenerate_sizes(backend, lq, lk, d, dv, with_options, rng):
     require_kernel(SDPA, backend)
     q, k, v = (rng.standard_normal((2, 1, n, w)) for n, w in ((lq, d), (lk, d), (lk, dv)))
     kw = {}
     if with_options:
-        kw = dict(mask=rng.random((lq, lk)) > 0.3, bias=rng.standard_normal((lk,)),
-                  causal="bottom_right")
+        kw = dict(
+            mask=rng.random((lq, lk)) > 0.3, bias=rng.standard_normal((lk,)), causal="bottom_right"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         (out, lse), res = SDPA.fwd(q, k, v, return_lse=True, **kw)
         do, dlse = rng.standard_normal(out.shape), rng.standard_normal(lse.shape)
         g = SDPA.bwd(res, (do, np.where(np.isfinite(lse), dlse, 0.0)))
     want_out, want_lse = sdpa_oracle(q, k, v, **kw)
-    assert out.shape == (2, 1, lq, dv) and lse.shape == (2, 1, lq)
+    assert out.shape == (2, 1, lq, dv)
+    assert lse.shape == (2, 1, lq)
     assert_close_rel(out, want_out, 1e-12)
     assert_close_rel(lse, want_lse, 1e-12)
     if lk == 0:
-        assert np.all(np.isposinf(lse)) and np.all(out == 0)
+        assert np.all(np.isposinf(lse))
+        assert np.all(out == 0)
     want = sdpa_oracle_grads(q, k, v, do, np.where(np.isfinite(lse), dlse, 0.0), **kw)
-    for name, got, exp, x in zip("qkvb", g, want, (q, k, v, kw.get("bias"))):
+    for name, got, exp, x in zip("qkvb", g, want, (q, k, v, kw.get("bias")), strict=True):
         if x is None:
             assert got is None
             continue
@@ -401,7 +447,9 @@ def test_nan_input_propagates_to_affected_rows(backend, rng):
     q[0, 1, 0] = np.nan  # query row (0, 1) only
     k[1, 2, 0] = np.nan  # key 2 of batch 1: rows 2, 3 under causal
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # NaN propagates quietly: no RuntimeWarning either
+        warnings.simplefilter(
+            "error", RuntimeWarning
+        )  # NaN propagates quietly: no RuntimeWarning either
         (out, lse), res = SDPA.fwd(q, k, v, causal=True, return_lse=True)
         g = SDPA.bwd(res, (np.ones_like(out), None))
     bad = np.zeros((2, 4), dtype=bool)
@@ -424,7 +472,8 @@ def test_inf_in_values_propagates(rng):
     assert np.isfinite(out[0, :, 1]).all()
 
 
-# -- array namespaces -------------------------------------------------------------------------------
+# -- array namespaces
+# -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", ["gqa_mask_bias_br", "empty_rows"])
@@ -432,23 +481,26 @@ def test_array_api_namespaces(xp, case, rng):
     q, k, v, kw = build(CASES[case], rng)
     do = rng.standard_normal(sdpa_oracle(q, k, v, **kw)[0].shape)
     with aa.use_backend("array_api"):
-        (out, lse), res = SDPA.fwd(*(to_xp(xp, a) for a in (q, k, v)), return_lse=True,
-                                   **{n: to_xp(xp, a) if n in ("mask", "bias") else a
-                                      for n, a in kw.items()})
+        (out, lse), res = SDPA.fwd(
+            *(to_xp(xp, a) for a in (q, k, v)),
+            return_lse=True,
+            **{n: to_xp(xp, a) if n in ("mask", "bias") else a for n, a in kw.items()},
+        )
         g = SDPA.bwd(res, (to_xp(xp, do), None))
     assert res.backend == "array_api"
     assert array_api_compat.array_namespace(out) is array_api_compat.array_namespace(to_xp(xp, q))
     want_out, want_lse = sdpa_oracle(q, k, v, **kw)
     assert_close_rel(to_numpy(out), want_out, 1e-12, "out")
     assert_close_rel(to_numpy(lse), want_lse, 1e-12, "lse")
-    for name, got, want in zip("qkvb", g, sdpa_oracle_grads(q, k, v, do, **kw)):
+    for name, got, want in zip("qkvb", g, sdpa_oracle_grads(q, k, v, do, **kw), strict=True):
         if want is None:
             assert got is None
         else:
             assert_close_rel(to_numpy(got), want, 1e-11, name, floor=1.0)
 
 
-# -- low precision: FlashAttention's criterion ------------------------------------------------------
+# -- low precision: FlashAttention's criterion
+# ------------------------------------------------------
 
 
 def _fa_criterion(got, ref64, naive, what, eps):
@@ -460,8 +512,9 @@ def _fa_criterion(got, ref64, naive, what, eps):
 LOW_CASES = {
     "4d": dict(q=(1, 2, 40, 16), k=(1, 2, 40, 16), v=(1, 2, 40, 16)),
     "causal_br": dict(q=(2, 24, 16), k=(2, 40, 16), v=(2, 40, 16), causal="bottom_right"),
-    "gqa_causal": dict(q=(1, 4, 40, 16), k=(1, 2, 40, 16), v=(1, 2, 40, 16), enable_gqa=True,
-                       causal=True),
+    "gqa_causal": dict(
+        q=(1, 4, 40, 16), k=(1, 2, 40, 16), v=(1, 2, 40, 16), enable_gqa=True, causal=True
+    ),
 }
 
 
@@ -472,7 +525,8 @@ def test_numpy_float16_accumulates_in_float32(case):
     kw["mask"] = rng.random((q.shape[-2], 40)) > 0.2
     kw["bias"] = rng.standard_normal((40,)).astype(np.float16)
     (out, lse), res = SDPA.fwd(q, k, v, return_lse=True, **kw)
-    assert out.dtype == np.float16 and lse.dtype == np.float32
+    assert out.dtype == np.float16
+    assert lse.dtype == np.float32
     do = rng.standard_normal(out.shape).astype(np.float16)
     g = SDPA.bwd(res, (do, None))
     ref_out, ref_lse = sdpa_oracle(q, k, v, **kw)
@@ -481,7 +535,7 @@ def test_numpy_float16_accumulates_in_float32(case):
     _fa_criterion(lse, ref_lse, naive_lse, "lse", 1e-4)
     ref_g = sdpa_oracle_grads(q, k, v, do, **kw)
     naive_g = sdpa_oracle_grads(q, k, v, do, dtype=np.float16, **kw)
-    for name, got, r, nv in zip("qkvb", g, ref_g, naive_g):
+    for name, got, r, nv in zip("qkvb", g, ref_g, naive_g, strict=True):
         assert got.dtype == np.float16
         _fa_criterion(got, r, nv, f"d{name}", 1e-4)
 
@@ -503,7 +557,8 @@ def test_torch_low_precision(dtype_name, case):
     with aa.use_backend("array_api"):
         out, res = SDPA.fwd(tq, tk, tv, mask=tmask, bias=tb, **kw)
         g = SDPA.bwd(res, tdo)
-    assert out.dtype == dtype and all(x.dtype == dtype for x in g)
+    assert out.dtype == dtype
+    assert all(x.dtype == dtype for x in g)
     ref_out, _ = sdpa_oracle(q, k, v, mask=mask, bias=bias, **kw)
     ref_g = sdpa_oracle_grads(q, k, v, do, mask=mask, bias=bias, **kw)
 
@@ -524,11 +579,12 @@ def test_torch_low_precision(dtype_name, case):
     naive = p @ vv
     naive.backward(tdo)
     _fa_criterion(out.float().numpy(), ref_out, naive.detach().float().numpy(), "out", 1e-3)
-    for name, got, r, nv_ in zip("qkvb", g, ref_g, (nq, nk, nv, nb)):
+    for name, got, r, nv_ in zip("qkvb", g, ref_g, (nq, nk, nv, nb), strict=True):
         _fa_criterion(got.float().numpy(), r, nv_.grad.float().numpy(), f"d{name}", 1e-3)
 
 
-# -- property tests ----------------------------------------------------------------------------------
+# -- property tests
+# ----------------------------------------------------------------------------------
 
 
 @st.composite
@@ -552,7 +608,7 @@ def sdpa_calls(draw):
     def bshape():
         # A random broadcastable shape: drop leading axes, set some to 1.
         nd = draw(st.integers(0, len(full)))
-        return tuple(1 if draw(st.booleans()) else n for n in full[len(full) - nd:])
+        return tuple(1 if draw(st.booleans()) else n for n in full[len(full) - nd :])
 
     kw = dict(enable_gqa=gqa) if gqa else {}
     if draw(st.booleans()):
@@ -577,7 +633,7 @@ def test_property_forward_and_backward_vs_oracle(call):
     want_out, want_lse = sdpa_oracle(q, k, v, **kw)
     assert_close_rel(out, want_out, 1e-11, "out")
     assert_close_rel(lse, want_lse, 1e-11, "lse")
-    for name, got, want in zip("qkvb", g, sdpa_oracle_grads(q, k, v, do, dlse, **kw)):
+    for name, got, want in zip("qkvb", g, sdpa_oracle_grads(q, k, v, do, dlse, **kw), strict=True):
         if want is None:
             assert got is None
         else:
@@ -590,8 +646,13 @@ def test_property_any_tiling_is_exact(call, bq, bk):
     q, k, v, kw, _ = call
     groups = q.shape[-3] // k.shape[-3] if kw.get("enable_gqa") else 1
     causal = {False: None, True: "top_left"}.get(kw.get("causal"), kw.get("causal"))
-    opts = dict(mask=kw.get("mask"), bias=kw.get("bias"), causal=causal, gqa_groups=groups,
-                scale=kw.get("scale", 0.5))
+    opts = dict(
+        mask=kw.get("mask"),
+        bias=kw.get("bias"),
+        causal=causal,
+        gqa_groups=groups,
+        scale=kw.get("scale", 0.5),
+    )
     out, lse = ref.sdpa_forward(xnp, q, k, v, block_q=bq, block_k=bk, **opts)
     want_out, want_lse = sdpa_oracle(q, k, v, **dict(kw, scale=opts["scale"]))
     assert_close_rel(out, want_out, 1e-11, "out")
@@ -599,19 +660,23 @@ def test_property_any_tiling_is_exact(call, bq, bk):
     do = np.ones(out.shape)
     grads = ref.sdpa_backward(xnp, q, k, v, out, lse, do, block_q=bq, block_k=bk, **opts)
     want = sdpa_oracle_grads(q, k, v, do, **dict(kw, scale=opts["scale"]))
-    for name, got, exp in zip("qkvb", grads, want):
+    for name, got, exp in zip("qkvb", grads, want, strict=True):
         if exp is None:
             assert got is None
         else:
             assert_close_rel(got, exp, 1e-10, name, floor=1.0)
 
 
-# -- input validation ----------------------------------------------------------------------------------
+# -- input validation
+# ----------------------------------------------------------------------------------
 
 
 def _qkv(rng, dtype=np.float64):
-    return (rng.standard_normal((2, 3, 4)).astype(dtype), rng.standard_normal((2, 5, 4)).astype(dtype),
-            rng.standard_normal((2, 5, 6)).astype(dtype))
+    return (
+        rng.standard_normal((2, 3, 4)).astype(dtype),
+        rng.standard_normal((2, 5, 4)).astype(dtype),
+        rng.standard_normal((2, 5, 6)).astype(dtype),
+    )
 
 
 BAD = [
@@ -620,59 +685,130 @@ BAD = [
     ("k not an array", lambda q, k, v: ((q, "k", v), {}), TypeError, ["k", "array"]),
     ("int dtype", lambda q, k, v: ((q.astype(np.int64), k, v), {}), TypeError, ["q", "int64"]),
     ("bool v", lambda q, k, v: ((q, k, v > 0), {}), TypeError, ["v", "bool"]),
-    ("mismatched dtypes", lambda q, k, v: ((q, k.astype(np.float32), v), {}), TypeError,
-     ["k", "float32", "float64"]),
+    (
+        "mismatched dtypes",
+        lambda q, k, v: ((q, k.astype(np.float32), v), {}),
+        TypeError,
+        ["k", "float32", "float64"],
+    ),
     ("q rank 1", lambda q, k, v: ((q[0, 0], k, v), {}), ValueError, ["q", "(4,)"]),
     ("k rank differs", lambda q, k, v: ((q, k[0], v), {}), ValueError, ["k", "(5, 4)"]),
     ("d mismatch", lambda q, k, v: ((q, k[..., :3], v), {}), ValueError, ["k", "d = 4"]),
     ("Lk mismatch k/v", lambda q, k, v: ((q, k, v[:, :4]), {}), ValueError, ["v", "Lk = 5"]),
     ("batch mismatch", lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError, ["k", "(2,)"]),
-    ("mask not bool", lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 5))}), TypeError,
-     ["mask", "float64"]),
-    ("mask int", lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 5), np.int8)}), TypeError,
-     ["mask", "int8"]),
-    ("mask not broadcastable", lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 4), bool)}),
-     ValueError, ["mask", "(3, 4)", "(2, 3, 5)"]),
-    ("mask too many dims", lambda q, k, v: ((q, k, v), {"mask": np.ones((1, 1, 3, 5), bool)}),
-     ValueError, ["mask", "(1, 1, 3, 5)"]),
-    ("bias not broadcastable", lambda q, k, v: ((q, k, v), {"bias": np.ones((2, 5, 3))}),
-     ValueError, ["bias", "(2, 5, 3)"]),
-    ("bias int", lambda q, k, v: ((q, k, v), {"bias": np.ones((3, 5), np.int32)}), TypeError,
-     ["bias", "int32"]),
+    (
+        "mask not bool",
+        lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 5))}),
+        TypeError,
+        ["mask", "float64"],
+    ),
+    (
+        "mask int",
+        lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 5), np.int8)}),
+        TypeError,
+        ["mask", "int8"],
+    ),
+    (
+        "mask not broadcastable",
+        lambda q, k, v: ((q, k, v), {"mask": np.ones((3, 4), bool)}),
+        ValueError,
+        ["mask", "(3, 4)", "(2, 3, 5)"],
+    ),
+    (
+        "mask too many dims",
+        lambda q, k, v: ((q, k, v), {"mask": np.ones((1, 1, 3, 5), bool)}),
+        ValueError,
+        ["mask", "(1, 1, 3, 5)"],
+    ),
+    (
+        "bias not broadcastable",
+        lambda q, k, v: ((q, k, v), {"bias": np.ones((2, 5, 3))}),
+        ValueError,
+        ["bias", "(2, 5, 3)"],
+    ),
+    (
+        "bias int",
+        lambda q, k, v: ((q, k, v), {"bias": np.ones((3, 5), np.int32)}),
+        TypeError,
+        ["bias", "int32"],
+    ),
     ("bias not an array", lambda q, k, v: ((q, k, v), {"bias": 1.0}), TypeError, ["bias", "float"]),
-    ("causal string", lambda q, k, v: ((q, k, v), {"causal": "upper"}), ValueError,
-     ["causal", "upper"]),
+    (
+        "causal string",
+        lambda q, k, v: ((q, k, v), {"causal": "upper"}),
+        ValueError,
+        ["causal", "upper"],
+    ),
     ("causal int", lambda q, k, v: ((q, k, v), {"causal": 1.5}), ValueError, ["causal", "1.5"]),
     ("causal None", lambda q, k, v: ((q, k, v), {"causal": None}), ValueError, ["causal", "None"]),
-    ("scale nan", lambda q, k, v: ((q, k, v), {"scale": float("nan")}), ValueError,
-     ["scale", "nan"]),
-    ("scale inf", lambda q, k, v: ((q, k, v), {"scale": float("inf")}), ValueError,
-     ["scale", "inf"]),
+    (
+        "scale nan",
+        lambda q, k, v: ((q, k, v), {"scale": float("nan")}),
+        ValueError,
+        ["scale", "nan"],
+    ),
+    (
+        "scale inf",
+        lambda q, k, v: ((q, k, v), {"scale": float("inf")}),
+        ValueError,
+        ["scale", "inf"],
+    ),
     ("scale bool", lambda q, k, v: ((q, k, v), {"scale": True}), TypeError, ["scale", "bool"]),
     ("scale string", lambda q, k, v: ((q, k, v), {"scale": "0.5"}), TypeError, ["scale", "str"]),
-    ("scale array", lambda q, k, v: ((q, k, v), {"scale": np.ones(2)}), TypeError,
-     ["scale", "ndarray"]),
-    ("enable_gqa not bool", lambda q, k, v: ((q, k, v), {"enable_gqa": 1}), TypeError,
-     ["enable_gqa", "int"]),
-    ("return_lse not bool", lambda q, k, v: ((q, k, v), {"return_lse": "yes"}), TypeError,
-     ["return_lse", "str"]),
-    ("gqa heads do not divide",
-     lambda q, k, v: ((np.ones((1, 3, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 6))),
-                      {"enable_gqa": True}), ValueError, ["k", "heads", "3"]),
-    ("gqa k/v heads differ",
-     lambda q, k, v: ((np.ones((1, 4, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 1, 5, 6))),
-                      {"enable_gqa": True}), ValueError, ["v", "(1, 1, 5, 6)"]),
-    ("gqa needs heads axis", lambda q, k, v: ((q[0], k[0], v[0]), {"enable_gqa": True}),
-     ValueError, ["q", "heads"]),
-    ("heads differ without gqa",
-     lambda q, k, v: ((np.ones((1, 4, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 6))), {}),
-     ValueError, ["k", "enable_gqa"]),
+    (
+        "scale array",
+        lambda q, k, v: ((q, k, v), {"scale": np.ones(2)}),
+        TypeError,
+        ["scale", "ndarray"],
+    ),
+    (
+        "enable_gqa not bool",
+        lambda q, k, v: ((q, k, v), {"enable_gqa": 1}),
+        TypeError,
+        ["enable_gqa", "int"],
+    ),
+    (
+        "return_lse not bool",
+        lambda q, k, v: ((q, k, v), {"return_lse": "yes"}),
+        TypeError,
+        ["return_lse", "str"],
+    ),
+    (
+        "gqa heads do not divide",
+        lambda q, k, v: (
+            (np.ones((1, 3, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 6))),
+            {"enable_gqa": True},
+        ),
+        ValueError,
+        ["k", "heads", "3"],
+    ),
+    (
+        "gqa k/v heads differ",
+        lambda q, k, v: (
+            (np.ones((1, 4, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 1, 5, 6))),
+            {"enable_gqa": True},
+        ),
+        ValueError,
+        ["v", "(1, 1, 5, 6)"],
+    ),
+    (
+        "gqa needs heads axis",
+        lambda q, k, v: ((q[0], k[0], v[0]), {"enable_gqa": True}),
+        ValueError,
+        ["q", "heads"],
+    ),
+    (
+        "heads differ without gqa",
+        lambda q, k, v: ((np.ones((1, 4, 2, 4)), np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 6))), {}),
+        ValueError,
+        ["k", "enable_gqa"],
+    ),
     ("unknown keyword", lambda q, k, v: ((q, k, v), {"dropout": 0.1}), TypeError, ["dropout"]),
     ("positional mask", lambda q, k, v: ((q, k, v, np.ones((3, 5), bool)), {}), TypeError, []),
 ]
 
 
-@pytest.mark.parametrize("label,make,exc,words", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("label", "make", "exc", "words"), BAD, ids=[b[0] for b in BAD])
 def test_bad_inputs(label, make, exc, words, rng):
     args, kwargs = make(*_qkv(rng))
     with pytest.raises(exc) as info:
@@ -690,14 +826,16 @@ def test_mixed_namespaces_are_a_type_error(rng):
     q, k, v = _qkv(rng)
     with pytest.raises(TypeError, match="namespaces") as info:
         SDPA(q, torch.asarray(k), v)
-    assert "k is a torch array" in str(info.value) and "q is a numpy array" in str(info.value)
+    assert "k is a torch array" in str(info.value)
+    assert "q is a numpy array" in str(info.value)
     with pytest.raises(TypeError, match="mask is a torch array"):
         SDPA(q, k, v, mask=torch.ones((3, 5), dtype=torch.bool))
     with pytest.raises(TypeError, match="bias is a torch array"):
         SDPA(q, k, v, bias=torch.ones((3, 5), dtype=torch.float64))
 
 
-# -- memory contract and determinism ------------------------------------------------------------------
+# -- memory contract and determinism
+# ------------------------------------------------------------------
 
 
 def test_readonly_inputs_unchanged_and_outputs_do_not_alias(backend, rng):
@@ -720,7 +858,11 @@ def test_readonly_inputs_unchanged_and_outputs_do_not_alias(backend, rng):
 
 def test_identity_like_cases_do_not_return_views(rng):
     """Lk = 1 (output equals v broadcast) and Lq = Lk = 1 must still be fresh arrays."""
-    q, k, v = rng.standard_normal((2, 1, 3)), rng.standard_normal((2, 1, 3)), rng.standard_normal((2, 1, 3))
+    q, k, v = (
+        rng.standard_normal((2, 1, 3)),
+        rng.standard_normal((2, 1, 3)),
+        rng.standard_normal((2, 1, 3)),
+    )
     out, res = SDPA.fwd(q, k, v)
     g = SDPA.bwd(res, v)
     for produced in (out, *g[:3]):
@@ -736,6 +878,6 @@ def test_deterministic(backend, rng):
         (out, lse), res = SDPA.fwd(q, k, v, return_lse=True, **kw)
         g = SDPA.bwd(res, (np.ones_like(out), np.ones_like(lse)))
         runs.append((out, lse, *g))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.tobytes() == b.tobytes()

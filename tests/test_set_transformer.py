@@ -19,7 +19,8 @@ from support import RTOL, assert_close_rel, directional_check, to_xp
 LN_KEYS = ("ln0_weight", "ln0_bias", "ln1_weight", "ln1_bias")
 
 
-# -- NumPy oracle of the paper equations ------------------------------------------------------------
+# -- NumPy oracle of the paper equations
+# ------------------------------------------------------------
 
 
 def np_softmax(x):
@@ -49,24 +50,40 @@ def multihead(x, y, p, h):
     dq, dv = q.shape[-1] // h, v.shape[-1] // h
     heads = []
     for j in range(h):
-        qj, kj, vj = q[..., j * dq:(j + 1) * dq], k[..., j * dq:(j + 1) * dq], v[..., j * dv:(j + 1) * dv]
+        qj, kj, vj = (
+            q[..., j * dq : (j + 1) * dq],
+            k[..., j * dq : (j + 1) * dq],
+            v[..., j * dv : (j + 1) * dv],
+        )
         heads.append(np_softmax(qj @ np.swapaxes(kj, -1, -2) / math.sqrt(dq)) @ vj)
     return lin(np.concatenate(heads, -1), p, "w_o", "b_o")
 
 
 def paper_mab(x, y, p, h, ln=True):
-    norm = (lambda t, i: np_ln(t, p.get(f"ln{i}_weight"), p.get(f"ln{i}_bias"))) if ln else (lambda t, i: t)
+    norm = (
+        (lambda t, i: np_ln(t, p.get(f"ln{i}_weight"), p.get(f"ln{i}_bias")))
+        if ln
+        else (lambda t, i: t)
+    )
     hh = norm(x + multihead(x, y, p, h), 0)
     return norm(hh + rff(hh, p), 1)
 
 
 def sub(p, pre):
-    return {k[len(pre):]: v for k, v in p.items() if k.startswith(pre)}
+    return {k[len(pre) :]: v for k, v in p.items() if k.startswith(pre)}
 
 
 def paper_params(rng, dx, dy, e, ev, f=None, ln=True, pre=""):
-    shapes = {"w_q": (e, dx), "w_k": (e, dy), "w_v": (ev, dy), "w_o": (dx, ev), "b_q": (e,), "b_k": (e,),
-              "b_v": (ev,), "b_o": (dx,)}
+    shapes = {
+        "w_q": (e, dx),
+        "w_k": (e, dy),
+        "w_v": (ev, dy),
+        "w_o": (dx, ev),
+        "b_q": (e,),
+        "b_k": (e,),
+        "b_v": (ev,),
+        "b_o": (dx,),
+    }
     if f is None:
         shapes.update(w_ff=(dx, dx), b_ff=(dx,))
     else:
@@ -81,8 +98,16 @@ def paper_params(rng, dx, dy, e, ev, f=None, ln=True, pre=""):
 
 
 def code_params(rng, dq, dk, dv, ln=False, pre=""):
-    shapes = {"w_q": (dv, dq), "w_k": (dv, dk), "w_v": (dv, dk), "w_ff": (dv, dv),
-              "b_q": (dv,), "b_k": (dv,), "b_v": (dv,), "b_ff": (dv,)}
+    shapes = {
+        "w_q": (dv, dq),
+        "w_k": (dv, dk),
+        "w_v": (dv, dk),
+        "w_ff": (dv, dv),
+        "b_q": (dv,),
+        "b_k": (dv,),
+        "b_v": (dv,),
+        "b_ff": (dv,),
+    }
     if ln:
         shapes.update({k: (dv,) for k in LN_KEYS})
     return {pre + k: rng.standard_normal(s) / math.sqrt(s[-1]) for k, s in shapes.items()}
@@ -102,14 +127,22 @@ def test_sab_isab_pma_paper_oracle(rng):
     p = paper_params(rng, 5, 5, 4, 6)
     assert_close_rel(aa.sab(x, p, num_heads=2), paper_mab(x, x, p, 2), 1e-12)
     # ISAB_m(X) = MAB(X, MAB(I, X)); inducing points of width 3 ≠ 5.
-    pi = {"I": rng.standard_normal((4, 3)), **paper_params(rng, 3, 5, 4, 4, pre="mab0."),
-          **paper_params(rng, 5, 3, 6, 2, f=9, pre="mab1.")}
+    pi = {
+        "I": rng.standard_normal((4, 3)),
+        **paper_params(rng, 3, 5, 4, 4, pre="mab0."),
+        **paper_params(rng, 5, 3, 6, 2, f=9, pre="mab1."),
+    }
     hh = paper_mab(np.broadcast_to(pi["I"], (3, 4, 3)), x, sub(pi, "mab0."), 2)
     assert_close_rel(aa.isab(x, pi, num_heads=2), paper_mab(x, hh, sub(pi, "mab1."), 2), 1e-12)
     # PMA_k(Z) = MAB(S, rFF(Z)), with and without the rFF on Z.
-    pp = {"S": rng.standard_normal((2, 4)), **paper_params(rng, 4, 6, 4, 4, pre="mab."),
-          "rff.w_ff": rng.standard_normal((8, 5)), "rff.b_ff": rng.standard_normal(8),
-          "rff.w_ff2": rng.standard_normal((6, 8)), "rff.b_ff2": rng.standard_normal(6)}
+    pp = {
+        "S": rng.standard_normal((2, 4)),
+        **paper_params(rng, 4, 6, 4, 4, pre="mab."),
+        "rff.w_ff": rng.standard_normal((8, 5)),
+        "rff.b_ff": rng.standard_normal(8),
+        "rff.w_ff2": rng.standard_normal((6, 8)),
+        "rff.b_ff2": rng.standard_normal(6),
+    }
     seeds = np.broadcast_to(pp["S"], (3, 2, 4))
     want = paper_mab(seeds, rff(x, pp, "rff."), sub(pp, "mab."), 2)
     assert_close_rel(aa.pma(x, pp, num_heads=2), want, 1e-12)
@@ -128,7 +161,11 @@ def torch_modules():
         def __init__(self, dim_Q, dim_K, dim_V, num_heads, ln=False):
             super().__init__()
             self.dim_V, self.num_heads = dim_V, num_heads
-            self.fc_q, self.fc_k, self.fc_v = nn.Linear(dim_Q, dim_V), nn.Linear(dim_K, dim_V), nn.Linear(dim_K, dim_V)
+            self.fc_q, self.fc_k, self.fc_v = (
+                nn.Linear(dim_Q, dim_V),
+                nn.Linear(dim_K, dim_V),
+                nn.Linear(dim_K, dim_V),
+            )
             if ln:
                 self.ln0, self.ln1 = nn.LayerNorm(dim_V), nn.LayerNorm(dim_V)
             self.fc_o = nn.Linear(dim_V, dim_V)
@@ -141,11 +178,11 @@ def torch_modules():
             K_ = torch.cat(K.split(dim_split, 2), 0)
             V_ = torch.cat(V.split(dim_split, 2), 0)
             A = torch.softmax(Q_.bmm(K_.transpose(1, 2)) / math.sqrt(self.dim_V), 2)
-            O = torch.cat((Q_ + A.bmm(V_)).split(Q.size(0), 0), 2)
-            O = O if getattr(self, "ln0", None) is None else self.ln0(O)
-            O = O + F.relu(self.fc_o(O))
-            O = O if getattr(self, "ln1", None) is None else self.ln1(O)
-            return O
+            o_mat = torch.cat((Q_ + A.bmm(V_)).split(Q.size(0), 0), 2)
+            o_mat = o_mat if getattr(self, "ln0", None) is None else self.ln0(o_mat)
+            o_mat = o_mat + F.relu(self.fc_o(o_mat))
+            o_mat = o_mat if getattr(self, "ln1", None) is None else self.ln1(o_mat)
+            return o_mat
 
     class SAB(nn.Module):
         def __init__(self, dim_in, dim_out, num_heads, ln=False):
@@ -180,9 +217,20 @@ def torch_modules():
     return torch, SAB, ISAB, PMA
 
 
-_NAMES = {"fc_q.weight": "w_q", "fc_q.bias": "b_q", "fc_k.weight": "w_k", "fc_k.bias": "b_k",
-          "fc_v.weight": "w_v", "fc_v.bias": "b_v", "fc_o.weight": "w_ff", "fc_o.bias": "b_ff",
-          "ln0.weight": "ln0_weight", "ln0.bias": "ln0_bias", "ln1.weight": "ln1_weight", "ln1.bias": "ln1_bias"}
+_NAMES = {
+    "fc_q.weight": "w_q",
+    "fc_q.bias": "b_q",
+    "fc_k.weight": "w_k",
+    "fc_k.bias": "b_k",
+    "fc_v.weight": "w_v",
+    "fc_v.bias": "b_v",
+    "fc_o.weight": "w_ff",
+    "fc_o.bias": "b_ff",
+    "ln0.weight": "ln0_weight",
+    "ln0.bias": "ln0_bias",
+    "ln1.weight": "ln1_weight",
+    "ln1.bias": "ln1_bias",
+}
 
 
 def to_params(module, prefixed=True):
@@ -223,12 +271,17 @@ def test_code_variant_matches_official_modules(ln, rng):
         dy = rng.standard_normal(tuple(yt.shape))
         grads = torch.autograd.grad(yt, [xt, *module.parameters()], torch.from_numpy(dy))
         names = ["x"] + [n for n, _ in module.named_parameters()]
-        out, res = op.fwd(x, p, num_heads=module.mab.num_heads if hasattr(module, "mab") else 2,
-                          variant="code", ln=ln)
+        out, res = op.fwd(
+            x,
+            p,
+            num_heads=module.mab.num_heads if hasattr(module, "mab") else 2,
+            variant="code",
+            ln=ln,
+        )
         assert_close_rel(out, yt.detach().numpy(), 1e-12, op.name)
         g = op.bwd(res, dy)
         got = dict(to_params_like(module, g.params), x=g[0])
-        for name, gt in zip(names, grads):
+        for name, gt in zip(names, grads, strict=True):
             want = gt.numpy()[0] if name in ("I", "S") else gt.numpy()
             # fc_k.bias has gradient 0 in exact arithmetic (softmax is shift invariant): judge it
             # on the scale of the problem, not on its rounding noise.
@@ -251,22 +304,35 @@ def to_params_like(module, grads):
     return out
 
 
-# -- gradients, namespaces, edge cases, errors -------------------------------------------------------
+# -- gradients, namespaces, edge cases, errors
+# -------------------------------------------------------
 
 
 def test_mab_gradients_elementwise(rng):
     x, y = rng.standard_normal((1, 3, 4)), rng.standard_normal((1, 2, 3))
-    for variant, p in (("paper", paper_params(rng, 4, 3, 4, 2, f=5)), ("code", code_params(rng, 4, 3, 4, ln=True))):
+    for variant, p in (
+        ("paper", paper_params(rng, 4, 3, 4, 2, f=5)),
+        ("code", code_params(rng, 4, 3, 4, ln=True)),
+    ):
         kw = {"num_heads": 2, "variant": variant, "ln": True}
         out, res = aa.mab.fwd(x, y, p, **kw)
         do = rng.standard_normal(out.shape)
         g = aa.mab.bwd(res, do)
         for name, arr in (("x", x), ("y", y)):
-            num = numerical_gradient(lambda a, n=name: float(np.sum(aa.mab(**{"x": x, "y": y, n: a}, params=p, **kw) * do)), arr)
+            num = numerical_gradient(
+                lambda a, n=name: float(
+                    np.sum(aa.mab(**{"x": x, "y": y, n: a}, params=p, **kw) * do)
+                ),
+                arr,
+            )
             np.testing.assert_allclose(getattr(g, name), num, rtol=1e-6, atol=1e-8, err_msg=name)
         for key in p:
-            num = numerical_gradient(lambda a, key=key: float(np.sum(aa.mab(x, y, {**p, key: a}, **kw) * do)), p[key])
-            np.testing.assert_allclose(g.params[key], num, rtol=1e-6, atol=1e-8, err_msg=f"{variant} {key}")
+            num = numerical_gradient(
+                lambda a, key=key: float(np.sum(aa.mab(x, y, {**p, key: a}, **kw) * do)), p[key]
+            )
+            np.testing.assert_allclose(
+                g.params[key], num, rtol=1e-6, atol=1e-8, err_msg=f"{variant} {key}"
+            )
 
 
 @pytest.mark.parametrize("name", ["mab", "sab", "isab", "pma"])
@@ -278,10 +344,16 @@ def test_gradients_directional(name, rng):
 
 def test_reference_namespaces_grads(xp, rng):
     x = rng.standard_normal((2, 4, 5))
-    pi = {"I": rng.standard_normal((3, 5)), **paper_params(rng, 5, 5, 4, 4, pre="mab0."),
-          **paper_params(rng, 5, 5, 4, 4, pre="mab1.")}
-    pc = {"I": rng.standard_normal((3, 4)), **code_params(rng, 4, 5, 4, pre="mab0."),
-          **code_params(rng, 5, 4, 4, pre="mab1.")}
+    pi = {
+        "I": rng.standard_normal((3, 5)),
+        **paper_params(rng, 5, 5, 4, 4, pre="mab0."),
+        **paper_params(rng, 5, 5, 4, 4, pre="mab1."),
+    }
+    pc = {
+        "I": rng.standard_normal((3, 4)),
+        **code_params(rng, 4, 5, 4, pre="mab0."),
+        **code_params(rng, 5, 4, 4, pre="mab1."),
+    }
     for p, variant in ((pi, "paper"), (pc, "code")):
         out0, res0 = aa.isab.fwd(x, p, num_heads=2, variant=variant)
         dy = rng.standard_normal(out0.shape)
@@ -292,7 +364,9 @@ def test_reference_namespaces_grads(xp, rng):
         assert_close_rel(g.x, g0.x, 1e-12)
         for k in p:
             # b_k's gradient is 0 in exact arithmetic (shift invariance): floor at the problem scale
-            assert_close_rel(g.params[k], g0.params[k], 1e-11, k, floor=1.0 if k.endswith("b_k") else 0.0)
+            assert_close_rel(
+                g.params[k], g0.params[k], 1e-11, k, floor=1.0 if k.endswith("b_k") else 0.0
+            )
 
 
 def test_size_one_sets_and_float32(rng):
@@ -303,7 +377,8 @@ def test_size_one_sets_and_float32(rng):
     p32 = {k: v.astype(np.float32) for k, v in p.items()}
     out, res = aa.sab.fwd(x32, p32, num_heads=2)
     g = aa.sab.bwd(res, np.ones_like(out))
-    assert out.dtype == np.float32 and g.x.dtype == np.float32
+    assert out.dtype == np.float32
+    assert g.x.dtype == np.float32
     assert all(v.dtype == np.float32 for v in g.params.values())
     assert_close_rel(out, paper_mab(x32.astype(float), x32.astype(float), p, 2), 1e-5)
 
@@ -340,12 +415,23 @@ def test_bad_inputs(rng):
         aa.mab(x[0], y, p, num_heads=2)
     with pytest.raises(TypeError, match=r"params\['w_q'\]: expected dtype"):
         aa.mab(x, y, {**p, "w_q": p["w_q"].astype(np.float32)}, num_heads=2)
+    pi = {
+        "I": np.ones((3, 6)),
+        **paper_params(rng, 6, 6, 4, 4, pre="mab0."),
+        **paper_params(rng, 6, 5, 4, 4, pre="mab1."),
+    }
     with pytest.raises(ValueError, match=r"params\['mab1.w_k'\]"):
-        pi = {"I": np.ones((3, 6)), **paper_params(rng, 6, 6, 4, 4, pre="mab0."),
-              **paper_params(rng, 6, 5, 4, 4, pre="mab1.")}
         aa.isab(x, pi, num_heads=2)
     with pytest.raises(ValueError, match=r"params\['I'\]"):
         aa.isab(x, {}, num_heads=2)
     with pytest.raises(ValueError, match="unknown keys"):
-        aa.pma(x, {"S": np.ones((1, 6)), "rff.w_ff": np.ones((6, 6)), **paper_params(rng, 6, 6, 4, 4, pre="mab.")},
-               num_heads=2, variant="code")
+        aa.pma(
+            x,
+            {
+                "S": np.ones((1, 6)),
+                "rff.w_ff": np.ones((6, 6)),
+                **paper_params(rng, 6, 6, 4, 4, pre="mab."),
+            },
+            num_heads=2,
+            variant="code",
+        )

@@ -40,12 +40,23 @@ def keys_of(mask, i):
 def test_strided_sets_by_hand():
     # l = 3, query 7: A1 = {max(0, 7-3), ..., 7} = {4, 5, 6, 7}; A2 = {j <= 7 : (7-j) % 3 == 0}
     # = {1, 4, 7}
-    assert keys_of(MASK(10, pattern="strided", stride=3, combine="interleaved", layer=0), 7) == {4, 5, 6, 7}
-    assert keys_of(MASK(10, pattern="strided", stride=3, combine="interleaved", layer=1), 7) == {1, 4, 7}
+    assert keys_of(MASK(10, pattern="strided", stride=3, combine="interleaved", layer=0), 7) == {
+        4,
+        5,
+        6,
+        7,
+    }
+    assert keys_of(MASK(10, pattern="strided", stride=3, combine="interleaved", layer=1), 7) == {
+        1,
+        4,
+        7,
+    }
     assert keys_of(MASK(10, pattern="strided", stride=3), 7) == {1, 4, 5, 6, 7}
     # openai's band of l positions: {5, 6, 7}
     assert keys_of(MASK(10, pattern="strided", stride=3, local_width=3), 7) == {1, 4, 5, 6, 7}
-    assert keys_of(MASK(10, pattern="strided", stride=3, local_width=3, combine="interleaved"), 7) == {5, 6, 7}
+    assert keys_of(
+        MASK(10, pattern="strided", stride=3, local_width=3, combine="interleaved"), 7
+    ) == {5, 6, 7}
     assert keys_of(MASK(10, pattern="strided", stride=3), 0) == {0}
     assert keys_of(MASK(10, pattern="strided", stride=3), 2) == {0, 1, 2}
     assert keys_of(MASK(10, pattern="strided", stride=3), 9) == {0, 3, 6, 7, 8, 9}
@@ -84,9 +95,12 @@ def test_strided_multihead_heads_alternate():
 
 def test_mask_namespace(xp):
     m = MASK(9, pattern="fixed", stride=3, summary=1, xp=xp)
-    assert xp.isdtype(m.dtype, "bool") and tuple(m.shape) == (9, 9)
-    np.testing.assert_array_equal(np.asarray(m.__array__() if hasattr(m, "__array__") else m),
-                                  MASK(9, pattern="fixed", stride=3, summary=1))
+    assert xp.isdtype(m.dtype, "bool")
+    assert tuple(m.shape) == (9, 9)
+    np.testing.assert_array_equal(
+        np.asarray(m.__array__() if hasattr(m, "__array__") else m),
+        MASK(9, pattern="fixed", stride=3, summary=1),
+    )
 
 
 # -- sparse_attention vs the dense masked oracle ---------------------------------------------------
@@ -131,7 +145,9 @@ def test_vs_dense_oracle(backend, cfg, length, rng):
     g = SA.bwd(res, do)
     want = sdpa_oracle(q, k, v, mask=mask)[0]
     dq, dk, dv, _ = sdpa_oracle_grads(q, k, v, do, mask=mask)
-    for got, ref, what in zip((out, *g), (want, dq, dk, dv), ("out", "dq", "dk", "dv")):
+    for got, ref, what in zip(
+        (out, *g), (want, dq, dk, dv), ("out", "dq", "dk", "dv"), strict=True
+    ):
         # floor 1: the problem's scale (unit normal inputs) for results that are exactly 0 (L = 1)
         assert_close_rel(got, ref, RTOL[np.float64], what, floor=1.0)
 
@@ -145,8 +161,12 @@ def test_vs_dense_oracle(backend, cfg, length, rng):
 def test_vs_sdpa_property(length, stride, width, data):
     pattern = data.draw(st.sampled_from(["strided", "fixed"]))
     combine = data.draw(st.sampled_from(["merged", "interleaved", "multihead"]))
-    cfg = {"pattern": pattern, "stride": stride, "combine": combine,
-           "layer": data.draw(st.integers(0, 3))}
+    cfg = {
+        "pattern": pattern,
+        "stride": stride,
+        "combine": combine,
+        "layer": data.draw(st.integers(0, 3)),
+    }
     if pattern == "strided":
         cfg["local_width"] = width
     else:
@@ -159,7 +179,7 @@ def test_vs_sdpa_property(length, stride, width, data):
     g_d = aa.scaled_dot_product_attention.bwd(res_d, do)
     out, res = SA.fwd(q, k, v, scale=0.8, **cfg)
     g = SA.bwd(res, do)
-    for got, want in zip((out, *g), (ref, *g_d[:3])):
+    for got, want in zip((out, *g), (ref, *g_d[:3]), strict=True):
         assert_close_rel(got, want, 1e-12, floor=1.0)
 
 
@@ -167,14 +187,17 @@ def test_long_sequence_tiles(backend, rng):
     require_kernel(SA, backend)
     # several band tiles (128) and residue/summary blocks, ragged length
     q, k, v, do = _qkv(rng, (1, 1, 300, 4), dv=2)
-    for cfg in ({"pattern": "strided", "stride": 17}, {"pattern": "fixed", "stride": 20, "summary": 5},
-                {"pattern": "strided", "stride": 10, "local_width": 150}):
+    for cfg in (
+        {"pattern": "strided", "stride": 17},
+        {"pattern": "fixed", "stride": 20, "summary": 5},
+        {"pattern": "strided", "stride": 10, "local_width": 150},
+    ):
         mask = MASK(300, **cfg)
         out, res = SA.fwd(q, k, v, **cfg)
         g = SA.bwd(res, do)
         dq, dk, dv, _ = sdpa_oracle_grads(q, k, v, do, mask=mask)
         assert_close_rel(out, sdpa_oracle(q, k, v, mask=mask)[0], RTOL[np.float64])
-        for got, want in zip(g, (dq, dk, dv)):
+        for got, want in zip(g, (dq, dk, dv), strict=True):
             assert_close_rel(got, want, RTOL[np.float64])
 
 
@@ -185,13 +208,21 @@ def test_finite_differences(rng):
         g = SA.bwd(res, do)
         args = {"q": q, "k": k, "v": v}
         for name in args:
+
             def f(x, name=name, cfg=cfg):
                 return float(np.sum(SA(**{**args, name: x}, **cfg) * do))
 
-            np.testing.assert_allclose(getattr(g, name), numerical_gradient(f, args[name]),
-                                       rtol=1e-6, atol=1e-8, err_msg=name)
-    for cfg in ({"pattern": "fixed", "stride": 3, "summary": 2},
-                {"pattern": "strided", "stride": 2}):
+            np.testing.assert_allclose(
+                getattr(g, name),
+                numerical_gradient(f, args[name]),
+                rtol=1e-6,
+                atol=1e-8,
+                err_msg=name,
+            )
+    for cfg in (
+        {"pattern": "fixed", "stride": 3, "summary": 2},
+        {"pattern": "strided", "stride": 2},
+    ):
         errors = directional_errors(SA, (q, k, v), cfg, rng=rng)
         assert max(errors.values()) < 1e-6, errors
 
@@ -210,8 +241,10 @@ def test_empty_rows_give_zero(backend, rng):
 
 def test_reference_namespaces(xp, rng):
     q, k, v, do = _qkv(rng, (1, 2, 8, 3))
-    cfgs = [{"pattern": "fixed", "stride": 4, "summary": 2},
-            {"pattern": "strided", "stride": 3, "combine": "multihead"}]
+    cfgs = [
+        {"pattern": "fixed", "stride": 4, "summary": 2},
+        {"pattern": "strided", "stride": 3, "combine": "multihead"},
+    ]
     if array_api_compat.is_jax_namespace(xp):
         cfgs = cfgs[:1]  # eager JAX compiles every small op: one pattern keeps the test quick
     for cfg in cfgs:
@@ -220,7 +253,7 @@ def test_reference_namespaces(xp, rng):
         with aa.use_backend("array_api"):
             out, res = SA.fwd(*(to_xp(xp, a) for a in (q, k, v)), **cfg)
             g = SA.bwd(res, to_xp(xp, do))
-        for a, b in zip((out, *g), (out0, *g0)):
+        for a, b in zip((out, *g), (out0, *g0), strict=True):
             assert_close_rel(a, b, 1e-12, floor=1.0)
 
 
@@ -230,7 +263,8 @@ def test_float32_and_huge_logits(backend, rng):
     cfg = {"pattern": "strided", "stride": 4}
     out, res = SA.fwd(q, k, v, **cfg)
     g = SA.bwd(res, do)
-    assert out.dtype == np.float32 and all(a.dtype == np.float32 for a in g)
+    assert out.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in g)
     assert_close_rel(out, sdpa_oracle(q, k, v, mask=MASK(20, **cfg))[0], RTOL[np.float32])
     out = SA(q * 100, k * 100, v, **cfg)
     assert np.isfinite(out).all()
@@ -247,7 +281,7 @@ def test_float32_backends_agree(cfg, rng):
             results[name] = (out, *SA.bwd(res, do))
     mask = _mask_for(45, cfg, 4)
     ref = (sdpa_oracle(q, k, v, mask=mask)[0], *sdpa_oracle_grads(q, k, v, do, mask=mask)[:3])
-    for a, b, want in zip(results["array_api"], results["numba"], ref):
+    for a, b, want in zip(results["array_api"], results["numba"], ref, strict=True):
         assert a.dtype == b.dtype == np.float32
         assert_close_rel(a, want, RTOL[np.float32], floor=1.0)
         assert_close_rel(b, want, RTOL[np.float32], floor=1.0)
@@ -261,7 +295,7 @@ def test_numba_deterministic(rng):
         for _ in range(2):
             out, res = SA.fwd(q, k, v, pattern="strided", stride=17)
             runs.append((out, *SA.bwd(res, do)))
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

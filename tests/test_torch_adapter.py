@@ -1,4 +1,5 @@
-"""arrayattn.torch: every registered op as a differentiable PyTorch op (generated from the registry).
+"""arrayattn.torch: every registered op as a differentiable PyTorch op (generated from the
+registry).
 
 Every op is exercised through its own ``examples(rng)`` calls (small float64 inputs): forward and
 gradients equal the NumPy op's, ``torch.autograd.gradcheck`` passes, ``torch.library.opcheck``
@@ -110,7 +111,7 @@ def _loss(outs, weights):
     """A scalar mixing every float output with fixed random weights (inf entries, e.g. the
     logsumexp of a fully masked row, are left out)."""
     total = 0
-    for o, w in zip(_float_outputs(outs), weights):
+    for o, w in zip(_float_outputs(outs), weights, strict=True):
         total = total + torch.where(torch.isfinite(o), o * w, torch.zeros_like(o)).sum()
     return total
 
@@ -123,12 +124,12 @@ def _weights(outs, seed=7):
 # -- forward and backward equal the NumPy op ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, i", CASES)
+@pytest.mark.parametrize(("name", "i"), CASES)
 def test_forward_and_gradients_equal_numpy(name, i):
     op, np_args, t_args = _setup(name, i)
     out_t = _call(name, t_args)
     out_np, res = op.fwd(**np_args)
-    for a, b in zip(_as_tuple(out_t), _as_tuple(out_np)):
+    for a, b in zip(_as_tuple(out_t), _as_tuple(out_np), strict=True):
         assert tuple(a.shape) == tuple(np.shape(b))
         # Same backend, same values, same layout: bitwise the same.
         np.testing.assert_array_equal(a.detach().numpy(), np.asarray(b))
@@ -151,13 +152,14 @@ def test_forward_and_gradients_equal_numpy(name, i):
     for arg, value in t_args.items():
         if isinstance(value, dict):
             expected += [
-                getattr(g, arg)[k] for k, v in value.items()
+                getattr(g, arg)[k]
+                for k, v in value.items()
                 if isinstance(v, torch.Tensor) and v.requires_grad
             ]
         elif isinstance(value, torch.Tensor) and value.requires_grad:
             expected.append(getattr(g, arg))
     assert len(expected) == len(grads_t)
-    for got, want in zip(grads_t, expected):
+    for got, want in zip(grads_t, expected, strict=True):
         got = np.zeros(np.shape(want)) if got is None else got.numpy()
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-12, atol=1e-13)
 
@@ -165,7 +167,7 @@ def test_forward_and_gradients_equal_numpy(name, i):
 # -- torch's own checks ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, i", CASES)
+@pytest.mark.parametrize(("name", "i"), CASES)
 def test_gradcheck(name, i):
     op, _, t_args = _setup(name, i)
     leaves = _leaves(t_args)
@@ -179,14 +181,15 @@ def test_gradcheck(name, i):
         # Zero the weights where an output is not finite (an empty row's +inf logsumexp).
         return tuple(
             torch.where(torch.isfinite(o), o, torch.zeros_like(o)) * w
-            for o, w in zip(_float_outputs(outs), weights)
+            for o, w in zip(_float_outputs(outs), weights, strict=True)
         )
 
-    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True
+    )
 
 
-@pytest.mark.parametrize("name, i", FIRST)
+@pytest.mark.parametrize(("name", "i"), FIRST)
 def test_opcheck(name, i):
     op, _, t_args = _setup(name, i)
     leaves, tensors, options = [], [], []
@@ -207,7 +210,7 @@ def test_opcheck(name, i):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("name, i", FIRST)
+@pytest.mark.parametrize(("name", "i"), FIRST)
 def test_compile_fullgraph_equals_eager(name, i):
     torch._dynamo.reset()
     op, _, t_args = _setup(name, i)
@@ -227,9 +230,9 @@ def test_compile_fullgraph_equals_eager(name, i):
         grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else ()
         results.append((out, grads))
     (out, grads), (eager_out, eager_grads) = results[1], results[0]
-    for a, b in zip(_as_tuple(out), _as_tuple(eager_out)):
+    for a, b in zip(_as_tuple(out), _as_tuple(eager_out), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(grads, eager_grads):
+    for a, b in zip(grads, eager_grads, strict=True):
         if b is None:
             assert a is None or not a.any()
         else:
@@ -239,8 +242,10 @@ def test_compile_fullgraph_equals_eager(name, i):
 def test_compile_inductor_sdpa():
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
 
     def f(q, k, v):
         out, lse = aat.scaled_dot_product_attention(q, k, v, causal=True, return_lse=True)
@@ -248,7 +253,7 @@ def test_compile_inductor_sdpa():
 
     eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v))
-    for a, b in zip(compiled, eager):
+    for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
@@ -257,8 +262,10 @@ def test_compile_inductor_sdpa():
 
 def test_sdpa_matches_torch_sdpa():
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
     mask = torch.rand(7, 7, generator=g) > 0.3
     mask[:, 0] = True
     out = aat.scaled_dot_product_attention(q, k, v, mask=mask)
@@ -267,7 +274,7 @@ def test_sdpa_matches_torch_sdpa():
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
     ours = torch.autograd.grad(out, (q, k, v), go)
     theirs = torch.autograd.grad(ref, (q, k, v), go)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -278,8 +285,9 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous()
     out = aat.scaled_dot_product_attention(q, q, q)
     qc = q.detach().contiguous().numpy()
-    np.testing.assert_allclose(out.detach().numpy(), aa.scaled_dot_product_attention(qc, qc, qc),
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        out.detach().numpy(), aa.scaled_dot_product_attention(qc, qc, qc), rtol=1e-12, atol=1e-14
+    )
     out.sum().backward()
     assert q.grad.shape == q.shape
 
@@ -287,8 +295,10 @@ def test_non_contiguous_inputs():
 def test_params_dict_gets_gradients():
     g = torch.Generator().manual_seed(3)
     e = 4
-    params = {f"w_{n}": torch.randn(e, e, generator=g, dtype=torch.float64, requires_grad=True)
-              for n in "qkvo"}
+    params = {
+        f"w_{n}": torch.randn(e, e, generator=g, dtype=torch.float64, requires_grad=True)
+        for n in "qkvo"
+    }
     x = torch.randn(2, 3, e, generator=g, dtype=torch.float64, requires_grad=True)
     y = aat.multi_head_attention(x, x, params, num_heads=2)
     y.sum().backward()
@@ -323,7 +333,10 @@ def test_every_op_is_generated():
     for name in OPS:
         wrapper = getattr(aat, name)
         assert wrapper is getattr(aat, name)  # built once
-        assert inspect.signature(wrapper).parameters.keys() == inspect.signature(OPS[name]).parameters.keys()
+        assert (
+            inspect.signature(wrapper).parameters.keys()
+            == inspect.signature(OPS[name]).parameters.keys()
+        )
 
 
 def test_import_arrayattn_does_not_import_torch():

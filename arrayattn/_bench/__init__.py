@@ -39,7 +39,7 @@ class Worker:
         if not line.startswith(word):
             self.close()
             raise RuntimeError(f"bench worker {self.spec} failed (said {line!r})")
-        return line[len(word):].strip()
+        return line[len(word) :].strip()
 
     def ask(self, command: str) -> str:
         self.proc.stdin.write(command + "\n")
@@ -112,18 +112,24 @@ def sgemm_rate(threads: int | None) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--case", action="append", choices=sorted(CASES), help="case (repeatable; default all)")
+    p.add_argument(
+        "--case", action="append", choices=sorted(CASES), help="case (repeatable; default all)"
+    )
     p.add_argument("--size", help="size parameters, e.g. B=1,H=8,L=2048,d=64")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--mode", action="append", choices=["fwd", "fwd_bwd"], help="default both")
     p.add_argument(
         "--backend",
         action="append",
-        help="arrayattn backend setting (repeatable: each backend in its own process; default auto)",
+        help=(
+            "arrayattn backend setting (repeatable: each backend in its own process; default auto)"
+        ),
     )
     p.add_argument("--causal", action="store_true", help="causal attention where the case has it")
     p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads for both sides (default: all)"
+    )
     p.add_argument("--no-torch", action="store_true", help="time arrayattn only")
     p.add_argument(
         "--gap",
@@ -148,7 +154,13 @@ def main(args: argparse.Namespace) -> int:
         if args.causal and "causal" in params:
             params["causal"] = 1
         for mode in args.mode or ["fwd", "fwd_bwd"]:
-            base = {"case": name, "params": params, "dtype": args.dtype, "mode": mode, "threads": args.threads}
+            base = {
+                "case": name,
+                "params": params,
+                "dtype": args.dtype,
+                "mode": mode,
+                "threads": args.threads,
+            }
             specs = [{**base, "impl": "arrayattn", "backend": b} for b in args.backend or ["auto"]]
             if have_torch and case.torch is not None:
                 specs.append({**base, "impl": "torch"})
@@ -156,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
             flops = case.flops(params, mode)
             meds = [statistics.median(t) for t in times]
             torch_median = meds[-1] if specs[-1]["impl"] == "torch" else None
-            for spec, med in zip(specs, meds):
+            for spec, med in zip(specs, meds, strict=True):
                 gflops = flops / med / 1e9
                 ratio = (
                     f"{med / torch_median:.2f}"
@@ -168,7 +180,8 @@ def main(args: argparse.Namespace) -> int:
                         name,
                         ",".join(f"{k}={v}" for k, v in params.items()),
                         mode,
-                        spec["impl"] + (f"[{spec['backend']}]" if spec["impl"] == "arrayattn" else ""),
+                        spec["impl"]
+                        + (f"[{spec['backend']}]" if spec["impl"] == "arrayattn" else ""),
                         f"{med * 1e3:.1f}",
                         f"{gflops:.1f}",
                         f"{gflops / rate:.2f}",
@@ -177,7 +190,10 @@ def main(args: argparse.Namespace) -> int:
                 )
     from ..__main__ import _table
 
-    print(f"{args.dtype}; sgemm rate here: {rate:.0f} GFLOP/s; medians of {args.repeat} alternating calls")
+    print(
+        f"{args.dtype}; sgemm rate here: {rate:.0f} GFLOP/s; medians of {args.repeat} alternating "
+        "calls"
+    )
     print(
         _table(
             rows,

@@ -75,5 +75,9 @@ def tensors(arrays):
     """NumPy arrays (or mappings of them) as torch tensors sharing their memory."""
     import torch
 
-    return tuple({k: torch.from_numpy(v) for k, v in a.items()} if isinstance(a, dict) else torch.from_numpy(a)
-                 for a in arrays)
+    return tuple(
+        {k: torch.from_numpy(v) for k, v in a.items()}
+        if isinstance(a, dict)
+        else torch.from_numpy(a)
+        for a in arrays
+    )

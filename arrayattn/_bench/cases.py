@@ -11,7 +11,20 @@ from .case import Case
 
 __all__ = ["CASES", "Case"]
 
-_FAMILIES: tuple[str, ...] = ("attention", "criss_cross", "channel", "neighborhood", "luong", "linear_attention", "sparse", "non_local", "danet", "co_attention", "fused", "set_transformer")
+_FAMILIES: tuple[str, ...] = (
+    "attention",
+    "criss_cross",
+    "channel",
+    "neighborhood",
+    "luong",
+    "linear_attention",
+    "sparse",
+    "non_local",
+    "danet",
+    "co_attention",
+    "fused",
+    "set_transformer",
+)
 
 CASES: dict[str, Case] = {}
 for _family in _FAMILIES:

@@ -53,7 +53,9 @@ def _sdpa_torch(p: dict, dtype: str, mode: str):
 
     q, k, v, do = (torch.from_numpy(a) for a in _sdpa_inputs(p, dtype))
     causal = bool(p.get("causal"))
-    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do, mode)
+    return torch_runner(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), do, mode
+    )
 
 
 # -- multi-head attention -----------------------------------------------------------------------
@@ -99,10 +101,14 @@ def _mha_torch(p: dict, dtype: str, mode: str):
     e = p["E"]
     m = torch.nn.MultiheadAttention(e, p["heads"], batch_first=True, dtype=getattr(torch, dtype))
     with torch.no_grad():
-        m.in_proj_weight.copy_(torch.from_numpy(np.concatenate([params["w_q"], params["w_k"], params["w_v"]])))
+        m.in_proj_weight.copy_(
+            torch.from_numpy(np.concatenate([params["w_q"], params["w_k"], params["w_v"]]))
+        )
         m.out_proj.weight.copy_(torch.from_numpy(params["w_o"]))
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-    return torch_runner(lambda: m(xt, xt, xt, need_weights=False)[0], [xt, *m.parameters()], dyt, mode)
+    return torch_runner(
+        lambda: m(xt, xt, xt, need_weights=False)[0], [xt, *m.parameters()], dyt, mode
+    )
 
 
 CASES: dict[str, Case] = {

@@ -68,7 +68,9 @@ def torch_cbam(params: dict, pool_order: str = "avg_max"):
             self.mlp = torch_se({k: v for k, v in params.items() if k in ("w1", "b1", "w2", "b2")})
             t = {k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}
             k = t["w_spatial"].shape[-1]
-            self.spatial = torch.nn.Conv2d(2, 1, k, padding=k // 2, bias="b_spatial" in t, dtype=t["w_spatial"].dtype)
+            self.spatial = torch.nn.Conv2d(
+                2, 1, k, padding=k // 2, bias="b_spatial" in t, dtype=t["w_spatial"].dtype
+            )
             with torch.no_grad():
                 self.spatial.weight.copy_(t["w_spatial"])
                 if "b_spatial" in t:
@@ -168,6 +170,10 @@ CASES: dict[str, Case] = {
     "squeeze_excitation": Case("squeeze_excitation", dict(_BLOCK), _block_flops, *_runner("se")),
     "cbam": Case("cbam", dict(_BLOCK), _block_flops, *_runner("cbam")),
     "conv2d": Case(
-        "conv2d", {"N": 8, "C": 64, "O": 64, "H": 56, "W": 56, "k": 3}, _conv_flops, _conv_arrayattn, _conv_torch
+        "conv2d",
+        {"N": 8, "C": 64, "O": 64, "H": 56, "W": 56, "k": 3},
+        _conv_flops,
+        _conv_arrayattn,
+        _conv_torch,
     ),
 }

@@ -86,7 +86,9 @@ def _cosnet_torch(p: dict, dtype: str, mode: str):
         exemplar_flat, query_flat = a.view(n, c, h * w), b.view(n, c, h * w)
         affinity = torch.bmm(F.linear(exemplar_flat.transpose(1, 2), params["w"]), query_flat)
         query_att = torch.bmm(exemplar_flat, F.softmax(affinity, dim=1)).view(n, c, h, w)
-        exemplar_att = torch.bmm(query_flat, F.softmax(affinity.transpose(1, 2), dim=1)).view(n, c, h, w)
+        exemplar_att = torch.bmm(query_flat, F.softmax(affinity.transpose(1, 2), dim=1)).view(
+            n, c, h, w
+        )
         gate = lambda x: x * torch.sigmoid(F.conv2d(x, params["w_gate"]))  # noqa: E731
         return gate(exemplar_att), gate(query_att)
 

@@ -51,7 +51,8 @@ def _arrayattn(p: dict, dtype: str, mode: str):
 
 
 def ccnet_torch_attention(q, k, v):
-    """CCNet's pure-PyTorch criss-cross core on NCHW tensors: q, k (B, dk, H, W), v (B, dv, H, W)."""
+    """CCNet's pure-PyTorch criss-cross core on NCHW tensors: q, k (B, dk, H, W), v (B, dv, H,
+    W)."""
     import torch
 
     b, _, h, w = q.shape
@@ -75,7 +76,9 @@ def ccnet_torch_attention(q, k, v):
 def _torch(p: dict, dtype: str, mode: str):
     import torch
 
-    q, k, v, do = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) for a in _inputs(p, dtype))
+    q, k, v, do = (
+        torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) for a in _inputs(p, dtype)
+    )
     return torch_runner(lambda: ccnet_torch_attention(q, k, v), (q, k, v), do, mode)
 
 

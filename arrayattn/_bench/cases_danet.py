@@ -100,6 +100,10 @@ def _torch(name: str):
 _SIZE = {"N": 4, "C": 256, "H": 32, "W": 32}
 
 CASES: dict[str, Case] = {
-    "position_attention": Case("position_attention", dict(_SIZE), _pam_flops, _arrayattn("pam"), _torch("pam")),
-    "channel_attention": Case("channel_attention", dict(_SIZE), _cam_flops, _arrayattn("cam"), _torch("cam")),
+    "position_attention": Case(
+        "position_attention", dict(_SIZE), _pam_flops, _arrayattn("pam"), _torch("pam")
+    ),
+    "channel_attention": Case(
+        "channel_attention", dict(_SIZE), _cam_flops, _arrayattn("cam"), _torch("cam")
+    ),
 }

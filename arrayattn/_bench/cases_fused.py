@@ -45,7 +45,9 @@ def _torch(p: dict, dtype: str, mode: str):
     import torch.nn.functional as F
 
     q, k, v, dy = (torch.from_numpy(a) for a in _inputs(p, dtype))
-    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v).mean(dim=-2), (q, k, v), dy, mode)
+    return torch_runner(
+        lambda: F.scaled_dot_product_attention(q, k, v).mean(dim=-2), (q, k, v), dy, mode
+    )
 
 
 CASES: dict[str, Case] = {

@@ -82,11 +82,17 @@ _SIZE = {"B": 1, "H": 4, "L": 8192, "d": 64}
 
 CASES: dict[str, Case] = {
     "efficient_attention": Case(
-        "efficient_attention", dict(_SIZE), _flops, _aa_runner("efficient_attention"),
+        "efficient_attention",
+        dict(_SIZE),
+        _flops,
+        _aa_runner("efficient_attention"),
         _torch_runner(_torch_efficient),
     ),
     "linear_attention": Case(
-        "linear_attention", {**_SIZE, "causal": 0}, _flops, _aa_runner("linear_attention", causal=0),
+        "linear_attention",
+        {**_SIZE, "causal": 0},
+        _flops,
+        _aa_runner("linear_attention", causal=0),
         _torch_runner(_torch_linear),
     ),
 }

@@ -33,7 +33,10 @@ def _bahdanau_flops(p: dict, mode: str) -> float:
 def _bahdanau_inputs(p: dict, dtype: str):
     rng = _rng()
     n, t, s, d, da = p["N"], p["T"], p["S"], p["d"], p["da"]
-    f = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+    def f(*shape):
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
     params = {"w_a": f(da, d) / d**0.5, "u_a": f(da, d) / d**0.5, "v_a": f(da), "b_a": f(da)}
     return f(n, t, d), f(n, s, d), params, f(n, t, d), f(n, t, s)
 
@@ -65,7 +68,10 @@ def _local_flops(p: dict, mode: str) -> float:
 def _local_inputs(p: dict, dtype: str):
     rng = _rng()
     n, t, s, d, dp = p["N"], p["T"], p["S"], p["d"], p["dp"]
-    f = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
+    def f(*shape):
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+
     params = {"w_a": f(d, d) / d**0.5, "w_p": f(dp, d) / d**0.5, "v_p": f(dp)}
     return f(n, t, d), f(n, s, d), params, f(n, t, d), f(n, t, s)
 
@@ -101,8 +107,11 @@ CASES: dict[str, Case] = {
         "luong_local_p",
         {"N": 16, "T": 64, "S": 256, "d": 256, "dp": 128, "D": 10},
         _local_flops,
-        pair_op_runner("local_attention", _local_inputs,
-                       lambda p: {"window": p["D"], "mode": "predictive", "score": "general"}),
+        pair_op_runner(
+            "local_attention",
+            _local_inputs,
+            lambda p: {"window": p["D"], "mode": "predictive", "score": "general"},
+        ),
         _local_torch,
     ),
 }

@@ -52,6 +52,7 @@ def _na2d_arrayattn(p: dict, dtype: str, mode: str):
 
 def na2d_torch_gather_indices(h: int, w: int, kernel: int) -> np.ndarray:
     """(H·W, K²) flat key indices of NATTEN's clamped windows (dilation 1)."""
+
     def starts(n):
         return np.clip(np.arange(n) - kernel // 2, 0, n - kernel)
 
@@ -67,7 +68,7 @@ def _na2d_torch(p: dict, dtype: str, mode: str):
     q, k, v, do = (torch.from_numpy(a) for a in _inputs(p, dtype))
     b, heads, h, w, d = q.shape
     idx = torch.from_numpy(na2d_torch_gather_indices(h, w, p["K"])).reshape(-1)
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def forward(q, k, v):
         qf, kf, vf = (t.reshape(b, heads, h * w, -1) for t in (q, k, v))
@@ -113,7 +114,7 @@ def _halo_torch(p: dict, dtype: str, mode: str):
     bsz, heads, h, w, d = q.shape
     blk, halo = p["b"], p["halo"]
     win = blk + 2 * halo
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def forward(q, k, v):
         # timm HaloAttn core on (B·heads, d, H, W) maps

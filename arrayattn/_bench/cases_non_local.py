@@ -61,12 +61,18 @@ def _torch(p: dict, dtype: str, mode: str):
         g = F.max_pool2d(F.conv2d(xx, t["w_g"], t["b_g"]), 2).view(b, ci, -1).permute(0, 2, 1)
         th = F.conv2d(xx, t["w_theta"], t["b_theta"]).view(b, ci, -1).permute(0, 2, 1)
         ph = F.max_pool2d(F.conv2d(xx, t["w_phi"], t["b_phi"]), 2).view(b, ci, -1)
-        y = torch.matmul(F.softmax(torch.matmul(th, ph), dim=-1), g).permute(0, 2, 1).reshape(b, ci, *xx.shape[2:])
+        y = (
+            torch.matmul(F.softmax(torch.matmul(th, ph), dim=-1), g)
+            .permute(0, 2, 1)
+            .reshape(b, ci, *xx.shape[2:])
+        )
         return F.conv2d(y, t["w_z"], t["b_z"]) + xx
 
     return torch_runner(lambda: block(xt), [xt, *t.values()], dyt, mode)
 
 
 CASES: dict[str, Case] = {
-    "non_local_block": Case("non_local_block", {"N": 4, "C": 256, "H": 32, "W": 32}, _flops, _arrayattn, _torch),
+    "non_local_block": Case(
+        "non_local_block", {"N": 4, "C": 256, "H": 32, "W": 32}, _flops, _arrayattn, _torch
+    ),
 }

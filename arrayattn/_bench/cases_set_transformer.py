@@ -13,9 +13,20 @@ __all__ = ["CASES"]
 
 
 def _code_params(rng, dq, dk, dv, prefix, dtype):
-    shapes = {"w_q": (dv, dq), "w_k": (dv, dk), "w_v": (dv, dk), "w_ff": (dv, dv),
-              "b_q": (dv,), "b_k": (dv,), "b_v": (dv,), "b_ff": (dv,)}
-    return {prefix + k: (rng.standard_normal(s) / math.sqrt(s[-1])).astype(dtype) for k, s in shapes.items()}
+    shapes = {
+        "w_q": (dv, dq),
+        "w_k": (dv, dk),
+        "w_v": (dv, dk),
+        "w_ff": (dv, dv),
+        "b_q": (dv,),
+        "b_k": (dv,),
+        "b_v": (dv,),
+        "b_ff": (dv,),
+    }
+    return {
+        prefix + k: (rng.standard_normal(s) / math.sqrt(s[-1])).astype(dtype)
+        for k, s in shapes.items()
+    }
 
 
 def _isab_inputs(p: dict, dtype: str):
@@ -64,7 +75,10 @@ def _isab_torch(p: dict, dtype: str, mode: str):
 
     def mab(q_in, k_in, pre):
         q = F.linear(q_in, t[pre + "w_q"], t[pre + "b_q"])
-        k, v = F.linear(k_in, t[pre + "w_k"], t[pre + "b_k"]), F.linear(k_in, t[pre + "w_v"], t[pre + "b_v"])
+        k, v = (
+            F.linear(k_in, t[pre + "w_k"], t[pre + "b_k"]),
+            F.linear(k_in, t[pre + "w_v"], t[pre + "b_v"]),
+        )
         split = q.shape[-1] // heads
         q_, k_, v_ = (torch.cat(z.split(split, 2), 0) for z in (q, k, v))
         a = torch.softmax(q_.bmm(k_.transpose(1, 2)) / math.sqrt(q.shape[-1]), 2)

@@ -16,10 +16,10 @@ __all__ = ["CASES"]
 
 
 def _pairs(p: dict) -> float:
-    length, l = p["L"], p["l"]
+    length, ell = p["L"], p["l"]
     i = np.arange(length)
-    band = np.minimum(i + 1, l + 1)  # local width l + 1
-    strided = np.where(i >= 2 * l, (i - 2 * l) // l + 1, 0)  # j = i - t·l, t >= 2
+    band = np.minimum(i + 1, ell + 1)  # local width l + 1
+    strided = np.where(i >= 2 * ell, (i - 2 * ell) // ell + 1, 0)  # j = i - t·l, t >= 2
     return float(np.sum(band + strided))
 
 
@@ -79,7 +79,9 @@ def _torch(p: dict, dtype: str, mode: str):
 
     q, k, v, do = (torch.from_numpy(a) for a in _inputs(p, dtype))
     mask = torch.from_numpy(aa.sparse_attention_mask(p["L"], pattern="strided", stride=p["l"]))
-    return torch_runner(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), do, mode)
+    return torch_runner(
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), do, mode
+    )
 
 
 _SIZE = {"B": 1, "H": 1, "L": 8192, "l": 128, "d": 64}

@@ -57,7 +57,8 @@ def _as_2d_or_more(xp: Any, a: Array | None) -> Array | None:
 
 
 def _expand_kv(xp: Any, x: Array, groups: int) -> Array:
-    """Repeat each kv head ``groups`` times along axis -3 (query head h uses kv head h // groups)."""
+    """Repeat each kv head ``groups`` times along axis -3 (query head h uses kv head h //
+    groups)."""
     if groups == 1:
         return x
     shape = tuple(x.shape)
@@ -146,7 +147,7 @@ def sdpa_forward(
     outs, lses = [], []
     for i0, i1 in _ranges(lq, block_q):
         m = xp.full(batch + (i1 - i0,), -math.inf, dtype=cdt, device=scores.device)
-        l = xp.zeros(batch + (i1 - i0,), dtype=cdt, device=scores.device)
+        ell = xp.zeros(batch + (i1 - i0,), dtype=cdt, device=scores.device)
         acc = xp.zeros(batch + (i1 - i0, dv), dtype=cdt, device=scores.device)
         for j0, j1 in _ranges(lk, block_k):
             if scores.skipped(i0, i1, j0):
@@ -157,11 +158,11 @@ def sdpa_forward(
             m_use = xp.where(m_new == -math.inf, zero, m_new)
             p = xp.exp(s - m_use[..., None])
             correction = xp.exp(m - m_use)
-            l = correction * l + xp.sum(p, axis=-1)
+            ell = correction * ell + xp.sum(p, axis=-1)
             acc = correction[..., None] * acc + xp.matmul(p, vc[..., j0:j1, :])
             m = m_new
-        empty = l == 0  # nothing to attend to (NaN rows are not empty: NaN propagates)
-        safe_l = xp.where(empty, one, l)
+        empty = ell == 0  # nothing to attend to (NaN rows are not empty: NaN propagates)
+        safe_l = xp.where(empty, one, ell)
         outs.append(acc / safe_l[..., None])
         lses.append(xp.where(empty, inf, m + xp.log(safe_l)))
     if not outs:  # Lq == 0

@@ -35,12 +35,16 @@ def _c(xp, a, cdt):
 
 def mlp_forward(xp: Any, z: Array, params: dict, cdt: Any) -> tuple[Array, Array]:
     """``a = W2 δ(W1 z + b1) + b2``; returns ``(a, h)`` with h the hidden ReLU output."""
-    h = P.relu_forward(xp, P.linear_forward(xp, z, _c(xp, params["w1"], cdt), _c(xp, params.get("b1"), cdt)))
+    h = P.relu_forward(
+        xp, P.linear_forward(xp, z, _c(xp, params["w1"], cdt), _c(xp, params.get("b1"), cdt))
+    )
     a = P.linear_forward(xp, h, _c(xp, params["w2"], cdt), _c(xp, params.get("b2"), cdt))
     return a, h
 
 
-def mlp_backward(xp: Any, z: Array, h: Array, params: dict, da: Array, cdt: Any) -> tuple[Array, dict]:
+def mlp_backward(
+    xp: Any, z: Array, h: Array, params: dict, da: Array, cdt: Any
+) -> tuple[Array, dict]:
     """Gradients of :func:`mlp_forward`: ``(dz, {w1, b1, w2, b2})`` (biases only where given)."""
     dh, dw2, db2 = P.linear_backward(xp, h, _c(xp, params["w2"], cdt), da, "b2" in params)
     dpre = P.relu_backward(xp, h, dh)
@@ -102,7 +106,9 @@ def _first_max(xp, flat):
     return xp.max(flat, axis=-1), xp.argmax(flat, axis=-1)
 
 
-def cbam_forward(xp: Any, x: Array, params: dict, *, pool_order: str = "avg_max") -> tuple[Array, dict]:
+def cbam_forward(
+    xp: Any, x: Array, params: dict, *, pool_order: str = "avg_max"
+) -> tuple[Array, dict]:
     """Channel gate ``M_c = σ(MLP(avg_hw x) + MLP(max_hw x))``, ``F' = M_c ⊙ x``; spatial gate
     ``M_s = σ(conv_k×k([avg_c F'; max_c F']))`` (order per ``pool_order``), ``y = M_s ⊙ F'``."""
     cdt = compute_dtype(xp, x.dtype)
@@ -122,12 +128,21 @@ def cbam_forward(xp: Any, x: Array, params: dict, *, pool_order: str = "avg_max"
     pooled = xp.stack(pools, axis=1)  # (N, 2, H, W)
     ws = xp.astype(params["w_spatial"], cdt, copy=False)
     k = ws.shape[-1]
-    logit = P.conv2d_forward(xp, pooled, ws, _c(xp, params.get("b_spatial"), cdt), padding=(k // 2, k // 2))
+    logit = P.conv2d_forward(
+        xp, pooled, ws, _c(xp, params.get("b_spatial"), cdt), padding=(k // 2, k // 2)
+    )
     ms = P.sigmoid_forward(xp, logit)  # (N, 1, H, W)
     y = xp.astype(f1 * ms, x.dtype)
     saved = {
-        "avg": avg, "mx": mx, "arg_hw": arg_hw, "h_avg": h_avg, "h_max": h_max, "mc": mc,
-        "pooled": pooled, "arg_c": arg_c, "ms": ms,
+        "avg": avg,
+        "mx": mx,
+        "arg_hw": arg_hw,
+        "h_avg": h_avg,
+        "h_max": h_max,
+        "mc": mc,
+        "pooled": pooled,
+        "arg_c": arg_c,
+        "ms": ms,
     }
     return y, saved
 
@@ -174,13 +189,18 @@ def cbam_backward(
 # -- SPANet (spec 14.4) ---------------------------------------------------------------------------
 
 
-def spa_forward(xp: Any, x: Array, params: dict, *, levels: tuple[int, ...] = (1, 2, 4)) -> tuple[Array, dict]:
+def spa_forward(
+    xp: Any, x: Array, params: dict, *, levels: tuple[int, ...] = (1, 2, 4)
+) -> tuple[Array, dict]:
     """``z = concat_l flatten(adaptive_avg_pool(x, l))`` (each level C-major, levels in order);
     ``y = x ⊙ σ(W2 δ(W1 z + b1) + b2)``."""
     cdt = compute_dtype(xp, x.dtype)
     n = x.shape[0]
     xc = xp.astype(x, cdt, copy=False)
-    z = xp.concat([xp.reshape(P.adaptive_avg_pool2d_forward(xp, xc, (l, l)), (n, -1)) for l in levels], axis=-1)
+    z = xp.concat(
+        [xp.reshape(P.adaptive_avg_pool2d_forward(xp, xc, (ell, ell)), (n, -1)) for ell in levels],
+        axis=-1,
+    )
     a, h = mlp_forward(xp, z, params, cdt)
     s = P.sigmoid_forward(xp, a)
     return xp.astype(xc * _gate(xp, s), x.dtype), {"z": z, "h": h, "s": s}
@@ -197,10 +217,10 @@ def spa_backward(
     dz, grads = mlp_backward(xp, saved["z"], saved["h"], params, da, cdt)
     dx = dyc * _gate(xp, s)
     start = 0
-    for l in levels:
-        part = xp.reshape(dz[:, start : start + c * l * l], (n, c, l, l))
+    for ell in levels:
+        part = xp.reshape(dz[:, start : start + c * ell * ell], (n, c, ell, ell))
         dx = dx + P.adaptive_avg_pool2d_backward(xp, x.shape, part)
-        start += c * l * l
+        start += c * ell * ell
     return xp.astype(dx, x.dtype), _cast_grads(xp, grads, params)
 
 
@@ -212,9 +232,21 @@ def _embed_forward(xp, q, params, cdt):
     we = _c(xp, params["w_embed"], cdt)
     k = we.shape[-1]
     groups = q.shape[1] // we.shape[1]
-    e1 = P.relu_forward(xp, P.conv2d_forward(xp, q, we, _c(xp, params.get("b_embed"), cdt), padding=(k // 2, k // 2), groups=groups))
-    e2 = P.relu_forward(xp, P.conv2d_forward(xp, e1, _c(xp, params["w_point"], cdt), _c(xp, params.get("b_point"), cdt)))
-    a_low = P.conv2d_forward(xp, e2, _c(xp, params["w_expand"], cdt), _c(xp, params.get("b_expand"), cdt))
+    e1 = P.relu_forward(
+        xp,
+        P.conv2d_forward(
+            xp, q, we, _c(xp, params.get("b_embed"), cdt), padding=(k // 2, k // 2), groups=groups
+        ),
+    )
+    e2 = P.relu_forward(
+        xp,
+        P.conv2d_forward(
+            xp, e1, _c(xp, params["w_point"], cdt), _c(xp, params.get("b_point"), cdt)
+        ),
+    )
+    a_low = P.conv2d_forward(
+        xp, e2, _c(xp, params["w_expand"], cdt), _c(xp, params.get("b_expand"), cdt)
+    )
     return a_low, e1, e2
 
 
@@ -247,7 +279,14 @@ def condenser_forward(
 
 
 def condenser_backward(
-    xp: Any, x: Array, params: dict, saved: dict, dy: Array, *, pool_size: int, selective: str = "additive"
+    xp: Any,
+    x: Array,
+    params: dict,
+    saved: dict,
+    dy: Array,
+    *,
+    pool_size: int,
+    selective: str = "additive",
 ) -> tuple[Array, dict]:
     cdt = compute_dtype(xp, x.dtype)
     n, c, h, w = x.shape
@@ -274,12 +313,21 @@ def condenser_backward(
         xp, e2, _c(xp, params["w_expand"], cdt), da_low, with_bias="b_expand" in params
     )
     de1, grads["w_point"], grads["b_point"] = P.conv2d_backward(
-        xp, e1, _c(xp, params["w_point"], cdt), P.relu_backward(xp, e2, de2), with_bias="b_point" in params
+        xp,
+        e1,
+        _c(xp, params["w_point"], cdt),
+        P.relu_backward(xp, e2, de2),
+        with_bias="b_point" in params,
     )
     we = _c(xp, params["w_embed"], cdt)
     k = we.shape[-1]
     dq, grads["w_embed"], grads["b_embed"] = P.conv2d_backward(
-        xp, q, we, P.relu_backward(xp, e1, de1), padding=(k // 2, k // 2), groups=c // we.shape[1],
+        xp,
+        q,
+        we,
+        P.relu_backward(xp, e1, de1),
+        padding=(k // 2, k // 2),
+        groups=c // we.shape[1],
         with_bias="b_embed" in params,
     )
     ps = (pool_size, pool_size)

@@ -106,14 +106,19 @@ def coattn_forward(
         if second_softmax == "paper":
             bmat = _softmax(xp, s, 1)  # over query positions i
         else:
-            bmat = _softmax(xp, pr, 1)  # the code's B: softmax over query positions of probabilities
+            bmat = _softmax(
+                xp, pr, 1
+            )  # the code's B: softmax over query positions of probabilities
         za = xp.matmul(bf, bmat)  # (N, C, Pa)
         zb = xp.matmul(af, transpose(xp, pr))  # (N, C, Pb)
         if save:
             saved.update(pr=pr, bmat=bmat)
     outa, gate_a = _gate_fwd(xp, za, wg, bg)
     outb, gate_b = _gate_fwd(xp, zb, wg, bg)
-    outs = (xp.astype(xp.reshape(outa, tuple(a.shape)), dtype), xp.astype(xp.reshape(outb, tuple(b.shape)), dtype))
+    outs = (
+        xp.astype(xp.reshape(outa, tuple(a.shape)), dtype),
+        xp.astype(xp.reshape(outb, tuple(b.shape)), dtype),
+    )
     if save:
         saved.update(a=a, b=b, za=za, zb=zb, gate_a=gate_a, gate_b=gate_b, wa=wa)
         saved.update({f"p_{k}": v for k, v in p.items()})
@@ -132,8 +137,12 @@ def coattn_backward(
     af, bf = _c(xp, flat(xp, a), cdt), _c(xp, flat(xp, b), cdt)
     w = _c(xp, p["w"], cdt)
     wg = _c(xp, p["w_gate"], cdt)[0, :, 0, 0]
-    dza, dwg_a, dbg_a = _gate_bwd(xp, saved["za"], saved["gate_a"], wg, _c(xp, flat(xp, douta), cdt))
-    dzb, dwg_b, dbg_b = _gate_bwd(xp, saved["zb"], saved["gate_b"], wg, _c(xp, flat(xp, doutb), cdt))
+    dza, dwg_a, dbg_a = _gate_bwd(
+        xp, saved["za"], saved["gate_a"], wg, _c(xp, flat(xp, douta), cdt)
+    )
+    dzb, dwg_b, dbg_b = _gate_bwd(
+        xp, saved["zb"], saved["gate_b"], wg, _c(xp, flat(xp, doutb), cdt)
+    )
     if "attn_a" in saved:  # 'paper' through attention cores
         ga = sdpa.bwd(saved["attn_a"], _c(xp, transpose(xp, dza), dtype))
         gb = sdpa.bwd(saved["attn_b"], _c(xp, transpose(xp, dzb), dtype))
@@ -177,7 +186,8 @@ def _scalar(xp, p, key, cdt, like):
 
 
 def l1_distances(xp: Any, ga: Array, gb: Array) -> Array:
-    """``dist[..., i, j] = ‖ga[..., i, :] − gb[..., j, :]‖₁`` through an (..., La, Lb, k) intermediate."""
+    """``dist[..., i, j] = ‖ga[..., i, :] − gb[..., j, :]‖₁`` through an (..., La, Lb, k)
+    intermediate."""
     return xp.sum(xp.abs(ga[..., :, None, :] - gb[..., None, :, :]), axis=-1)
 
 
@@ -217,8 +227,19 @@ def coda_forward(
     ob = xp.matmul(xp.matrix_transpose(m), ac)  # B' = Mᵀ A
     saved = {}
     if save:
-        saved = {"a": a, "b": b, "fa": fa, "fb": fb, "ga": ga, "gb": gb, "sim": sim, "dist": dist,
-                 "t": t, "sg": sg, **{f"p_{k}": v for k, v in p.items()}}
+        saved = {
+            "a": a,
+            "b": b,
+            "fa": fa,
+            "fb": fb,
+            "ga": ga,
+            "gb": gb,
+            "sim": sim,
+            "dist": dist,
+            "t": t,
+            "sg": sg,
+            **{f"p_{k}": v for k, v in p.items()},
+        }
     return (xp.astype(oa, dtype), xp.astype(ob, dtype)), saved
 
 
@@ -267,10 +288,15 @@ def coda_backward(
         grads[f"w_{key}"] = dwa + dwb
         if dba is not None:
             grads[f"b_{key}"] = dba + dbb
-    return xp.astype(da, dtype), xp.astype(db, dtype), {k: xp.astype(v, dtype) for k, v in grads.items()}
+    return (
+        xp.astype(da, dtype),
+        xp.astype(db, dtype),
+        {k: xp.astype(v, dtype) for k, v in grads.items()},
+    )
 
 
-# -- CAN cross attention ----------------------------------------------------------------------------
+# -- CAN cross attention
+# ----------------------------------------------------------------------------
 
 _EPS = 1e-12  # F.normalize's eps in the official code
 
@@ -344,7 +370,10 @@ def can_forward(
     aq, _ = _can_side(xp, transpose(xp, r), w1, b1, w2, b2, tau)
     outp = P * (1.0 + ap[:, None, :])
     outq = Q * (1.0 + aq[:, None, :])
-    outs = (xp.astype(xp.reshape(outp, tuple(fp.shape)), dtype), xp.astype(xp.reshape(outq, tuple(fq.shape)), dtype))
+    outs = (
+        xp.astype(xp.reshape(outp, tuple(fp.shape)), dtype),
+        xp.astype(xp.reshape(outq, tuple(fq.shape)), dtype),
+    )
     saved = {}
     if save:
         saved = {"p": fp, "q": fq, **{f"p_{k}": v for k, v in p.items()}}

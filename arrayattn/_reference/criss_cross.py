@@ -50,10 +50,10 @@ def criss_cross_forward(xp: Any, q: Array, k: Array, v: Array, *, scale: float):
     m = xp.maximum(xp.max(s_row, axis=-1), xp.max(s_col_hw, axis=-1))  # finite: self key in row
     e_row = xp.exp(s_row - m[..., None])
     e_col = xp.exp(s_col - _swap_hw(xp, m[..., None]))  # row max broadcast as (..., W, H, 1)
-    l = xp.sum(e_row, axis=-1) + xp.sum(_swap_hw(xp, e_col), axis=-1)
+    ell = xp.sum(e_row, axis=-1) + xp.sum(_swap_hw(xp, e_col), axis=-1)
     agg = xp.matmul(e_row, vc) + _swap_hw(xp, xp.matmul(e_col, _swap_hw(xp, vc)))
-    out = agg / l[..., None]
-    lse = m + xp.log(l)
+    out = agg / ell[..., None]
+    lse = m + xp.log(ell)
     return xp.astype(out, q.dtype), lse
 
 

@@ -6,7 +6,8 @@ and its :class:`~arrayattn.Residuals` are kept for backward:
 
 * PAM: ``q = (W_q A)ᵀ``, ``k = (W_k A)ᵀ``, ``v = (W_v A)ᵀ`` over the ``P = H·W`` positions, scale 1;
 * CAM: the channels are the tokens and the positions the features: ``q = v = A`` (C, P) and
-  ``k = A`` (``'paper'``) or ``k = -A`` (``'code'``: ``softmax(rowmax(AAᵀ) - AAᵀ) = softmax(-AAᵀ)``).
+  ``k = A`` (``'paper'``) or ``k = -A`` (``'code'``: ``softmax(rowmax(AAᵀ) - AAᵀ) =
+  softmax(-AAᵀ)``).
 """
 
 from __future__ import annotations
@@ -100,9 +101,7 @@ def cam_forward(
     return y, ({"gamma": gamma, "attn": attn} if save else {})
 
 
-def cam_backward(
-    xp: Any, saved: dict[str, Any], logits: str, dy: Array
-) -> tuple[Array, Array]:
+def cam_backward(xp: Any, saved: dict[str, Any], logits: str, dy: Array) -> tuple[Array, Array]:
     from ..attention import scaled_dot_product_attention as sdpa
 
     attn, gamma = saved["attn"], saved["gamma"]

@@ -31,10 +31,10 @@ def _probs(xp: Any, s: Array) -> tuple[Array, Array]:
     empty = m == -math.inf
     m = xp.where(empty, xp.zeros_like(m), m)
     e = xp.exp(s - m)
-    l = xp.sum(e, axis=-1, keepdims=True)
-    safe = xp.where(empty, xp.ones_like(l), l)
+    ell = xp.sum(e, axis=-1, keepdims=True)
+    safe = xp.where(empty, xp.ones_like(ell), ell)
     p = e / safe
-    lse = xp.where(empty, xp.full_like(l, math.inf), m + xp.log(safe))
+    lse = xp.where(empty, xp.full_like(ell, math.inf), m + xp.log(safe))
     return p, lse[..., 0]
 
 

@@ -75,7 +75,9 @@ def hard_attention_forward(
     above = cdf > t
     first = xp.argmax(_cast(xp, above, xp.int8), axis=-1, keepdims=True)
     n = alpha.shape[-1]
-    last = (n - 1) - xp.argmax(_cast(xp, xp.flip(positive, axis=-1), xp.int8), axis=-1, keepdims=True)
+    last = (n - 1) - xp.argmax(
+        _cast(xp, xp.flip(positive, axis=-1), xp.int8), axis=-1, keepdims=True
+    )
     idx = xp.where(xp.any(above, axis=-1, keepdims=True), first, last)
     hit = xp.logical_and(xp.arange(n, device=dev) == idx, some)
     sample = _cast(xp, hit, cdt)
@@ -120,7 +122,8 @@ def hard_attention_backward(
     return xp.astype(da, a_dtype), xp.astype(de, e_dtype)
 
 
-# -- Gumbel-softmax ---------------------------------------------------------------------------------
+# -- Gumbel-softmax
+# ---------------------------------------------------------------------------------
 
 
 def gumbel_forward(
@@ -137,14 +140,17 @@ def gumbel_forward(
     return xp.astype(y, logits.dtype), y_soft
 
 
-def gumbel_backward(xp: Any, y_soft: Array, dy: Array, *, tau: float, axis: int, dtype: Any) -> Array:
+def gumbel_backward(
+    xp: Any, y_soft: Array, dy: Array, *, tau: float, axis: int, dtype: Any
+) -> Array:
     """Soft (and straight-through) VJP: ``dℓ = (1/τ) y ⊙ (dy − ⟨dy, y⟩)``."""
     dyc = _cast(xp, dy, y_soft.dtype)
     inner = xp.sum(dyc * y_soft, axis=axis, keepdims=True)
     return xp.astype(y_soft * (dyc - inner) / tau, dtype)
 
 
-# -- hard-concrete gates ------------------------------------------------------------------------------
+# -- hard-concrete gates
+# ------------------------------------------------------------------------------
 
 
 def _sigmoid(xp: Any, x: Array) -> Array:

@@ -79,8 +79,9 @@ def _tril(xp, n, dev):
     return idx[None, :] <= idx[:, None]
 
 
-def linear_forward(xp: Any, q: Array, k: Array, v: Array, *, causal: bool, eps: float,
-                   chunk: int | None = None):
+def linear_forward(
+    xp: Any, q: Array, k: Array, v: Array, *, causal: bool, eps: float, chunk: int | None = None
+):
     """Returns ``(out, den)``: out (..., L, dv) in q's dtype, den (..., L) the denominators
     ``φ(q_i)·z_i + eps`` in the compute dtype."""
     chunk = chunk or CHUNK
@@ -108,12 +109,24 @@ def linear_forward(xp: Any, q: Array, k: Array, v: Array, *, causal: bool, eps: 
         s = s + xp.matmul(xp.matrix_transpose(fkc), vcc)
         z = z + xp.sum(fkc, axis=-2, keepdims=True)
     if not outs:
-        return xp.zeros(batch + (0, dv), dtype=q.dtype, device=dev), xp.zeros(batch + (0,), dtype=cdt, device=dev)
+        return xp.zeros(batch + (0, dv), dtype=q.dtype, device=dev), xp.zeros(
+            batch + (0,), dtype=cdt, device=dev
+        )
     return xp.astype(xp.concat(outs, axis=-2), q.dtype), xp.concat(dens, axis=-1)
 
 
-def linear_backward(xp: Any, q: Array, k: Array, v: Array, out: Array, den: Array, dout: Array, *,
-                    causal: bool, chunk: int | None = None):
+def linear_backward(
+    xp: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    den: Array,
+    dout: Array,
+    *,
+    causal: bool,
+    chunk: int | None = None,
+):
     """Returns ``(dq, dk, dv)`` (spec 6.2) in the input dtypes."""
     chunk = chunk or CHUNK
     cdt = compute_dtype(xp, q.dtype)
@@ -149,9 +162,7 @@ def linear_backward(xp: Any, q: Array, k: Array, v: Array, out: Array, den: Arra
         for i0, i1 in ranges:
             _, dn, dd, gm = pieces(i0, i1)
             fkc = fk[..., i0:i1, :]
-            dfq_parts.append(
-                xp.matmul(gm, fkc) + xp.matmul(dn, xp.matrix_transpose(s)) + dd * z
-            )
+            dfq_parts.append(xp.matmul(gm, fkc) + xp.matmul(dn, xp.matrix_transpose(s)) + dd * z)
             s = s + xp.matmul(xp.matrix_transpose(fkc), vc[..., i0:i1, :])
             z = z + xp.sum(fkc, axis=-2, keepdims=True)
         # reverse pass: dφ(k_j) = Σ_{i>=j} g_ij φ(q_i), dv_j = Σ_{i>=j} a_ij dnum_i, with the

@@ -40,9 +40,7 @@ def _linear(xp: Any, x: Array, w: Array, b: Array | None = None) -> Array:
 
 def _flat_outer(xp: Any, dy: Array, x: Array) -> Array:
     """``Σ_rows dyᵀ x`` over every leading dimension: the weight gradient of a Linear map."""
-    return xp.matmul(
-        xp.matrix_transpose(flat_rows(xp, dy)), flat_rows(xp, x)
-    )
+    return xp.matmul(xp.matrix_transpose(flat_rows(xp, dy)), flat_rows(xp, x))
 
 
 def _flat_sum(xp: Any, x: Array) -> Array:

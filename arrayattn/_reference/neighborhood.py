@@ -1,7 +1,8 @@
 """Array-API reference of windowed local attention: neighbourhood attention (NA/SASA) and HaloNet.
 
 Every local mechanism here is one *separable window attention*: along each spatial axis a query at
-position ``i`` has ``K`` window slots, and slot ``w`` names a key position ``idx[w, i]``, whether that
+position ``i`` has ``K`` window slots, and slot ``w`` names a key position ``idx[w, i]``, whether
+that
 key lies in the image (``valid[w, i]``) and the row of the relative tables it reads
 (``rel[w, i]``). A 2-D window is the product of the two axes' slots. The tables are tiny
 (``K × L`` integers per axis) and are built with NumPy by :func:`na_axis_windows` (NATTEN clamp,
@@ -75,8 +76,9 @@ def na_axis_windows(
     key = np.broadcast_to(key, (kernel, length))
     valid = (key >= 0) & (key < length)
     rel = (key - i) // dilation + kernel - 1
-    return AxisWindows(np.where(valid, key, 0).astype(np.int64), valid, rel.astype(np.int64),
-                       2 * kernel - 1)
+    return AxisWindows(
+        np.where(valid, key, 0).astype(np.int64), valid, rel.astype(np.int64), 2 * kernel - 1
+    )
 
 
 def halo_axis_windows(length: int, block: int, halo: int, table: int) -> AxisWindows:
@@ -111,7 +113,8 @@ def inverse_windows(win: AxisWindows) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return ptr, i[order].astype(np.int64), w[order].astype(np.int64)
 
 
-# -- helpers ----------------------------------------------------------------------------------------
+# -- helpers
+# ----------------------------------------------------------------------------------------
 
 
 class _Tables:
@@ -120,10 +123,16 @@ class _Tables:
     def __init__(self, xp: Any, win: AxisWindows, cdt: Any, device: Any):
         k, length = win.idx.shape
         self.k = k
-        self.idx = [xp.asarray(win.idx[w].tolist(), dtype=xp.int64, device=device) for w in range(k)]
-        self.rel = [xp.asarray(win.rel[w].tolist(), dtype=xp.int64, device=device) for w in range(k)]
+        self.idx = [
+            xp.asarray(win.idx[w].tolist(), dtype=xp.int64, device=device) for w in range(k)
+        ]
+        self.rel = [
+            xp.asarray(win.rel[w].tolist(), dtype=xp.int64, device=device) for w in range(k)
+        ]
         self.all_valid = bool(win.valid.all())
-        self.valid = [xp.asarray(win.valid[w].tolist(), dtype=xp.bool, device=device) for w in range(k)]
+        self.valid = [
+            xp.asarray(win.valid[w].tolist(), dtype=xp.bool, device=device) for w in range(k)
+        ]
         self.validf = [xp.astype(m, cdt) for m in self.valid]
         self._xp, self._cdt, self._length, self._table = xp, cdt, length, win.table
         self._positions = xp.arange(length, dtype=xp.int64, device=device)
@@ -188,8 +197,9 @@ def _logits(xp, qc, kc, ty, tx, zero_mode, scale, bias, r_h, r_w):
         k_row = xp.take(kc, ty.idx[wy], axis=-3)
         for wx in range(tx.k):
             kg = xp.take(k_row, tx.idx[wx], axis=-2)
-            planes.append(_slot_logit(xp, qc, kg, ty, tx, wy, wx, zero_mode, scale,
-                                      rh_rows, rw_rows, bias))
+            planes.append(
+                _slot_logit(xp, qc, kg, ty, tx, wy, wx, zero_mode, scale, rh_rows, rw_rows, bias)
+            )
     return xp.stack(planes, axis=-1)
 
 
@@ -283,8 +293,9 @@ def window_attention_backward(
     s = _logits(xp, qc, kc, ty, tx, zero_mode, scale, bias, rh, rw)
     lse_c = xp.expand_dims(xp.astype(lse, cdt), axis=-1)
     finite = xp.isfinite(lse_c)
-    p = xp.where(finite, xp.exp(s - xp.where(finite, lse_c, xp.zeros_like(lse_c))),
-                 xp.zeros_like(s))
+    p = xp.where(
+        finite, xp.exp(s - xp.where(finite, lse_c, xp.zeros_like(lse_c))), xp.zeros_like(s)
+    )
     big_d = xp.sum(do * oc, axis=-1)  # (..., H, W)
 
     dq = xp.zeros_like(qc)
@@ -356,5 +367,4 @@ def window_attention_backward(
             term = xp.matmul(ty.rel_onehot(a), row)  # (..., Ty, Tx)
             acc = term if acc is None else acc + term
         dbias = xp.astype(sum_to_shape(xp, acc, rel_bias.shape), rel_bias.dtype)
-    return (xp.astype(dq, q.dtype), xp.astype(dk, k.dtype), xp.astype(dv, v.dtype),
-            dbias, drh, drw)
+    return (xp.astype(dq, q.dtype), xp.astype(dk, k.dtype), xp.astype(dv, v.dtype), dbias, drh, drw)

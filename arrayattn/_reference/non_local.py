@@ -51,7 +51,8 @@ def _w2d(xp: Any, w: Array) -> Array:
 
 
 def conv1x1_forward(xp: Any, xf: Array, w: Array, b: Array | None, cdt: Any) -> Array:
-    """``y = W x + b`` over channels: ``xf (N, Cin, P)``, ``w (Cout, Cin[, 1, 1])`` -> ``(N, Cout, P)``
+    """``y = W x + b`` over channels: ``xf (N, Cin, P)``, ``w (Cout, Cin[, 1, 1])`` -> ``(N, Cout,
+    P)``
     in the compute dtype ``cdt``."""
     y = xp.matmul(_c(xp, _w2d(xp, w), cdt), _c(xp, xf, cdt))
     if b is not None:
@@ -82,8 +83,11 @@ def _pool_bwd(xp: Any, a: Array, pooled: Array, dpooled: Array, hw: tuple[int, i
     n, c, _ = a.shape
     hw2 = (hw[0] // 2, hw[1] // 2)
     d = max_pool2d_backward(
-        xp, xp.reshape(a, (n, c) + hw), xp.reshape(pooled, (n, c) + hw2),
-        xp.reshape(dpooled, (n, c) + hw2), *_POOL,
+        xp,
+        xp.reshape(a, (n, c) + hw),
+        xp.reshape(pooled, (n, c) + hw2),
+        xp.reshape(dpooled, (n, c) + hw2),
+        *_POOL,
     )
     return flat(xp, d)
 
@@ -91,7 +95,8 @@ def _pool_bwd(xp: Any, a: Array, pooled: Array, dpooled: Array, hw: tuple[int, i
 def nl_forward(
     xp: Any, x: Array, p: dict[str, Array], *, mode: str, subsample: bool, scale: float, save: bool
 ) -> tuple[Array, dict[str, Any]]:
-    """``z = W_z y + b_z + x`` with ``y_i = (1/C(x)) Σ_j f(x_i, x_j) g(x_j)``; returns (z, saved)."""
+    """``z = W_z y + b_z + x`` with ``y_i = (1/C(x)) Σ_j f(x_i, x_j) g(x_j)``; returns (z,
+    saved)."""
     from ..attention import scaled_dot_product_attention as sdpa
 
     n, c, h, w = x.shape
@@ -189,7 +194,10 @@ def nl_backward(
         dtheta = wf[:ci][:, None] * da[:, None, :]
         dphi = wf[ci:][:, None] * dbb[:, None, :]
         dwf = xp.concat(
-            [xp.sum(da[:, None, :] * theta, axis=(0, 2)), xp.sum(dbb[:, None, :] * phi, axis=(0, 2))]
+            [
+                xp.sum(da[:, None, :] * theta, axis=(0, 2)),
+                xp.sum(dbb[:, None, :] * phi, axis=(0, 2)),
+            ]
         )
         grads["w_f"] = xp.reshape(dwf, tuple(p["w_f"].shape))
     if subsample:
@@ -202,7 +210,9 @@ def nl_backward(
         dx = dx + dtheta + dphi
     else:
         for name, d in (("theta", dtheta), ("phi", dphi)):
-            dxi, grads[f"w_{name}"], db = conv1x1_backward(xp, xf, p[f"w_{name}"], d, cdt, f"b_{name}" in p)
+            dxi, grads[f"w_{name}"], db = conv1x1_backward(
+                xp, xf, p[f"w_{name}"], d, cdt, f"b_{name}" in p
+            )
             dx = dx + dxi
             if db is not None:
                 grads[f"b_{name}"] = db

@@ -76,16 +76,22 @@ def _cast(xp: Any, x: Array, dtype: Any) -> Array:
 # -- padding and strided scatter (the adjoint of strided slicing) -------------------------------
 
 
-def pad2d(xp: Any, x: Array, top: int, bottom: int, left: int, right: int, value: float = 0.0) -> Array:
+def pad2d(
+    xp: Any, x: Array, top: int, bottom: int, left: int, right: int, value: float = 0.0
+) -> Array:
     """Pad the last two axes with a constant (concatenation, no in-place writes)."""
     if top or bottom:
         parts = []
         shape = tuple(x.shape)
         if top:
-            parts.append(xp.full(shape[:-2] + (top, shape[-1]), value, dtype=x.dtype, device=device_of(x)))
+            parts.append(
+                xp.full(shape[:-2] + (top, shape[-1]), value, dtype=x.dtype, device=device_of(x))
+            )
         parts.append(x)
         if bottom:
-            parts.append(xp.full(shape[:-2] + (bottom, shape[-1]), value, dtype=x.dtype, device=device_of(x)))
+            parts.append(
+                xp.full(shape[:-2] + (bottom, shape[-1]), value, dtype=x.dtype, device=device_of(x))
+            )
         x = xp.concat(parts, axis=-2)
     if left or right:
         parts = []
@@ -134,11 +140,13 @@ def _window_slices(x: Array, kernel: Pair, stride: Pair, dilation: Pair, out: Pa
             yield i, j, x[..., r0 : r0 + sh * (ho - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw]
 
 
-def conv2d_output_size(size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+def conv2d_output_size(
+    size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
+) -> Pair:
     """PyTorch's output size ``floor((H + 2p - d(k-1) - 1) / s) + 1`` per axis."""
     return tuple(
         (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)
+        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
     )
 
 
@@ -157,7 +165,8 @@ def linear_forward(xp: Any, x: Array, weight: Array, bias: Array | None = None) 
 def linear_backward(
     xp: Any, x: Array, weight: Array, dy: Array, with_bias: bool = False
 ) -> tuple[Array, Array, Array | None]:
-    """Gradients of :func:`linear_forward`: ``(dx, dweight, dbias)`` (dbias None unless with_bias)."""
+    """Gradients of :func:`linear_forward`: ``(dx, dweight, dbias)`` (dbias None unless
+    with_bias)."""
     cdt = compute_dtype(xp, x.dtype)
     dyc = _cast(xp, dy, cdt)
     dx = xp.matmul(dyc, _cast(xp, weight, cdt))
@@ -207,7 +216,9 @@ def layer_norm_backward(
     xhat = (_cast(xp, x, cdt) - mean) * rstd
     dyc = _cast(xp, dy, cdt)
     g = dyc * _cast(xp, weight, cdt) if weight is not None else dyc
-    dx = rstd * (g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
+    dx = rstd * (
+        g - xp.mean(g, axis=-1, keepdims=True) - xhat * xp.mean(g * xhat, axis=-1, keepdims=True)
+    )
     lead = tuple(range(x.ndim - 1))
     dw = xp.astype(xp.sum(dyc * xhat, axis=lead), x.dtype) if weight is not None else None
     db = xp.astype(xp.sum(dyc, axis=lead), x.dtype) if with_bias else None
@@ -274,7 +285,8 @@ def elu_backward(xp: Any, x: Array, dy: Array, alpha: float = 1.0) -> Array:
 
 
 def _conv_cols(xp, xc, kernel, stride, padding, dilation, out, groups):
-    """(G, Cg·kh·kw, N·Ho·Wo) columns of ``xc`` (N, C, H, W), rows ordered like the weight (c, i, j).
+    """(G, Cg·kh·kw, N·Ho·Wo) columns of ``xc`` (N, C, H, W), rows ordered like the weight (c, i,
+    j).
 
     Channel-major (C, N, ...) layout, so that one matrix product per group covers the whole batch
     (a batched product over N with broadcast weights is several times slower in NumPy). The input
@@ -363,17 +375,25 @@ def conv2d_backward(
     dyt_t = xp.reshape(xp.permute_dims(dy4, (1, 0, 3, 2)), (groups, n * ho * wo, og))
     cols = _conv_cols(xp, _cast(xp, x, cdt), (kh, kw), stride, padding, dilation, (ho, wo), groups)
     dw = xp.matrix_transpose(xp.matmul(cols, dyt_t))  # (G, Og, Cg·K)
-    dw = xp.reshape(xp.reshape(dw, (o * cg * kh * kw,)), (o, cg, kh, kw))  # flattening copies: C order
+    dw = xp.reshape(
+        xp.reshape(dw, (o * cg * kh * kw,)), (o, cg, kh, kw)
+    )  # flattening copies: C order
     db = xp.astype(xp.reshape(xp.sum(dy4, axis=(0, 3)), (o,)), x.dtype) if with_bias else None
     wm = xp.reshape(_cast(xp, weight, cdt), (groups, og, cg * kh * kw))
-    wm_t = xp.reshape(xp.reshape(xp.matrix_transpose(wm), (o * cg * kh * kw,)), (groups, cg * kh * kw, og))
+    wm_t = xp.reshape(
+        xp.reshape(xp.matrix_transpose(wm), (o * cg * kh * kw,)), (groups, cg * kh * kw, og)
+    )
     dcols = xp.reshape(xp.matmul(wm_t, dyt), (c, kh * kw, n, ho, wo))
     hp, wp = h + 2 * ph, w + 2 * pw
     dxp = xp.zeros((c, n, hp, wp), dtype=cdt, device=device_of(dcols))
     for i in range(kh):
         for j in range(kw):
             r0, c0 = i * dh, j * dw_
-            idx = (..., slice(r0, r0 + sh * (ho - 1) + 1, sh), slice(c0, c0 + sw * (wo - 1) + 1, sw))
+            idx = (
+                ...,
+                slice(r0, r0 + sh * (ho - 1) + 1, sh),
+                slice(c0, c0 + sw * (wo - 1) + 1, sw),
+            )
             dxp = xpx.at(dxp, idx).add(dcols[:, i * kw + j, ...])
     dx = dxp[..., ph : ph + h, pw : pw + w]  # (C, N, H, W)
     dx = xp.reshape(xp.reshape(xp.permute_dims(dx, (1, 0, 2, 3)), (n, c * h * w)), (n, c, h, w))
@@ -384,7 +404,12 @@ def conv2d_backward(
 
 
 def max_pool2d_forward(
-    xp: Any, x: Array, kernel_size: Pair, stride: Pair, padding: Pair = (0, 0), dilation: Pair = (1, 1)
+    xp: Any,
+    x: Array,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
 ) -> Array:
     """Max pooling as ``torch.nn.functional.max_pool2d`` (implicit ``-inf`` padding, floor mode)."""
     h, w = x.shape[-2], x.shape[-1]
@@ -426,8 +451,14 @@ def _avg_divisor(xp, x, kernel_size, stride, padding, count_include_pad, out):
     if count_include_pad or padding == (0, 0):
         return float(kernel_size[0] * kernel_size[1])
     h, w = x.shape[-2], x.shape[-1]
-    ones = pad2d(xp, xp.ones((h, w), dtype=compute_dtype(xp, x.dtype), device=device_of(x)),
-                 padding[0], padding[0], padding[1], padding[1])
+    ones = pad2d(
+        xp,
+        xp.ones((h, w), dtype=compute_dtype(xp, x.dtype), device=device_of(x)),
+        padding[0],
+        padding[0],
+        padding[1],
+        padding[1],
+    )
     count = None
     for _, _, s in _window_slices(ones, kernel_size, stride, (1, 1), out):
         count = s if count is None else count + s
@@ -435,7 +466,12 @@ def _avg_divisor(xp, x, kernel_size, stride, padding, count_include_pad, out):
 
 
 def avg_pool2d_forward(
-    xp: Any, x: Array, kernel_size: Pair, stride: Pair, padding: Pair = (0, 0), count_include_pad: bool = True
+    xp: Any,
+    x: Array,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair = (0, 0),
+    count_include_pad: bool = True,
 ) -> Array:
     """Average pooling as ``torch.nn.functional.avg_pool2d`` (zero padding, floor mode)."""
     cdt = compute_dtype(xp, x.dtype)
@@ -463,7 +499,9 @@ def avg_pool2d_backward(
     h, w = x.shape[-2], x.shape[-1]
     out = (dy.shape[-2], dy.shape[-1])
     hp, wp = h + 2 * padding[0], w + 2 * padding[1]
-    g = _cast(xp, dy, cdt) / _avg_divisor(xp, x, kernel_size, stride, padding, count_include_pad, out)
+    g = _cast(xp, dy, cdt) / _avg_divisor(
+        xp, x, kernel_size, stride, padding, count_include_pad, out
+    )
     dxp = None
     for i in range(kernel_size[0]):
         for j in range(kernel_size[1]):
@@ -563,7 +601,9 @@ def _src_scale(size: int, out: int, scale_factor: float | None) -> float:
 def _nearest_matrix(xp, size, out, scale_factor, dtype, device):
     scale = _src_scale(size, out, scale_factor)
     src = [min(int(math.floor(i * scale)), size - 1) for i in range(out)]
-    return xp.asarray([[1.0 if k == s else 0.0 for k in range(size)] for s in src], dtype=dtype, device=device)
+    return xp.asarray(
+        [[1.0 if k == s else 0.0 for k in range(size)] for s in src], dtype=dtype, device=device
+    )
 
 
 def _bilinear_matrix(xp, size, out, scale_factor, align_corners, dtype, device):

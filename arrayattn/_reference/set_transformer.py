@@ -42,37 +42,48 @@ def rff_forward(xp: Any, h: Array, p: dict, prefix: str = "") -> tuple[Array, di
     return out, {**saved, "r": r}
 
 
-def rff_backward(xp: Any, saved: dict, p: dict, dout: Array, prefix: str = "") -> tuple[Array, dict]:
+def rff_backward(
+    xp: Any, saved: dict, p: dict, dout: Array, prefix: str = ""
+) -> tuple[Array, dict]:
     """``(dh, grads)`` with grads keyed like ``p`` (prefixed)."""
     grads = {}
     if p.get(prefix + "w_ff2") is not None:
         with_b = p.get(prefix + "b_ff2") is not None
-        dr, grads[prefix + "w_ff2"], db2 = linear_backward(xp, saved["r"], p[prefix + "w_ff2"], dout, with_b)
+        dr, grads[prefix + "w_ff2"], db2 = linear_backward(
+            xp, saved["r"], p[prefix + "w_ff2"], dout, with_b
+        )
         if with_b:
             grads[prefix + "b_ff2"] = db2
     else:
         dr = dout
     dz1 = relu_backward(xp, saved["z1"], dr)
     with_b = p.get(prefix + "b_ff") is not None
-    dh, grads[prefix + "w_ff"], db1 = linear_backward(xp, saved["in"], p[prefix + "w_ff"], dz1, with_b)
+    dh, grads[prefix + "w_ff"], db1 = linear_backward(
+        xp, saved["in"], p[prefix + "w_ff"], dz1, with_b
+    )
     if with_b:
         grads[prefix + "b_ff"] = db1
     return dh, grads
 
 
 def norm_forward(xp: Any, x: Array, p: dict, name: str, on: bool, eps: float) -> tuple[Array, dict]:
-    """Layer norm ``name`` (``ln0``/``ln1``, affine if ``{name}_weight``/``_bias`` given) or identity."""
+    """Layer norm ``name`` (``ln0``/``ln1``, affine if ``{name}_weight``/``_bias`` given) or
+    identity."""
     if not on:
         return x, {}
     y, mean, rstd = layer_norm_forward(xp, x, p.get(f"{name}_weight"), p.get(f"{name}_bias"), eps)
     return y, {"x": x, "mean": mean, "rstd": rstd}
 
 
-def norm_backward(xp: Any, saved: dict, p: dict, name: str, on: bool, dy: Array) -> tuple[Array, dict]:
+def norm_backward(
+    xp: Any, saved: dict, p: dict, name: str, on: bool, dy: Array
+) -> tuple[Array, dict]:
     if not on:
         return dy, {}
     w, b = p.get(f"{name}_weight"), p.get(f"{name}_bias")
-    dx, dw, db = layer_norm_backward(xp, saved["x"], w, saved["mean"], saved["rstd"], dy, b is not None)
+    dx, dw, db = layer_norm_backward(
+        xp, saved["x"], w, saved["mean"], saved["rstd"], dy, b is not None
+    )
     grads = {}
     if w is not None:
         grads[f"{name}_weight"] = dw

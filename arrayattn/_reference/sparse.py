@@ -28,6 +28,7 @@ work is proportional to the attended pairs (up to the tile edges) and no L×L ar
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,24 +38,31 @@ from .attention import sdpa_backward, sdpa_forward
 __all__ = ["REFERENCE_ATTENTION", "head_parts", "sparse_backward", "sparse_forward"]
 
 
-def head_parts(pattern: str, stride: int, summary: int | None, local_width: int | None,
-               combine: str, layer: int, num_heads: int) -> list[tuple]:
+def head_parts(
+    pattern: str,
+    stride: int,
+    summary: int | None,
+    local_width: int | None,
+    combine: str,
+    layer: int,
+    num_heads: int,
+) -> list[tuple]:
     """The disjoint parts of every head's key set (one tuple of parts per head)."""
-    l = stride
+    ell = stride
 
     def which(sel):  # sel: 'merged', 1 or 2 (the paper's A^(1), A^(2)); h' for fixed sub-blocks
         if pattern == "strided":
             w = local_width
             if sel == "merged":
-                return (("band", w), ("residue", l, (w - 1) // l + 1))
-            return (("band", w),) if sel == 1 else (("residue", l, 0),)
+                return (("band", w), ("residue", ell, (w - 1) // ell + 1))
+            return (("band", w),) if sel == 1 else (("residue", ell, 0),)
         c = summary
         if sel == 1:
-            return (("block", l),)
+            return (("block", ell),)
         if sel == 2:
-            return (("summary_prev", l, l - c, l), ("summary_own", l, l - c, l))
+            return (("summary_prev", ell, ell - c, ell), ("summary_own", ell, ell - c, ell))
         sub = 0 if sel == "merged" else sel[1]
-        return (("block", l), ("summary_prev", l, l - (sub + 1) * c, l - sub * c))
+        return (("block", ell), ("summary_prev", ell, ell - (sub + 1) * c, ell - sub * c))
 
     if combine == "merged":
         return [which("merged")] * num_heads
@@ -62,7 +70,7 @@ def head_parts(pattern: str, stride: int, summary: int | None, local_width: int 
         return [which(layer % 2 + 1)] * num_heads
     if pattern == "strided":  # multihead: heads alternate between A^(1) and A^(2)
         return [which(h % 2 + 1) for h in range(num_heads)]
-    return [which(("sub", h % (l // summary))) for h in range(num_heads)]
+    return [which(("sub", h % (ell // summary))) for h in range(num_heads)]
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -83,9 +91,9 @@ def _pad_rows(xp, x, n, value=0.0):
     return xp.concat([x, pad], axis=-2)
 
 
-def _blocks(xp, x, l):
+def _blocks(xp, x, ell):
     """(..., L, c) -> (..., L/l, l, c)."""
-    return xp.reshape(x, tuple(x.shape[:-2]) + (x.shape[-2] // l, l, x.shape[-1]))
+    return xp.reshape(x, tuple(x.shape[:-2]) + (x.shape[-2] // ell, ell, x.shape[-1]))
 
 
 def _unblocks(xp, x):
@@ -106,9 +114,9 @@ def _compact(xp, x):
     return xp.reshape(xp.reshape(x, shape[:-3] + (shape[-3] * shape[-2], shape[-1])), shape)
 
 
-def _residue(xp, x, l):
+def _residue(xp, x, ell):
     """(..., L, c) -> (..., l, L/l, c): position t·l + r goes to [r, t]."""
-    return _compact(xp, _swap(xp, _blocks(xp, x, l)))
+    return _compact(xp, _swap(xp, _blocks(xp, x, ell)))
 
 
 def _unresidue(xp, x):
@@ -154,20 +162,24 @@ def _band_mask(xp, t, nt, w, dev):
     return xp.logical_and(band, exists[:, None, :])
 
 
-def _summary(xp, x, l, lo, hi):
+def _summary(xp, x, ell, lo, hi):
     """The summary rows lo:hi of every block: (..., n, hi-lo, c)."""
-    return _blocks(xp, x, l)[..., lo:hi, :]
+    return _blocks(xp, x, ell)[..., lo:hi, :]
 
 
-def _unsummary(xp, ds, l, lo, hi):
+def _unsummary(xp, ds, ell, lo, hi):
     """Adjoint of :func:`_summary`: (..., n, hi-lo, c) -> (..., L, c) with zeros elsewhere."""
     lead = tuple(ds.shape[:-2])
-    parts = [_zeros(xp, lead + (lo, ds.shape[-1]), ds), ds, _zeros(xp, lead + (l - hi, ds.shape[-1]), ds)]
+    parts = [
+        _zeros(xp, lead + (lo, ds.shape[-1]), ds),
+        ds,
+        _zeros(xp, lead + (ell - hi, ds.shape[-1]), ds),
+    ]
     return _unblocks(xp, xp.concat(parts, axis=-2))
 
 
-def _own_mask(xp, l, lo, hi, dev):
-    o = xp.arange(l, device=dev)[:, None]
+def _own_mask(xp, ell, lo, hi, dev):
+    o = xp.arange(ell, device=dev)[:, None]
     u = xp.arange(lo, hi, device=dev)[None, :]
     return u <= o
 
@@ -183,42 +195,62 @@ def _part_forward(xp, part, q, k, v, scale, ops):
         w = part[1]
         t, nt = _band_geometry(length, w)
         qt = _blocks(xp, _pad_rows(xp, q, nt * t - length), t)
-        o, lse = ops[0](xp, qt, _band_windows(xp, k, t, nt), _band_windows(xp, v, t, nt),
-                              mask=_band_mask(xp, t, nt, w, dev), scale=scale)
-        return (_unblocks(xp, o)[..., :length, :],
-                _lse_rows(xp, lse, lambda a: _unblocks(xp, a))[..., :length])
+        o, lse = ops[0](
+            xp,
+            qt,
+            _band_windows(xp, k, t, nt),
+            _band_windows(xp, v, t, nt),
+            mask=_band_mask(xp, t, nt, w, dev),
+            scale=scale,
+        )
+        return (
+            _unblocks(xp, o)[..., :length, :],
+            _lse_rows(xp, lse, lambda a: _unblocks(xp, a))[..., :length],
+        )
     if kind == "residue":
-        l, s = part[1], part[2]
-        n = length // l
+        ell, s = part[1], part[2]
+        n = length // ell
         if n - s <= 0:
             return None
-        qr, kr, vr = (_residue(xp, a, l) for a in (q, k, v))
-        o, lse = ops[0](xp, qr, kr[..., : n - s, :], vr[..., : n - s, :],
-                              causal="bottom_right", scale=scale)
+        qr, kr, vr = (_residue(xp, a, ell) for a in (q, k, v))
+        o, lse = ops[0](
+            xp, qr, kr[..., : n - s, :], vr[..., : n - s, :], causal="bottom_right", scale=scale
+        )
         return _unresidue(xp, o), _lse_rows(xp, lse, lambda a: _unresidue(xp, a))
     if kind == "block":
-        l = part[1]
-        qb, kb, vb = (_blocks(xp, a, l) for a in (q, k, v))
+        ell = part[1]
+        qb, kb, vb = (_blocks(xp, a, ell) for a in (q, k, v))
         o, lse = ops[0](xp, qb, kb, vb, causal="top_left", scale=scale)
         return _unblocks(xp, o), _lse_rows(xp, lse, lambda a: _unblocks(xp, a))
     if kind == "summary_own":
-        l, lo, hi = part[1:]
-        qb = _blocks(xp, q, l)
-        o, lse = ops[0](xp, qb, _summary(xp, k, l, lo, hi), _summary(xp, v, l, lo, hi),
-                              mask=_own_mask(xp, l, lo, hi, dev), scale=scale)
+        ell, lo, hi = part[1:]
+        qb = _blocks(xp, q, ell)
+        o, lse = ops[0](
+            xp,
+            qb,
+            _summary(xp, k, ell, lo, hi),
+            _summary(xp, v, ell, lo, hi),
+            mask=_own_mask(xp, ell, lo, hi, dev),
+            scale=scale,
+        )
         return _unblocks(xp, o), _lse_rows(xp, lse, lambda a: _unblocks(xp, a))
     # summary_prev
-    l, lo, hi = part[1:]
-    n, c = length // l, hi - lo
+    ell, lo, hi = part[1:]
+    n, c = length // ell, hi - lo
     if n < 2:
         return None
-    ks, vs = (_unblocks(xp, _summary(xp, a, l, lo, hi)) for a in (k, v))  # (..., n·c, ·)
+    ks, vs = (_unblocks(xp, _summary(xp, a, ell, lo, hi)) for a in (k, v))  # (..., n·c, ·)
     batch = tuple(q.shape[:-2])
-    outs = [_zeros(xp, batch + (l, v.shape[-1]), v)]
-    lses = [xp.full(batch + (l,), math.inf, dtype=q.dtype, device=dev)]
+    outs = [_zeros(xp, batch + (ell, v.shape[-1]), v)]
+    lses = [xp.full(batch + (ell,), math.inf, dtype=q.dtype, device=dev)]
     for b in range(1, n):
-        o, lse = ops[0](xp, q[..., b * l:(b + 1) * l, :], ks[..., : b * c, :],
-                              vs[..., : b * c, :], scale=scale)
+        o, lse = ops[0](
+            xp,
+            q[..., b * ell : (b + 1) * ell, :],
+            ks[..., : b * c, :],
+            vs[..., : b * c, :],
+            scale=scale,
+        )
         outs.append(o)
         lses.append(lse)
     return xp.concat(outs, axis=-2), xp.concat(lses, axis=-1)
@@ -234,63 +266,102 @@ def _part_backward(xp, part, q, k, v, out, lse, dout, scale, ops):
         qt, ot, dt = (_blocks(xp, _pad_rows(xp, a, pad), t) for a in (q, out, dout))
         lt = _lse_rows(xp, _pad_rows(xp, lse, pad, value=math.inf), lambda a: _blocks(xp, a, t))
         dq, dk, dv = ops[1](
-            xp, qt, _band_windows(xp, k, t, nt), _band_windows(xp, v, t, nt), ot, lt, dt,
-            mask=_band_mask(xp, t, nt, w, dev), scale=scale,
+            xp,
+            qt,
+            _band_windows(xp, k, t, nt),
+            _band_windows(xp, v, t, nt),
+            ot,
+            lt,
+            dt,
+            mask=_band_mask(xp, t, nt, w, dev),
+            scale=scale,
         )[:3]
-        return (_unblocks(xp, dq)[..., :length, :], _band_unwindows(xp, dk, t, length),
-                _band_unwindows(xp, dv, t, length))
+        return (
+            _unblocks(xp, dq)[..., :length, :],
+            _band_unwindows(xp, dk, t, length),
+            _band_unwindows(xp, dv, t, length),
+        )
     if kind == "residue":
-        l, s = part[1], part[2]
-        n = length // l
-        qr, kr, vr, orr, dor = (_residue(xp, a, l) for a in (q, k, v, out, dout))
-        lr = _lse_rows(xp, lse, lambda a: _residue(xp, a, l))
-        dq, dk, dv = ops[1](xp, qr, kr[..., : n - s, :], vr[..., : n - s, :], orr, lr, dor,
-                                   causal="bottom_right", scale=scale)[:3]
+        ell, s = part[1], part[2]
+        n = length // ell
+        qr, kr, vr, orr, dor = (_residue(xp, a, ell) for a in (q, k, v, out, dout))
+        lr = _lse_rows(xp, lse, lambda a: _residue(xp, a, ell))
+        dq, dk, dv = ops[1](
+            xp,
+            qr,
+            kr[..., : n - s, :],
+            vr[..., : n - s, :],
+            orr,
+            lr,
+            dor,
+            causal="bottom_right",
+            scale=scale,
+        )[:3]
         dk, dv = _pad_rows(xp, dk, s), _pad_rows(xp, dv, s)
         return _unresidue(xp, dq), _unresidue(xp, dk), _unresidue(xp, dv)
     if kind == "block":
-        l = part[1]
-        args = [_blocks(xp, a, l) for a in (q, k, v, out)]
-        lb = _lse_rows(xp, lse, lambda a: _blocks(xp, a, l))
-        grads = ops[1](xp, *args, lb, _blocks(xp, dout, l), causal="top_left", scale=scale)
+        ell = part[1]
+        args = [_blocks(xp, a, ell) for a in (q, k, v, out)]
+        lb = _lse_rows(xp, lse, lambda a: _blocks(xp, a, ell))
+        grads = ops[1](xp, *args, lb, _blocks(xp, dout, ell), causal="top_left", scale=scale)
         return tuple(_unblocks(xp, g) for g in grads[:3])
     if kind == "summary_own":
-        l, lo, hi = part[1:]
-        lb = _lse_rows(xp, lse, lambda a: _blocks(xp, a, l))
+        ell, lo, hi = part[1:]
+        lb = _lse_rows(xp, lse, lambda a: _blocks(xp, a, ell))
         dq, dk, dv = ops[1](
-            xp, _blocks(xp, q, l), _summary(xp, k, l, lo, hi), _summary(xp, v, l, lo, hi),
-            _blocks(xp, out, l), lb, _blocks(xp, dout, l), mask=_own_mask(xp, l, lo, hi, dev),
+            xp,
+            _blocks(xp, q, ell),
+            _summary(xp, k, ell, lo, hi),
+            _summary(xp, v, ell, lo, hi),
+            _blocks(xp, out, ell),
+            lb,
+            _blocks(xp, dout, ell),
+            mask=_own_mask(xp, ell, lo, hi, dev),
             scale=scale,
         )[:3]
-        return _unblocks(xp, dq), _unsummary(xp, dk, l, lo, hi), _unsummary(xp, dv, l, lo, hi)
+        return _unblocks(xp, dq), _unsummary(xp, dk, ell, lo, hi), _unsummary(xp, dv, ell, lo, hi)
     # summary_prev
-    l, lo, hi = part[1:]
-    n, c = length // l, hi - lo
-    ks, vs = (_unblocks(xp, _summary(xp, a, l, lo, hi)) for a in (k, v))
+    ell, lo, hi = part[1:]
+    n, c = length // ell, hi - lo
+    ks, vs = (_unblocks(xp, _summary(xp, a, ell, lo, hi)) for a in (k, v))
     batch = tuple(q.shape[:-2])
-    dq_parts = [_zeros(xp, batch + (l, q.shape[-1]), q)]
+    dq_parts = [_zeros(xp, batch + (ell, q.shape[-1]), q)]
     dks, dvs = _zeros(xp, tuple(ks.shape), ks), _zeros(xp, tuple(vs.shape), vs)
     for b in range(1, n):
-        sl = slice(b * l, (b + 1) * l)
-        dq, dk, dv = ops[1](xp, q[..., sl, :], ks[..., : b * c, :], vs[..., : b * c, :],
-                                   out[..., sl, :], lse[..., sl], dout[..., sl, :], scale=scale)[:3]
+        sl = slice(b * ell, (b + 1) * ell)
+        dq, dk, dv = ops[1](
+            xp,
+            q[..., sl, :],
+            ks[..., : b * c, :],
+            vs[..., : b * c, :],
+            out[..., sl, :],
+            lse[..., sl],
+            dout[..., sl, :],
+            scale=scale,
+        )[:3]
         dq_parts.append(dq)
         dks = dks + _pad_rows(xp, dk, (n - b) * c)
         dvs = dvs + _pad_rows(xp, dv, (n - b) * c)
     unflat = lambda a: xp.reshape(a, batch + (n, c, a.shape[-1]))  # noqa: E731
-    return (xp.concat(dq_parts, axis=-2), _unsummary(xp, unflat(dks), l, lo, hi),
-            _unsummary(xp, unflat(dvs), l, lo, hi))
+    return (
+        xp.concat(dq_parts, axis=-2),
+        _unsummary(xp, unflat(dks), ell, lo, hi),
+        _unsummary(xp, unflat(dvs), ell, lo, hi),
+    )
 
 
 # -- one group of heads sharing a pattern -------------------------------------------------------
 
 
 def _group_forward(xp, parts, q, k, v, scale, ops):
-    results = [r for r in (_part_forward(xp, p, q, k, v, scale, ops) for p in parts) if r is not None]
+    results = [
+        r for r in (_part_forward(xp, p, q, k, v, scale, ops) for p in parts) if r is not None
+    ]
     if not results:
         shape = tuple(q.shape[:-1])
-        return _zeros(xp, shape + (v.shape[-1],), v), xp.full(shape, math.inf, dtype=q.dtype,
-                                                              device=device_of(q))
+        return _zeros(xp, shape + (v.shape[-1],), v), xp.full(
+            shape, math.inf, dtype=q.dtype, device=device_of(q)
+        )
     # lse = +inf marks an empty row (nothing attended): weight 0 in the merge.
     effs = [xp.where(lse == math.inf, -math.inf, lse) for _, lse in results]
     m = effs[0]
@@ -300,7 +371,7 @@ def _group_forward(xp, parts, q, k, v, scale, ops):
     m_safe = xp.where(empty, 0.0, m)
     total = sum(xp.exp(e - m_safe) for e in effs)
     lse = xp.where(empty, math.inf, m_safe + xp.log(xp.where(empty, 1.0, total)))
-    out = sum(xp.exp(e - lse)[..., None] * o for e, (o, _) in zip(effs, results))
+    out = sum(xp.exp(e - lse)[..., None] * o for e, (o, _) in zip(effs, results, strict=True))
     return out, lse
 
 
@@ -351,8 +422,17 @@ def _scatter_heads(xp, pieces, groups, axis):
 REFERENCE_ATTENTION = (sdpa_forward, sdpa_backward)
 
 
-def sparse_forward(xp: Any, q: Array, k: Array, v: Array, *, heads: list[tuple], stride: int,
-                   scale: float, attention=REFERENCE_ATTENTION):
+def sparse_forward(
+    xp: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    heads: list[tuple],
+    stride: int,
+    scale: float,
+    attention=REFERENCE_ATTENTION,
+):
     """Returns ``(out, lse)``: out (..., L, dv) in q's dtype, lse (..., L) in the compute dtype
     (``+inf`` for a row that attends to nothing). ``attention`` is the ``(forward, backward)``
     pair of tiled dense attention the parts run on (signatures of ``sdpa_forward`` /
@@ -364,7 +444,7 @@ def sparse_forward(xp: Any, q: Array, k: Array, v: Array, *, heads: list[tuple],
     groups = _groups(heads)
     outs, lses = [], []
     for parts, idx in groups:
-        take = lambda a: _take_heads(xp, a, idx, len(heads), -3)  # noqa: E731
+        take = functools.partial(_take_heads, xp, idx=idx, nheads=len(heads), axis=-3)
         o, lse = _group_forward(xp, parts, take(qc), take(kc), take(vc), scale, attention)
         outs.append(o)
         lses.append(lse)
@@ -373,9 +453,20 @@ def sparse_forward(xp: Any, q: Array, k: Array, v: Array, *, heads: list[tuple],
     return xp.astype(out, q.dtype), lse
 
 
-def sparse_backward(xp: Any, q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *,
-                    heads: list[tuple], stride: int, scale: float,
-                    attention=REFERENCE_ATTENTION):
+def sparse_backward(
+    xp: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    *,
+    heads: list[tuple],
+    stride: int,
+    scale: float,
+    attention=REFERENCE_ATTENTION,
+):
     """Returns ``(dq, dk, dv)`` in the input dtypes."""
     cdt = compute_dtype(xp, q.dtype)
     length = q.shape[-2]
@@ -387,10 +478,14 @@ def sparse_backward(xp: Any, q: Array, k: Array, v: Array, out: Array, lse: Arra
     groups = _groups(heads)
     grads = []
     for parts, idx in groups:
-        take = lambda a: _take_heads(xp, a, idx, len(heads), -3)  # noqa: E731
+        take = functools.partial(_take_heads, xp, idx=idx, nheads=len(heads), axis=-3)
         lt = _take_heads(xp, lc, idx, len(heads), -2)
-        grads.append(_group_backward(xp, parts, take(qc), take(kc), take(vc), take(oc), lt,
-                                     take(dc), scale, attention))
-    dq, dk, dv = (_scatter_heads(xp, [g[i] for g in grads], groups, -3)[..., :length, :]
-                  for i in range(3))
+        grads.append(
+            _group_backward(
+                xp, parts, take(qc), take(kc), take(vc), take(oc), lt, take(dc), scale, attention
+            )
+        )
+    dq, dk, dv = (
+        _scatter_heads(xp, [g[i] for g in grads], groups, -3)[..., :length, :] for i in range(3)
+    )
     return xp.astype(dq, q.dtype), xp.astype(dk, k.dtype), xp.astype(dv, v.dtype)

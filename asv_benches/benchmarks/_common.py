@@ -124,8 +124,16 @@ class _CaseBenchmark:
             import torch  # noqa: F401  (only whether it is installed)
         except ImportError:
             raise NotImplementedError("torch is not installed") from None
-        base = {"case": self.case, "params": self.p, "dtype": "float32", "mode": "fwd_bwd", "threads": None}
-        ours, theirs = compare([{**base, "impl": "arrayattn", "backend": self.backend}, {**base, "impl": "torch"}], 5)
+        base = {
+            "case": self.case,
+            "params": self.p,
+            "dtype": "float32",
+            "mode": "fwd_bwd",
+            "threads": None,
+        }
+        ours, theirs = compare(
+            [{**base, "impl": "arrayattn", "backend": self.backend}, {**base, "impl": "torch"}], 5
+        )
         return statistics.median(ours) / statistics.median(theirs)
 
     track_time_over_torch.unit = "ratio"

@@ -13,7 +13,10 @@ from __future__ import annotations
 from ._common import CPU_BACKENDS, _CaseBenchmark
 
 _BLOCK_SIZES = ("small", "paper")
-_BLOCK = {"small": {"N": 8, "C": 64, "H": 28, "W": 28, "r": 16}, "paper": {"N": 32, "C": 256, "H": 28, "W": 28, "r": 16}}
+_BLOCK = {
+    "small": {"N": 8, "C": 64, "H": 28, "W": 28, "r": 16},
+    "paper": {"N": 32, "C": 256, "H": 28, "W": 28, "r": 16},
+}
 
 
 class _Block(_CaseBenchmark):
@@ -41,5 +44,7 @@ class Conv2d(_Block):
     case = "conv2d"
     op = "conv2d"
     params = [list(CPU_BACKENDS), ["small", "resnet"]]
-    sizes = {"small": {"N": 2, "C": 32, "O": 32, "H": 28, "W": 28, "k": 3},
-             "resnet": {"N": 8, "C": 64, "O": 64, "H": 56, "W": 56, "k": 3}}
+    sizes = {
+        "small": {"N": 2, "C": 32, "O": 32, "H": 28, "W": 28, "k": 3},
+        "resnet": {"N": 8, "C": 64, "O": 64, "H": 56, "W": 56, "k": 3},
+    }

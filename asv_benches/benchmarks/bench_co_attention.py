@@ -22,13 +22,28 @@ def _make(op_name: str, size: str):
     from arrayattn.co_attention import example_can_params, example_coattn_params
 
     rng = np.random.default_rng(0)
-    f32 = lambda t: {k: v.astype(np.float32) for k, v in t.items()} if isinstance(t, dict) else t.astype(np.float32)  # noqa: E731
+
+    def f32(t):
+        return (
+            {k: v.astype(np.float32) for k, v in t.items()}
+            if isinstance(t, dict)
+            else t.astype(np.float32)
+        )  # noqa: E731
+
     if op_name == "co_attention":
         c, hw = (64, 16) if size == "small" else (256, 32)
-        args = (rng.standard_normal((2, c, hw, hw)), rng.standard_normal((2, c, hw, hw)), example_coattn_params(rng, c))
+        args = (
+            rng.standard_normal((2, c, hw, hw)),
+            rng.standard_normal((2, c, hw, hw)),
+            example_coattn_params(rng, c),
+        )
     else:
         n, c = (10, 64) if size == "small" else (75, 512)
-        args = (rng.standard_normal((n, c, 6, 6)), rng.standard_normal((n, c, 6, 6)), example_can_params(rng, 36, 6))
+        args = (
+            rng.standard_normal((n, c, 6, 6)),
+            rng.standard_normal((n, c, 6, 6)),
+            example_can_params(rng, 36, 6),
+        )
     return getattr(aa, op_name), tuple(f32(a) for a in args)
 
 
@@ -91,5 +106,8 @@ class Cosnet(_CaseBenchmark):
 
     case = "cosnet"
     op = "scaled_dot_product_attention"  # composite; large calls run their cores on this op
-    sizes = {"small": {"N": 2, "C": 64, "H": 16, "W": 16}, "paper": {"N": 2, "C": 256, "H": 32, "W": 32}}
+    sizes = {
+        "small": {"N": 2, "C": 64, "H": 16, "W": 16},
+        "paper": {"N": 2, "C": 256, "H": 32, "W": 32},
+    }
     params = [list(CPU_BACKENDS), list(sizes)]

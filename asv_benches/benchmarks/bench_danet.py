@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from ._common import CPU_BACKENDS, _CaseBenchmark
 
-SIZES = {"small": {"N": 2, "C": 64, "H": 16, "W": 16}, "paper": {"N": 4, "C": 256, "H": 32, "W": 32}}
+SIZES = {
+    "small": {"N": 2, "C": 64, "H": 16, "W": 16},
+    "paper": {"N": 4, "C": 256, "H": 32, "W": 32},
+}
 
 
 class _Block(_CaseBenchmark):

@@ -116,15 +116,18 @@ class GPUAttention(_GPUBench):
 
     def _inputs(self, cupy, dtype, size):
         rng = cupy.random.default_rng(0)
-        q, k, v = (rng.standard_normal((4, 8, size, 64), dtype=cupy.float32).astype(dtype)
-                   for _ in range(3))
+        q, k, v = (
+            rng.standard_normal((4, 8, size, 64), dtype=cupy.float32).astype(dtype)
+            for _ in range(3)
+        )
         return (q, k, v), {"causal": True}, 3.5 * 4 * 4 * 8 * size * size * 64 / 2
 
     def _torch_fn(self, torch, arrays, mode):
         import torch.nn.functional as F
 
-        q, k, v = (torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd")
-                   for a in arrays)
+        q, k, v = (
+            torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd") for a in arrays
+        )
 
         def run():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -148,8 +151,9 @@ class GPUCrissCross(_GPUBench):
         return (q, k, v), {}, 3 * 2 * 2 * size * size * (2 * size - 1) * 80
 
     def _torch_fn(self, torch, arrays, mode):
-        q, k, v = (torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd")
-                   for a in arrays)
+        q, k, v = (
+            torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd") for a in arrays
+        )
 
         def run():  # CCNet's pure-PyTorch criss-cross core (row + column energies, one softmax)
             h = q.shape[1]
@@ -159,8 +163,9 @@ class GPUCrissCross(_GPUBench):
             e_col = e_col.masked_fill(eye, float("-inf"))
             a = torch.softmax(torch.cat([e_row, e_col], -1), -1)
             w = q.shape[2]
-            out = (torch.einsum("bywx,byxc->bywc", a[..., :w], v)
-                   + torch.einsum("bywz,bzwc->bywc", a[..., w:], v))
+            out = torch.einsum("bywx,byxc->bywc", a[..., :w], v) + torch.einsum(
+                "bywz,bzwc->bywc", a[..., w:], v
+            )
             if mode == "fwd_bwd":
                 out.backward(torch.ones_like(out))
             return out
@@ -176,8 +181,10 @@ class GPUNeighborhood(_GPUBench):
 
     def _inputs(self, cupy, dtype, size):
         rng = cupy.random.default_rng(0)
-        q, k, v = (rng.standard_normal((2, 4, size, size, 32), dtype=cupy.float32).astype(dtype)
-                   for _ in range(3))
+        q, k, v = (
+            rng.standard_normal((2, 4, size, size, 32), dtype=cupy.float32).astype(dtype)
+            for _ in range(3)
+        )
         t = 2 * self.kernel - 1
         bias = rng.standard_normal((4, t, t), dtype=cupy.float32).astype(dtype)
         flops = 3 * 2 * 2 * 4 * size * size * self.kernel**2 * 64
@@ -186,19 +193,24 @@ class GPUNeighborhood(_GPUBench):
     def _torch_fn(self, torch, arrays, mode):
         from arrayattn.neighborhood import call_windows
 
-        q, k, v = (torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd")
-                   for a in arrays[:3])
+        q, k, v = (
+            torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd") for a in arrays[:3]
+        )
         n, h, w, d = q.shape[1], q.shape[2], q.shape[3], q.shape[4]
         kk = self.kernel
-        bias = torch.zeros((n, 2 * kk - 1, 2 * kk - 1), device="cuda", dtype=q.dtype,
-                           requires_grad=mode == "fwd_bwd")
+        bias = torch.zeros(
+            (n, 2 * kk - 1, 2 * kk - 1),
+            device="cuda",
+            dtype=q.dtype,
+            requires_grad=mode == "fwd_bwd",
+        )
         wy, wx = call_windows("na", h, w, kk, 1, 0, "clamp", False)
         iy, ix = (torch.as_tensor(t.idx.T, device="cuda") for t in (wy, wx))  # (L, K)
         ry, rx = (torch.as_tensor(t.rel.T, device="cuda") for t in (wy, wx))
         flat = (iy[:, None, :, None] * w + ix[None, :, None, :]).reshape(h, w, kk * kk)
         rows = ry[:, None, :, None].expand(h, w, kk, kk).reshape(h, w, kk * kk)
         cols = rx[None, :, None, :].expand(h, w, kk, kk).reshape(h, w, kk * kk)
-        scale = d ** -0.5
+        scale = d**-0.5
 
         def run():  # gather the K² keys/values of every query (NATTEN's unfused reference path)
             kg = k.reshape(k.shape[0], n, h * w, d)[:, :, flat]  # (B, n, H, W, K², d)

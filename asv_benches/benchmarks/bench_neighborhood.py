@@ -1,4 +1,5 @@
-"""Neighbourhood attention 2-D (NATTEN clamp) and HaloNet attention (inputs from ``cases_neighborhood``).
+"""Neighbourhood attention 2-D (NATTEN clamp) and HaloNet attention (inputs from
+``cases_neighborhood``).
 
 Figures: ``time_fwd``, ``time_fwd_bwd``, ``peakmem_fwd_bwd`` (peak RSS of the benchmark process),
 ``track_gflops_fwd_bwd`` (4·B·heads·H·W·K²·d FLOP forward — q·k and p·v over the window — and 2.5

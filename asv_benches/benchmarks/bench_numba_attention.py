@@ -22,8 +22,13 @@ class NumbaSdpaScaling:
 
     def setup(self, length, causal):
         require_backend("numba", "scaled_dot_product_attention")
-        self.run = build("sdpa", {"B": 1, "H": 8, "L": length, "d": 64, "causal": causal},
-                         "float32", "fwd_bwd", "numba")  # called once: JIT compile / cache load
+        self.run = build(
+            "sdpa",
+            {"B": 1, "H": 8, "L": length, "d": 64, "causal": causal},
+            "float32",
+            "fwd_bwd",
+            "numba",
+        )  # called once: JIT compile / cache load
 
     def time_fwd_bwd(self, length, causal):
         self.run()

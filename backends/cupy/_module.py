@@ -69,11 +69,15 @@ def nvrtc_compile(name: str, arch: str, name_expressions: tuple[str, ...] = ()) 
             raise RuntimeError(f"{what} failed: {err}")
         return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
 
-    prog = check(nvrtc.nvrtcCreateProgram(source(name).encode(), name.encode(), 0, [], []),
-                 "nvrtcCreateProgram")
+    prog = check(
+        nvrtc.nvrtcCreateProgram(source(name).encode(), name.encode(), 0, [], []),
+        "nvrtcCreateProgram",
+    )
     try:
         for expr in name_expressions:
-            check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr})")
+            check(
+                nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr})"
+            )
         opts = [f"--gpu-architecture={arch}".encode(), f"-I{_include_dir()}".encode()]
         opts += [o.encode() for o in OPTIONS]
         err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
@@ -81,7 +85,9 @@ def nvrtc_compile(name: str, arch: str, name_expressions: tuple[str, ...] = ()) 
         log = b" " * size
         nvrtc.nvrtcGetProgramLog(prog, log)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"{name} does not compile for {arch}:\n{log.decode(errors='replace')}")
+            raise RuntimeError(
+                f"{name} does not compile for {arch}:\n{log.decode(errors='replace')}"
+            )
         for expr in name_expressions:
             check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), f"nvrtcGetLoweredName({expr})")
         size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")

@@ -26,8 +26,12 @@ SOURCE = "attention.cu"
 DMAXES = (32, 64, 128, 256)
 #: Padded head widths of the tensor-core kernels.
 WMMA_DPS = (32, 64, 128)
-_CTYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
-           "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
+_CTYPES = {
+    "float32": ("float", "float"),
+    "float64": ("double", "double"),
+    "float16": ("__half", "float"),
+    "bfloat16": ("__nv_bfloat16", "float"),
+}
 _HALF = ("float16", "bfloat16")
 BLOCK_Q = 64  # query (or key) rows per block of the CUDA-core kernels
 BLOCK_K = 32  # most rows of a staged tile
@@ -41,8 +45,11 @@ def _exprs() -> tuple[str, ...]:
     for t, acc in _CTYPES.values():
         out += [f"sdpa_delta<{t}, {acc}>", f"sdpa_dbias<{t}, {acc}>"]
         for dmax in DMAXES:
-            out += [f"sdpa_fwd<{t}, {acc}, {dmax}>", f"sdpa_dkdv<{t}, {acc}, {dmax}>",
-                    f"sdpa_dq<{t}, {acc}, {dmax}>"]
+            out += [
+                f"sdpa_fwd<{t}, {acc}, {dmax}>",
+                f"sdpa_dkdv<{t}, {acc}, {dmax}>",
+                f"sdpa_dq<{t}, {acc}, {dmax}>",
+            ]
     for name in _HALF:
         t = _CTYPES[name][0]
         for kernel in ("sdpa_fwd_wmma", "sdpa_dkdv_wmma", "sdpa_dq_wmma"):
@@ -102,18 +109,30 @@ def _tile(d, dv, itemsize):
 
 
 def _wmma_shared(dp, itemsize):
-    return ((WMMA_BQ + 2 * WMMA_BK) * dp * itemsize + WMMA_BQ * WMMA_BK * (4 + itemsize)
-            + WMMA_BQ * dp * 4 + 3 * WMMA_BQ * 4)
+    return (
+        (WMMA_BQ + 2 * WMMA_BK) * dp * itemsize
+        + WMMA_BQ * WMMA_BK * (4 + itemsize)
+        + WMMA_BQ * dp * 4
+        + 3 * WMMA_BQ * 4
+    )
 
 
 def _wmma_dkdv_shared(dp, itemsize):
-    return ((2 * WMMA_KEYS + 2 * WMMA_QB) * dp * itemsize + WMMA_KEYS * WMMA_QB * (8 + itemsize)
-            + 2 * WMMA_KEYS * dp * 4 + 2 * WMMA_QB * 4)
+    return (
+        (2 * WMMA_KEYS + 2 * WMMA_QB) * dp * itemsize
+        + WMMA_KEYS * WMMA_QB * (8 + itemsize)
+        + 2 * WMMA_KEYS * dp * 4
+        + 2 * WMMA_QB * 4
+    )
 
 
 def _wmma_dq_shared(dp, itemsize):
-    return ((2 * WMMA_BQ + 2 * WMMA_BK) * dp * itemsize + WMMA_BQ * WMMA_BK * (8 + itemsize)
-            + WMMA_BQ * dp * 4 + 2 * WMMA_BQ * 4)
+    return (
+        (2 * WMMA_BQ + 2 * WMMA_BK) * dp * itemsize
+        + WMMA_BQ * WMMA_BK * (8 + itemsize)
+        + WMMA_BQ * dp * 4
+        + 2 * WMMA_BQ * 4
+    )
 
 
 def _wmma_dp(name, d, dv, itemsize):
@@ -129,7 +148,9 @@ def _wmma_dp(name, d, dv, itemsize):
     cc, shared = _current_device()
     if cc < _WMMA_MIN_CC[_CTYPES[name][0]]:
         return None
-    need = max(_wmma_shared(dp, itemsize), _wmma_dkdv_shared(dp, itemsize), _wmma_dq_shared(dp, itemsize))
+    need = max(
+        _wmma_shared(dp, itemsize), _wmma_dkdv_shared(dp, itemsize), _wmma_dq_shared(dp, itemsize)
+    )
     return dp if need <= shared else None
 
 
@@ -178,26 +199,44 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         v3 = cp.ascontiguousarray(v).reshape(nkv, lk, dv)
         m, b, _ = _plans(cp, mask, bias, batch, lq, lk, q.dtype)
         coff = np.int64(0 if causal in (None, "top_left") else lk - lq)
-        head = (q3, k3, v3, np.int32(nb), np.int32(lq), np.int32(lk), np.int32(d), np.int32(dv),
-                np.int32(gqa_groups))
+        head = (
+            q3,
+            k3,
+            v3,
+            np.int32(nb),
+            np.int32(lq),
+            np.int32(lk),
+            np.int32(d),
+            np.int32(dv),
+            np.int32(gqa_groups),
+        )
         tail = (*m, *b, np.int32(causal is not None), coff, out, lse)
         dp = _wmma_dp(name, d, dv, q.dtype.itemsize)
         if dp is not None:
             shared = _wmma_shared(dp, q.dtype.itemsize)
             fn = _fn(f"sdpa_fwd_wmma<{t}, {dp}>", shared)
-            fn((nb * -(-lq // WMMA_BQ),), (128,), (*head, np.float32(scale), *tail),
-               shared_mem=shared)
+            fn(
+                (nb * -(-lq // WMMA_BQ),),
+                (128,),
+                (*head, np.float32(scale), *tail),
+                shared_mem=shared,
+            )
         else:
             bk = _tile(d, dv, np.dtype(adt).itemsize)
             shared = bk * (d + dv) * np.dtype(adt).itemsize
             fn = _fn(f"sdpa_fwd<{t}, {acc}, {_dmax(d, dv)}>")
-            fn((nb * -(-lq // BLOCK_Q),), (BLOCK_Q,), (*head, np.int32(bk), adt(scale), *tail),
-               shared_mem=shared)
+            fn(
+                (nb * -(-lq // BLOCK_Q),),
+                (BLOCK_Q,),
+                (*head, np.int32(bk), adt(scale), *tail),
+                shared_mem=shared,
+            )
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
-def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None,
-                  scale, gqa_groups=1):
+def sdpa_backward(
+    q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None, scale, gqa_groups=1
+):
     """``(dq, dk, dv, dbias)`` like the reference ``sdpa_backward``, on CuPy arrays."""
     import cupy as cp
 
@@ -218,44 +257,86 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
         o3 = cp.ascontiguousarray(out.astype(q.dtype, copy=False)).reshape(nb, lq, dv)
         lse2 = cp.ascontiguousarray(lse.astype(adt, copy=False)).reshape(nb, lq)
         has_dlse = dlse is not None
-        dl2 = (cp.ascontiguousarray(dlse.astype(adt, copy=False)).reshape(nb, lq) if has_dlse
-               else cp.zeros(1, adt))
+        dl2 = (
+            cp.ascontiguousarray(dlse.astype(adt, copy=False)).reshape(nb, lq)
+            if has_dlse
+            else cp.zeros(1, adt)
+        )
         delta = cp.empty((nb, lq), dtype=adt)
         rows = nb * lq
-        _fn(f"sdpa_delta<{t}, {acc}>")((-(-rows // 256),), (256,),
-                                       (do3, o3, dl2, np.int32(has_dlse), np.int64(rows),
-                                        np.int32(dv), delta))
+        _fn(f"sdpa_delta<{t}, {acc}>")(
+            (-(-rows // 256),),
+            (256,),
+            (do3, o3, dl2, np.int32(has_dlse), np.int64(rows), np.int32(dv), delta),
+        )
         coff = np.int64(0 if causal in (None, "top_left") else lk - lq)
         isz = np.dtype(adt).itemsize
         bt = _tile(d, dv, isz)
         dmax = _dmax(d, dv)
-        head = (q3, k3, v3, do3, lse2, delta, np.int32(nb), np.int32(lq), np.int32(lk),
-                np.int32(d), np.int32(dv), np.int32(gqa_groups), np.int32(bt), adt(scale))
+        head = (
+            q3,
+            k3,
+            v3,
+            do3,
+            lse2,
+            delta,
+            np.int32(nb),
+            np.int32(lq),
+            np.int32(lk),
+            np.int32(d),
+            np.int32(dv),
+            np.int32(gqa_groups),
+            np.int32(bt),
+            adt(scale),
+        )
         tail = (*m, *b, np.int32(causal is not None), coff)
         dp = _wmma_dp(name, d, dv, q.dtype.itemsize)
         if dp is not None:
             wmma_head = (*head[:12], np.float32(scale))
             shared = _wmma_dkdv_shared(dp, q.dtype.itemsize)
             _fn(f"sdpa_dkdv_wmma<{t}, {dp}>", shared)(
-                (nkv * -(-lk // WMMA_KEYS),), (128,), (*wmma_head, *tail, dk, dvv), shared_mem=shared)
+                (nkv * -(-lk // WMMA_KEYS),),
+                (128,),
+                (*wmma_head, *tail, dk, dvv),
+                shared_mem=shared,
+            )
             shared = _wmma_dq_shared(dp, q.dtype.itemsize)
             _fn(f"sdpa_dq_wmma<{t}, {dp}>", shared)(
-                (nb * -(-lq // WMMA_BQ),), (128,), (*wmma_head, *tail, dq), shared_mem=shared)
+                (nb * -(-lq // WMMA_BQ),), (128,), (*wmma_head, *tail, dq), shared_mem=shared
+            )
         else:
             _fn(f"sdpa_dkdv<{t}, {acc}, {dmax}>")(
-                (nkv * -(-lk // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dk, dvv),
-                shared_mem=bt * (d + dv + 2) * isz)
+                (nkv * -(-lk // BLOCK_Q),),
+                (BLOCK_Q,),
+                (*head, *tail, dk, dvv),
+                shared_mem=bt * (d + dv + 2) * isz,
+            )
             _fn(f"sdpa_dq<{t}, {acc}, {dmax}>")(
-                (nb * -(-lq // BLOCK_Q),), (BLOCK_Q,), (*head, *tail, dq),
-                shared_mem=bt * (d + dv) * isz)
+                (nb * -(-lq // BLOCK_Q),),
+                (BLOCK_Q,),
+                (*head, *tail, dq),
+                shared_mem=bt * (d + dv) * isz,
+            )
         if bias is not None and dbias.size:
             nrows = bdata.shape[-2] if bdata.ndim >= 2 and b[2] else 1
             ncols = bdata.shape[-1] if b[3] else 1
             size = dbias.size
             _fn(f"sdpa_dbias<{t}, {acc}>")(
-                (-(-size // 128),), (128,),
-                (*head[:12], adt(scale), *m, *b[:4], np.int32(causal is not None), coff,
-                 np.int64(size), np.int64(nrows), np.int64(ncols), dbias))
+                (-(-size // 128),),
+                (128,),
+                (
+                    *head[:12],
+                    adt(scale),
+                    *m,
+                    *b[:4],
+                    np.int32(causal is not None),
+                    coff,
+                    np.int64(size),
+                    np.int64(nrows),
+                    np.int64(ncols),
+                    dbias,
+                ),
+            )
     if bias is not None:
         dbias = dbias.reshape(bias.shape).astype(bias.dtype, copy=False)
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), dbias

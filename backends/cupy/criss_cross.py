@@ -18,8 +18,12 @@ __all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "criss_cross_backward", "cri
 
 SOURCE = "criss_cross.cu"
 DMAXES = (32, 64, 128, 256, 512)
-_CTYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
-           "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
+_CTYPES = {
+    "float32": ("float", "float"),
+    "float64": ("double", "double"),
+    "float16": ("__half", "float"),
+    "bfloat16": ("__nv_bfloat16", "float"),
+}
 THREADS = 128
 
 
@@ -28,8 +32,11 @@ def _exprs():
     for t, acc in _CTYPES.values():
         out.append(f"cc_delta<{t}, {acc}>")
         for dm in DMAXES:
-            out += [f"cc_fwd<{t}, {acc}, {dm}>", f"cc_dq<{t}, {acc}, {dm}>",
-                    f"cc_dkdv<{t}, {acc}, {dm}>"]
+            out += [
+                f"cc_fwd<{t}, {acc}, {dm}>",
+                f"cc_dq<{t}, {acc}, {dm}>",
+                f"cc_dkdv<{t}, {acc}, {dm}>",
+            ]
     return tuple(out)
 
 
@@ -58,9 +65,20 @@ def criss_cross_forward(q, k, v, *, scale):
     if npix:
         args = [cp.ascontiguousarray(a) for a in (q, k, v)]
         function(SOURCE, NAME_EXPRESSIONS, f"cc_fwd<{t}, {acc}, {_dmax(dv)}>")(
-            (-(-npix // THREADS),), (THREADS,),
-            (*args, np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv), adt(scale),
-             out, lse))
+            (-(-npix // THREADS),),
+            (THREADS,),
+            (
+                *args,
+                np.int32(nb),
+                np.int32(h),
+                np.int32(w),
+                np.int32(d),
+                np.int32(dv),
+                adt(scale),
+                out,
+                lse,
+            ),
+        )
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
@@ -85,9 +103,11 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
         fn(f"cc_delta<{t}, {acc}>")(grid, (THREADS,), (do, o, np.int64(npix), np.int32(dv), delta))
         dims = (np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv), adt(scale))
         fn(f"cc_dq<{t}, {acc}, {_dmax(d)}>")(
-            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dq))
+            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dq)
+        )
         fn(f"cc_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
-            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dk, dvv))
+            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dk, dvv)
+        )
     return dq, dk, dvv
 
 
@@ -100,4 +120,8 @@ def _supports(call):
     return None
 
 
-KERNELS = {"criss_cross_attention": criss_cross_kernel(criss_cross_forward, criss_cross_backward, _supports)}
+KERNELS = {
+    "criss_cross_attention": criss_cross_kernel(
+        criss_cross_forward, criss_cross_backward, _supports
+    )
+}

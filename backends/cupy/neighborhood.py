@@ -19,14 +19,23 @@ from arrayattn.neighborhood import window_kernel
 
 from ._module import function
 
-__all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "window_attention_backward",
-           "window_attention_forward"]
+__all__ = [
+    "KERNELS",
+    "NAME_EXPRESSIONS",
+    "SOURCE",
+    "window_attention_backward",
+    "window_attention_forward",
+]
 
 SOURCE = "neighborhood.cu"
 #: Register-array widths the kernels are instantiated for (d and dv <= DMAX).
 DMAXES = (32, 64, 128, 256)
-_CTYPES = {"float32": ("float", "float"), "float64": ("double", "double"),
-           "float16": ("__half", "float"), "bfloat16": ("__nv_bfloat16", "float")}
+_CTYPES = {
+    "float32": ("float", "float"),
+    "float64": ("double", "double"),
+    "float16": ("__half", "float"),
+    "bfloat16": ("__nv_bfloat16", "float"),
+}
 THREADS = 128
 
 
@@ -35,8 +44,11 @@ def _exprs() -> tuple[str, ...]:
     for t, acc in _CTYPES.values():
         out.append(f"na_dtable<{t}, {acc}>")
         for dm in DMAXES:
-            out += [f"na_fwd<{t}, {acc}, {dm}>", f"na_dq<{t}, {acc}, {dm}>",
-                    f"na_dkdv<{t}, {acc}, {dm}>"]
+            out += [
+                f"na_fwd<{t}, {acc}, {dm}>",
+                f"na_dq<{t}, {acc}, {dm}>",
+                f"na_dkdv<{t}, {acc}, {dm}>",
+            ]
     return tuple(out)
 
 
@@ -74,17 +86,20 @@ def _plan(cp, a, batch, rows, cols, dtype):
 
 
 def _plans(cp, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
-    return (_plan(cp, rel_bias, batch, wy.table, wx.table, dtype),
-            _plan(cp, r_h, batch, wy.table, d, dtype),
-            _plan(cp, r_w, batch, wx.table, d, dtype))
+    return (
+        _plan(cp, rel_bias, batch, wy.table, wx.table, dtype),
+        _plan(cp, r_h, batch, wy.table, d, dtype),
+        _plan(cp, r_w, batch, wx.table, d, dtype),
+    )
 
 
 def _c4(cp, x, nb, dtype):
     return cp.ascontiguousarray(x.astype(dtype, copy=False)).reshape((nb,) + tuple(x.shape[-3:]))
 
 
-def window_attention_forward(q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None,
-                             r_w=None):
+def window_attention_forward(
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+):
     """``(out, lse)`` like the reference ``window_attention_forward``, on CuPy arrays."""
     import cupy as cp
 
@@ -99,16 +114,36 @@ def window_attention_forward(q, k, v, wy, wx, *, boundary, scale, rel_bias=None,
         ytab, xtab = _tables(cp, wy)[0], _tables(cp, wx)[0]
         pb, ph, pw = _plans(cp, wy, wx, batch, d, q.dtype, rel_bias, r_h, r_w)
         _fn(f"na_fwd<{t}, {acc}, {_dmax(dv)}>")(
-            (-(-npix // THREADS),), (THREADS,),
-            (_c4(cp, q, nb, q.dtype), _c4(cp, k, nb, q.dtype), _c4(cp, v, nb, q.dtype),
-             np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv),
-             ytab, np.int32(ytab.shape[1]), xtab, np.int32(xtab.shape[1]),
-             np.int32(boundary == "zero"), adt(scale), *pb[0], *ph[0], *pw[0], out, lse))
+            (-(-npix // THREADS),),
+            (THREADS,),
+            (
+                _c4(cp, q, nb, q.dtype),
+                _c4(cp, k, nb, q.dtype),
+                _c4(cp, v, nb, q.dtype),
+                np.int32(nb),
+                np.int32(h),
+                np.int32(w),
+                np.int32(d),
+                np.int32(dv),
+                ytab,
+                np.int32(ytab.shape[1]),
+                xtab,
+                np.int32(xtab.shape[1]),
+                np.int32(boundary == "zero"),
+                adt(scale),
+                *pb[0],
+                *ph[0],
+                *pw[0],
+                out,
+                lse,
+            ),
+        )
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
-def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None,
-                              r_h=None, r_w=None):
+def window_attention_backward(
+    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+):
     """``(dq, dk, dv, drel_bias, dr_h, dr_w)`` like the reference ``window_attention_backward``."""
     import cupy as cp
 
@@ -139,32 +174,103 @@ def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scal
         plans = (*pb[0], *ph[0], *pw[0])
         grid = ((-(-npix // THREADS),), (THREADS,))
         _fn(f"na_dq<{t}, {acc}, {_dmax(d)}>")(
-            *grid, (q4, k4, v4, o4, do4, lse3, *dims, *win, np.int32(boundary == "zero"),
-                    adt(scale), *plans, dq, delta, dlst, suma, sumc))
+            *grid,
+            (
+                q4,
+                k4,
+                v4,
+                o4,
+                do4,
+                lse3,
+                *dims,
+                *win,
+                np.int32(boundary == "zero"),
+                adt(scale),
+                *plans,
+                dq,
+                delta,
+                dlst,
+                suma,
+                sumc,
+            ),
+        )
         _fn(f"na_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
-            *grid, (q4, k4, v4, do4, lse3, delta, *dims, *win,
-                    yptr, yinv, np.int32(yinv.shape[1]), xptr, xinv, np.int32(xinv.shape[1]),
-                    adt(scale), *plans, dk, dvv))
+            *grid,
+            (
+                q4,
+                k4,
+                v4,
+                do4,
+                lse3,
+                delta,
+                *dims,
+                *win,
+                yptr,
+                yinv,
+                np.int32(yinv.shape[1]),
+                xptr,
+                xinv,
+                np.int32(xinv.shape[1]),
+                adt(scale),
+                *plans,
+                dk,
+                dvv,
+            ),
+        )
         size = grads[0].size if has_bias else 0
         if size:
             _fn(f"na_dbias<{acc}>")(
-                (-(-size // THREADS),), (THREADS,),
-                (dlst, np.int32(nb), np.int32(h), np.int32(w), np.int32(ky), np.int32(kx),
-                 yrptr, yrel, np.int32(yrel.shape[1]), xrptr, xrel, np.int32(xrel.shape[1]),
-                 pb[0][1], np.int64(wy.table), np.int64(wx.table), np.int64(size), grads[0]))
+                (-(-size // THREADS),),
+                (THREADS,),
+                (
+                    dlst,
+                    np.int32(nb),
+                    np.int32(h),
+                    np.int32(w),
+                    np.int32(ky),
+                    np.int32(kx),
+                    yrptr,
+                    yrel,
+                    np.int32(yrel.shape[1]),
+                    xrptr,
+                    xrel,
+                    np.int32(xrel.shape[1]),
+                    pb[0][1],
+                    np.int64(wy.table),
+                    np.int64(wx.table),
+                    np.int64(size),
+                    grads[0],
+                ),
+            )
         for axis, p, sums, rptr, rel, rows, kslots, g in (
             (0, ph, suma, yrptr, yrel, wy.table, ky, grads[1]),
             (1, pw, sumc, xrptr, xrel, wx.table, kx, grads[2]),
         ):
             if g is not None and g.size:
                 _fn(f"na_dtable<{t}, {acc}>")(
-                    (-(-g.size // THREADS),), (THREADS,),
-                    (q4, sums, *dims[:4], np.int32(kslots), np.int32(axis), rptr, rel,
-                     np.int32(rel.shape[1]), p[0][1], np.int64(rows), np.int64(d),
-                     np.int64(g.size), g))
+                    (-(-g.size // THREADS),),
+                    (THREADS,),
+                    (
+                        q4,
+                        sums,
+                        *dims[:4],
+                        np.int32(kslots),
+                        np.int32(axis),
+                        rptr,
+                        rel,
+                        np.int32(rel.shape[1]),
+                        p[0][1],
+                        np.int64(rows),
+                        np.int64(d),
+                        np.int64(g.size),
+                        g,
+                    ),
+                )
     like = (rel_bias, r_h, r_w)
-    grads = [None if g is None else g.reshape(a.shape).astype(a.dtype, copy=False)
-             for g, a in zip(grads, like)]
+    grads = [
+        None if g is None else g.reshape(a.shape).astype(a.dtype, copy=False)
+        for g, a in zip(grads, like, strict=True)
+    ]
     return (dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), *grads)
 
 

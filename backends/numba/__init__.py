@@ -6,7 +6,17 @@ Kernels live in one module per mechanism family (as in ``arrayattn/``); each def
 
 import importlib
 
-_FAMILIES: tuple[str, ...] = ("attention", "channel", "co_attention", "criss_cross", "halo", "luong", "neighborhood", "primitives", "sparse")
+_FAMILIES: tuple[str, ...] = (
+    "attention",
+    "channel",
+    "co_attention",
+    "criss_cross",
+    "halo",
+    "luong",
+    "neighborhood",
+    "primitives",
+    "sparse",
+)
 
 KERNELS: dict = {}
 for _family in _FAMILIES:

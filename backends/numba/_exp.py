@@ -8,11 +8,13 @@ LLVM's loop vectorizer turns into SIMD:
   point, so no Cody–Waite split of ln 2 is needed in base 2);
 * ``2**r`` by a polynomial: a relative-error least-squares fit of degree 6 for float32 (< 1 ulp
   measured), the Taylor series of degree 13 for float64 (< 2e-16 relative);
-* ``2**k`` built from its exponent bits ``(k + bias) << mantissa_bits`` and reinterpreted as a float.
+* ``2**k`` built from its exponent bits ``(k + bias) << mantissa_bits`` and reinterpreted as a
+float.
 
 ``x`` is clamped to [-127, 128] (float32) / [-1023, 1024] (float64): at the lower bound the exponent
 bits are 0, so ``exp2(-inf)`` and every underflowing argument give exactly +0.0 (masked entries stay
-exactly 0); above it the result is +inf. NaN propagates (the clamps keep NaN, the polynomial turns it
+exactly 0); above it the result is +inf. NaN propagates (the clamps keep NaN, the polynomial turns
+it
 into NaN).
 
 ``tanh(x)`` is built on ``exp2``: ``1 - 2/(2**(2x·log2 e) + 1)`` (with the sign of x) for
@@ -200,8 +202,29 @@ _GONE = np.float32(1.0)
 _GTWO = np.float32(2.0)
 # float64: the Taylor series x + T_2 x³ + ... + T_21 x**41 (truncation < 1e-17 relative at 0.55).
 _T = _tanh_taylor(21)
-(_T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13, _T14, _T15, _T16, _T17,
- _T18, _T19, _T20, _T21) = _T
+(
+    _T1,
+    _T2,
+    _T3,
+    _T4,
+    _T5,
+    _T6,
+    _T7,
+    _T8,
+    _T9,
+    _T10,
+    _T11,
+    _T12,
+    _T13,
+    _T14,
+    _T15,
+    _T16,
+    _T17,
+    _T18,
+    _T19,
+    _T20,
+    _T21,
+) = _T
 
 
 @njit(inline="always", cache=True, error_model="numpy")

@@ -3,7 +3,8 @@
 Forward: ``prange`` over (batch·heads, query tiles); each work item walks the key tiles with an
 online softmax (spec section 1.4). Backward (FA2 Alg. 2): ``prange`` over (group of heads, chunk of
 key tiles); each work item owns the dK/dV rows of its key tiles (and every dbias element it touches)
-and accumulates dQ of its chunk into a buffer of its own; the chunks' dQ buffers are added in a fixed
+and accumulates dQ of its chunk into a buffer of its own; the chunks' dQ buffers are added in a
+fixed
 order afterwards, so results are bitwise deterministic whatever the thread scheduling.
 
 Tile products go through the CBLAS ``sgemm``/``dgemm`` of the OpenBLAS that NumPy ships (called
@@ -18,12 +19,12 @@ key tiles past the causal diagonal and tiles whose boolean mask is all False are
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import math
 import os
 import threading
-import contextlib
 from contextlib import contextmanager
 
 import llvmlite.binding as llvm
@@ -67,27 +68,64 @@ def _find_openblas():
 
 
 _BLAS = _find_openblas()
-_BLAS_REASON = None if _BLAS is not None else (
-    "no CBLAS found: the numba attention kernels call the OpenBLAS bundled with NumPy wheels "
-    "(numpy.libs/libscipy_openblas*), which this NumPy does not have"
+_BLAS_REASON = (
+    None
+    if _BLAS is not None
+    else (
+        "no CBLAS found: the numba attention kernels call the OpenBLAS bundled with NumPy wheels "
+        "(numpy.libs/libscipy_openblas*), which this NumPy does not have"
+    )
 )
 
 _i32, _i64 = types.int32, types.int64
 _BLAS_INT = _i64 if (_BLAS is not None and _BLAS[1] == "64_") else _i32
 _sgemm = types.ExternalFunction(
     "arrayattn_cblas_sgemm",
-    types.void(_i32, _i32, _i32, _BLAS_INT, _BLAS_INT, _BLAS_INT, types.float32, _i64, _BLAS_INT,
-               _i64, _BLAS_INT, types.float32, _i64, _BLAS_INT),
+    types.void(
+        _i32,
+        _i32,
+        _i32,
+        _BLAS_INT,
+        _BLAS_INT,
+        _BLAS_INT,
+        types.float32,
+        _i64,
+        _BLAS_INT,
+        _i64,
+        _BLAS_INT,
+        types.float32,
+        _i64,
+        _BLAS_INT,
+    ),
 )
 _dgemm = types.ExternalFunction(
     "arrayattn_cblas_dgemm",
-    types.void(_i32, _i32, _i32, _BLAS_INT, _BLAS_INT, _BLAS_INT, types.float64, _i64, _BLAS_INT,
-               _i64, _BLAS_INT, types.float64, _i64, _BLAS_INT),
+    types.void(
+        _i32,
+        _i32,
+        _i32,
+        _BLAS_INT,
+        _BLAS_INT,
+        _BLAS_INT,
+        types.float64,
+        _i64,
+        _BLAS_INT,
+        _i64,
+        _BLAS_INT,
+        types.float64,
+        _i64,
+        _BLAS_INT,
+    ),
 )
 if _BLAS is not None:
     _lib, _sfx = _BLAS
-    for _name, _sym in (("sgemm", f"scipy_cblas_sgemm{_sfx}"), ("dgemm", f"scipy_cblas_dgemm{_sfx}")):
-        llvm.add_symbol(f"arrayattn_cblas_{_name}", ctypes.cast(getattr(_lib, _sym), ctypes.c_void_p).value)
+    for _name, _sym in (
+        ("sgemm", f"scipy_cblas_sgemm{_sfx}"),
+        ("dgemm", f"scipy_cblas_dgemm{_sfx}"),
+    ):
+        llvm.add_symbol(
+            f"arrayattn_cblas_{_name}", ctypes.cast(getattr(_lib, _sym), ctypes.c_void_p).value
+        )
     _get_threads = getattr(_lib, f"scipy_openblas_get_num_threads{_sfx}")
     _get_threads.restype = ctypes.c_int
     _set_threads = getattr(_lib, f"scipy_openblas_set_num_threads{_sfx}")
@@ -145,10 +183,20 @@ def _gemm_overload(ta, tb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, 
 
     def impl(ta, tb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc):
         fn(
-            _ROW, _T if ta else _NT, _T if tb else _NT, m, n, k, cast(alpha),
-            np.int64(a.ctypes.data) + aoff * size, max(lda, 1),
-            np.int64(b.ctypes.data) + boff * size, max(ldb, 1),
-            cast(beta), np.int64(c.ctypes.data) + coff * size, max(ldc, 1),
+            _ROW,
+            _T if ta else _NT,
+            _T if tb else _NT,
+            m,
+            n,
+            k,
+            cast(alpha),
+            np.int64(a.ctypes.data) + aoff * size,
+            max(lda, 1),
+            np.int64(b.ctypes.data) + boff * size,
+            max(ldb, 1),
+            cast(beta),
+            np.int64(c.ctypes.data) + coff * size,
+            max(ldc, 1),
         )
 
     return impl
@@ -175,8 +223,26 @@ def _row_exp2(s, n, shift):
 
 
 @njit(cache=True)
-def _row_logits(srow, nk, i, j0, log2e, ninf, has_mask, mflat, moff, mrs, mcs,
-                has_bias, bflat, boff, brs, bcs, causal, coff):
+def _row_logits(
+    srow,
+    nk,
+    i,
+    j0,
+    log2e,
+    ninf,
+    has_mask,
+    mflat,
+    moff,
+    mrs,
+    mcs,
+    has_bias,
+    bflat,
+    boff,
+    brs,
+    bcs,
+    causal,
+    coff,
+):
     """Add bias·log2(e), set -inf where the mask or the causal band excludes, on one score row."""
     if has_bias:
         base = boff + i * brs + j0 * bcs
@@ -213,8 +279,31 @@ def _tile_all_masked(mflat, moff, mrs, mcs, i0, i1, j0, j1):
 
 
 @njit(parallel=True, cache=True)
-def _fwd_kernel(q, k, v, groups, alpha2, log2e, ninf, has_mask, mflat, moffs, mrs, mcs,
-                has_bias, bflat, boffs, brs, bcs, causal, coff, bq, bk, out, lse):
+def _fwd_kernel(
+    q,
+    k,
+    v,
+    groups,
+    alpha2,
+    log2e,
+    ninf,
+    has_mask,
+    mflat,
+    moffs,
+    mrs,
+    mcs,
+    has_bias,
+    bflat,
+    boffs,
+    brs,
+    bcs,
+    causal,
+    coff,
+    bq,
+    bk,
+    out,
+    lse,
+):
     nbh, lq, d = q.shape
     lk = k.shape[1]
     dv = v.shape[2]
@@ -236,7 +325,7 @@ def _fwd_kernel(q, k, v, groups, alpha2, log2e, ninf, has_mask, mflat, moffs, mr
         s = np.empty((bq, bk), q.dtype)
         acc = np.zeros((bq, dv), q.dtype)
         m = np.full(bq, ninf, q.dtype)
-        l = np.zeros(bq, q.dtype)
+        ell = np.zeros(bq, q.dtype)
         for jt in range(nkt):
             j0 = jt * bk
             j1 = min(j0 + bk, lk)
@@ -246,28 +335,63 @@ def _fwd_kernel(q, k, v, groups, alpha2, log2e, ninf, has_mask, mflat, moffs, mr
             if has_mask and _tile_all_masked(mflat, moff, mrs, mcs, i0, i1, j0, j1):
                 continue
             cross = causal and j1 - 1 > i0 + coff
-            _gemm(False, True, ni, nk, d, alpha2, q, (bh * lq + i0) * d, d,
-                  k, (kv * lk + j0) * d, d, 0.0, s, 0, bk)
+            _gemm(
+                False,
+                True,
+                ni,
+                nk,
+                d,
+                alpha2,
+                q,
+                (bh * lq + i0) * d,
+                d,
+                k,
+                (kv * lk + j0) * d,
+                d,
+                0.0,
+                s,
+                0,
+                bk,
+            )
             for r in range(ni):
                 srow = s[r]
-                _row_logits(srow, nk, i0 + r, j0, log2e, ninf, has_mask, mflat, moff, mrs, mcs,
-                            has_bias, bflat, boff, brs, bcs, cross, coff)
+                _row_logits(
+                    srow,
+                    nk,
+                    i0 + r,
+                    j0,
+                    log2e,
+                    ninf,
+                    has_mask,
+                    mflat,
+                    moff,
+                    mrs,
+                    mcs,
+                    has_bias,
+                    bflat,
+                    boff,
+                    brs,
+                    bcs,
+                    cross,
+                    coff,
+                )
                 m_old = m[r]
                 m_new = row_max(srow, nk, m_old)
                 m_use = zero if m_new == ninf else m_new
                 total = _row_exp2_sum(srow, nk, m_use, zero)
                 corr = exp2(m_old - m_use)
-                l[r] = l[r] * corr + total
+                ell[r] = ell[r] * corr + total
                 m[r] = m_new
                 if corr != one:
                     arow = acc[r]
                     for c in range(dv):
                         arow[c] *= corr
-            _gemm(False, False, ni, dv, nk, 1.0, s, 0, bk, v, (kv * lk + j0) * dv, dv,
-                  1.0, acc, 0, dv)
+            _gemm(
+                False, False, ni, dv, nk, 1.0, s, 0, bk, v, (kv * lk + j0) * dv, dv, 1.0, acc, 0, dv
+            )
         ln2 = one / log2e
         for r in range(ni):
-            lr = l[r]
+            lr = ell[r]
             orow = out[bh, i0 + r]
             if lr == zero:
                 for c in range(dv):
@@ -285,9 +409,41 @@ def _fwd_kernel(q, k, v, groups, alpha2, log2e, ninf, has_mask, mflat, moffs, mr
 
 
 @njit(parallel=True, cache=True)
-def _bwd_kernel(q, k, v, do, lse2, delta, groups, alpha2, scale, log2e, ninf,
-                has_mask, mflat, moffs, mrs, mcs, has_bias, bflat, boffs, brs, bcs, dbflat,
-                causal, coff, bq, bk, members, ptr, nchunks, dq, dq_extra, dk, dvv):
+def _bwd_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    groups,
+    alpha2,
+    scale,
+    log2e,
+    ninf,
+    has_mask,
+    mflat,
+    moffs,
+    mrs,
+    mcs,
+    has_bias,
+    bflat,
+    boffs,
+    brs,
+    bcs,
+    dbflat,
+    causal,
+    coff,
+    bq,
+    bk,
+    members,
+    ptr,
+    nchunks,
+    dq,
+    dq_extra,
+    dk,
+    dvv,
+):
     nbh, lq, d = q.shape
     lk = k.shape[1]
     dv = v.shape[2]
@@ -320,16 +476,66 @@ def _bwd_kernel(q, k, v, do, lse2, delta, groups, alpha2, scale, log2e, ninf,
                     if has_mask and _tile_all_masked(mflat, moff, mrs, mcs, i0, i1, j0, j1):
                         continue
                     cross = causal and j1 - 1 > i0 + coff
-                    _gemm(False, True, ni, nk, d, alpha2, q, (bh * lq + i0) * d, d,
-                          k, (kv * lk + j0) * d, d, 0.0, p, 0, bk)
+                    _gemm(
+                        False,
+                        True,
+                        ni,
+                        nk,
+                        d,
+                        alpha2,
+                        q,
+                        (bh * lq + i0) * d,
+                        d,
+                        k,
+                        (kv * lk + j0) * d,
+                        d,
+                        0.0,
+                        p,
+                        0,
+                        bk,
+                    )
                     for r in range(ni):
                         prow = p[r]
-                        _row_logits(prow, nk, i0 + r, j0, log2e, ninf, has_mask, mflat, moff,
-                                    mrs, mcs, has_bias, bflat, boff, brs, bcs, cross, coff)
+                        _row_logits(
+                            prow,
+                            nk,
+                            i0 + r,
+                            j0,
+                            log2e,
+                            ninf,
+                            has_mask,
+                            mflat,
+                            moff,
+                            mrs,
+                            mcs,
+                            has_bias,
+                            bflat,
+                            boff,
+                            brs,
+                            bcs,
+                            cross,
+                            coff,
+                        )
                         _row_exp2(prow, nk, lse2[bh, i0 + r])
                     # dP = dO_i V_jᵀ, then dS = P ⊙ (dP − D_i) in place
-                    _gemm(False, True, ni, nk, dv, 1.0, do, (bh * lq + i0) * dv, dv,
-                          v, (kv * lk + j0) * dv, dv, 0.0, ds, 0, bk)
+                    _gemm(
+                        False,
+                        True,
+                        ni,
+                        nk,
+                        dv,
+                        1.0,
+                        do,
+                        (bh * lq + i0) * dv,
+                        dv,
+                        v,
+                        (kv * lk + j0) * dv,
+                        dv,
+                        0.0,
+                        ds,
+                        0,
+                        bk,
+                    )
                     for r in range(ni):
                         prow = p[r]
                         srow = ds[r]
@@ -341,12 +547,60 @@ def _bwd_kernel(q, k, v, do, lse2, delta, groups, alpha2, scale, log2e, ninf,
                             for c in range(nk):
                                 dbflat[base + c * bcs] += srow[c]
                     # dV_j += Pᵀ dO_i ; dK_j += scale dSᵀ Q_i ; dQ_i += scale dS K_j
-                    _gemm(True, False, nk, dv, ni, 1.0, p, 0, bk, do, (bh * lq + i0) * dv, dv,
-                          1.0, dvv, (kv * lk + j0) * dv, dv)
-                    _gemm(True, False, nk, d, ni, scale, ds, 0, bk, q, (bh * lq + i0) * d, d,
-                          1.0, dk, (kv * lk + j0) * d, d)
-                    _gemm(False, False, ni, d, nk, scale, ds, 0, bk, k, (kv * lk + j0) * d, d,
-                          1.0, dqt, (bh * lq + i0) * d, d)
+                    _gemm(
+                        True,
+                        False,
+                        nk,
+                        dv,
+                        ni,
+                        1.0,
+                        p,
+                        0,
+                        bk,
+                        do,
+                        (bh * lq + i0) * dv,
+                        dv,
+                        1.0,
+                        dvv,
+                        (kv * lk + j0) * dv,
+                        dv,
+                    )
+                    _gemm(
+                        True,
+                        False,
+                        nk,
+                        d,
+                        ni,
+                        scale,
+                        ds,
+                        0,
+                        bk,
+                        q,
+                        (bh * lq + i0) * d,
+                        d,
+                        1.0,
+                        dk,
+                        (kv * lk + j0) * d,
+                        d,
+                    )
+                    _gemm(
+                        False,
+                        False,
+                        ni,
+                        d,
+                        nk,
+                        scale,
+                        ds,
+                        0,
+                        bk,
+                        k,
+                        (kv * lk + j0) * d,
+                        d,
+                        1.0,
+                        dqt,
+                        (bh * lq + i0) * d,
+                        d,
+                    )
 
 
 # -- Python side -----------------------------------------------------------------------------------
@@ -364,9 +618,9 @@ def _broadcast_plan(a, batch, lq, lk, dtype=None):
     full = batch + (lq, lk)
     data_nd = data.reshape((1,) * (len(full) - data.ndim) + data.shape)
     view = np.broadcast_to(data_nd, full)
-    strides = [s // data.itemsize if n > 1 else 0 for s, n in zip(view.strides, full)]
+    strides = [s // data.itemsize if n > 1 else 0 for s, n in zip(view.strides, full, strict=True)]
     offs = np.zeros(batch, dtype=np.int64)
-    for axis, (n, st) in enumerate(zip(batch, strides[:-2])):
+    for axis, (n, st) in enumerate(zip(batch, strides[:-2], strict=True)):
         shape = [1] * len(batch)
         shape[axis] = n
         offs = offs + (np.arange(n, dtype=np.int64) * st).reshape(shape)
@@ -385,7 +639,9 @@ def _options(arrays, static, q, k):
     coff = 0 if causal is None or causal == "top_left" else lk - lq
     mask, bias = arrays.get("mask"), arrays.get("bias")
     if mask is not None:
-        mflat, moffs, mrs, mcs, _ = _broadcast_plan(mask.astype(np.bool_, copy=False), batch, lq, lk)
+        mflat, moffs, mrs, mcs, _ = _broadcast_plan(
+            mask.astype(np.bool_, copy=False), batch, lq, lk
+        )
     else:
         mflat, moffs, mrs, mcs = _NO_MASK, _NO_OFFS, 0, 0
     if bias is not None:
@@ -393,9 +649,15 @@ def _options(arrays, static, q, k):
     else:
         bflat, boffs, brs, bcs, bdata = np.zeros(1, cdt), _NO_OFFS, 0, 0, None
     return dict(
-        batch=batch, lq=lq, lk=lk, cdt=cdt, causal=causal is not None, coff=coff,
+        batch=batch,
+        lq=lq,
+        lk=lk,
+        cdt=cdt,
+        causal=causal is not None,
+        coff=coff,
         mask=(mask is not None, mflat, moffs, mrs, mcs),
-        bias=(bias is not None, bflat, boffs, brs, bcs), bdata=bdata,
+        bias=(bias is not None, bflat, boffs, brs, bcs),
+        bdata=bdata,
     )
 
 
@@ -413,8 +675,23 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     bq, bk = blocks or FWD_BLOCKS
     if nb and lq:
         with _single_threaded_blas():
-            _fwd_kernel(q3, k3, v3, gqa_groups, cdt(scale * LOG2E), cdt(LOG2E), cdt(-np.inf),
-                        *o["mask"], *o["bias"], o["causal"], o["coff"], bq, bk, out, lse)
+            _fwd_kernel(
+                q3,
+                k3,
+                v3,
+                gqa_groups,
+                cdt(scale * LOG2E),
+                cdt(LOG2E),
+                cdt(-np.inf),
+                *o["mask"],
+                *o["bias"],
+                o["causal"],
+                o["coff"],
+                bq,
+                bk,
+                out,
+                lse,
+            )
     return out.reshape(o["batch"] + (lq, dv)), lse.reshape(o["batch"] + (lq,))
 
 
@@ -448,8 +725,22 @@ def _components(nb, groups, boffs):
     return members, ptr
 
 
-def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None,
-                  scale, gqa_groups=1, blocks=None):
+def sdpa_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    dlse=None,
+    *,
+    mask=None,
+    bias=None,
+    causal=None,
+    scale,
+    gqa_groups=1,
+    blocks=None,
+):
     """(dq, dk, dv, dbias) like the reference ``sdpa_backward``."""
     o = _options({"mask": mask, "bias": bias}, {"causal": causal}, q, k)
     cdt = o["cdt"].type
@@ -472,17 +763,46 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
     if has_bias and bcs == 0:
         nchunks = 1  # every key tile of a row writes the same dbias element
     dq = np.zeros((nb, lq, d), dtype=cdt)
-    dq_extra = np.zeros((max(nchunks - 1, 0), nb, lq, d) if nchunks > 1 else (1, 1, 1, 1), dtype=cdt)
+    dq_extra = np.zeros(
+        (max(nchunks - 1, 0), nb, lq, d) if nchunks > 1 else (1, 1, 1, 1), dtype=cdt
+    )
     dk = np.zeros((nkv, lk, d), dtype=cdt)
     dvv = np.zeros((nkv, lk, dv), dtype=cdt)
     dbias_data = np.zeros(o["bdata"].shape, dtype=cdt) if has_bias else None
     dbflat = dbias_data.reshape(-1) if has_bias else np.zeros(1, cdt)
     if nb and lq and lk:
         with _single_threaded_blas():
-            _bwd_kernel(q3, k3, v3, do3, lse2, delta, gqa_groups, cdt(scale * LOG2E), cdt(scale),
-                        cdt(LOG2E), cdt(-np.inf), *o["mask"], has_bias, bflat, boffs, brs, bcs,
-                        dbflat, o["causal"], o["coff"], bq, bk, members, ptr, nchunks, dq,
-                        dq_extra, dk, dvv)
+            _bwd_kernel(
+                q3,
+                k3,
+                v3,
+                do3,
+                lse2,
+                delta,
+                gqa_groups,
+                cdt(scale * LOG2E),
+                cdt(scale),
+                cdt(LOG2E),
+                cdt(-np.inf),
+                *o["mask"],
+                has_bias,
+                bflat,
+                boffs,
+                brs,
+                bcs,
+                dbflat,
+                o["causal"],
+                o["coff"],
+                bq,
+                bk,
+                members,
+                ptr,
+                nchunks,
+                dq,
+                dq_extra,
+                dk,
+                dvv,
+            )
     for t in range(nchunks - 1):
         dq += dq_extra[t]
     del dq_extra

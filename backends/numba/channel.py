@@ -162,8 +162,9 @@ def _se_bwd_ser(x, dy, s, h, w1, w2, zero, one, da, dpre, dz, dx):
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _cbam_fwd_item(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max,
-                   mc, pooled, arg_c, ms, y, n):
+def _cbam_fwd_item(
+    x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max, mc, pooled, arg_c, ms, y, n
+):
     c, hgt, wid = x.shape[1], x.shape[2], x.shape[3]
     hw = hgt * wid
     k = ws.shape[-1]
@@ -239,24 +240,92 @@ def _cbam_fwd_item(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, 
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
-def _cbam_fwd_par(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max,
-                  mc, pooled, arg_c, ms, y):
+def _cbam_fwd_par(
+    x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max, mc, pooled, arg_c, ms, y
+):
     for n in prange(x.shape[0]):
-        _cbam_fwd_item(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max,
-                       mc, pooled, arg_c, ms, y, n)
+        _cbam_fwd_item(
+            x,
+            w1,
+            b1,
+            w2,
+            b2,
+            ws,
+            bs,
+            i_avg,
+            zero,
+            one,
+            avg,
+            mx,
+            h_avg,
+            h_max,
+            mc,
+            pooled,
+            arg_c,
+            ms,
+            y,
+            n,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _cbam_fwd_ser(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max,
-                  mc, pooled, arg_c, ms, y):
+def _cbam_fwd_ser(
+    x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max, mc, pooled, arg_c, ms, y
+):
     for n in range(x.shape[0]):
-        _cbam_fwd_item(x, w1, b1, w2, b2, ws, bs, i_avg, zero, one, avg, mx, h_avg, h_max,
-                       mc, pooled, arg_c, ms, y, n)
+        _cbam_fwd_item(
+            x,
+            w1,
+            b1,
+            w2,
+            b2,
+            ws,
+            bs,
+            i_avg,
+            zero,
+            one,
+            avg,
+            mx,
+            h_avg,
+            h_max,
+            mc,
+            pooled,
+            arg_c,
+            ms,
+            y,
+            n,
+        )
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _cbam_bwd_item(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled, arg_c, arg_hw,
-                   ms, dlogit, dpooled, dws, dbs, da, dpre_avg, dpre_max, d_avg, d_max, dx, n):
+def _cbam_bwd_item(
+    x,
+    dy,
+    w1,
+    w2,
+    ws,
+    i_avg,
+    zero,
+    one,
+    h_avg,
+    h_max,
+    mc,
+    pooled,
+    arg_c,
+    arg_hw,
+    ms,
+    dlogit,
+    dpooled,
+    dws,
+    dbs,
+    da,
+    dpre_avg,
+    dpre_max,
+    d_avg,
+    d_max,
+    dx,
+    n,
+):
     c, hgt, wid = x.shape[1], x.shape[2], x.shape[3]
     hw = hgt * wid
     k = ws.shape[-1]
@@ -335,19 +404,121 @@ def _cbam_bwd_item(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
-def _cbam_bwd_par(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled, arg_c, arg_hw,
-                  ms, dlogit, dpooled, dws, dbs, da, dpre_avg, dpre_max, d_avg, d_max, dx):
+def _cbam_bwd_par(
+    x,
+    dy,
+    w1,
+    w2,
+    ws,
+    i_avg,
+    zero,
+    one,
+    h_avg,
+    h_max,
+    mc,
+    pooled,
+    arg_c,
+    arg_hw,
+    ms,
+    dlogit,
+    dpooled,
+    dws,
+    dbs,
+    da,
+    dpre_avg,
+    dpre_max,
+    d_avg,
+    d_max,
+    dx,
+):
     for n in prange(x.shape[0]):
-        _cbam_bwd_item(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled, arg_c, arg_hw,
-                       ms, dlogit, dpooled, dws, dbs, da, dpre_avg, dpre_max, d_avg, d_max, dx, n)
+        _cbam_bwd_item(
+            x,
+            dy,
+            w1,
+            w2,
+            ws,
+            i_avg,
+            zero,
+            one,
+            h_avg,
+            h_max,
+            mc,
+            pooled,
+            arg_c,
+            arg_hw,
+            ms,
+            dlogit,
+            dpooled,
+            dws,
+            dbs,
+            da,
+            dpre_avg,
+            dpre_max,
+            d_avg,
+            d_max,
+            dx,
+            n,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _cbam_bwd_ser(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled, arg_c, arg_hw,
-                  ms, dlogit, dpooled, dws, dbs, da, dpre_avg, dpre_max, d_avg, d_max, dx):
+def _cbam_bwd_ser(
+    x,
+    dy,
+    w1,
+    w2,
+    ws,
+    i_avg,
+    zero,
+    one,
+    h_avg,
+    h_max,
+    mc,
+    pooled,
+    arg_c,
+    arg_hw,
+    ms,
+    dlogit,
+    dpooled,
+    dws,
+    dbs,
+    da,
+    dpre_avg,
+    dpre_max,
+    d_avg,
+    d_max,
+    dx,
+):
     for n in range(x.shape[0]):
-        _cbam_bwd_item(x, dy, w1, w2, ws, i_avg, zero, one, h_avg, h_max, mc, pooled, arg_c, arg_hw,
-                       ms, dlogit, dpooled, dws, dbs, da, dpre_avg, dpre_max, d_avg, d_max, dx, n)
+        _cbam_bwd_item(
+            x,
+            dy,
+            w1,
+            w2,
+            ws,
+            i_avg,
+            zero,
+            one,
+            h_avg,
+            h_max,
+            mc,
+            pooled,
+            arg_c,
+            arg_hw,
+            ms,
+            dlogit,
+            dpooled,
+            dws,
+            dbs,
+            da,
+            dpre_avg,
+            dpre_max,
+            d_avg,
+            d_max,
+            dx,
+            n,
+        )
 
 
 # -- Python side -----------------------------------------------------------------------------------
@@ -381,7 +552,10 @@ def _params_back(saved):
 
 
 def _cast_grads(grads, params):
-    return {k: np.asarray(g).astype(params[k].dtype, copy=False).reshape(params[k].shape) for k, g in grads.items()}
+    return {
+        k: np.asarray(g).astype(params[k].dtype, copy=False).reshape(params[k].shape)
+        for k, g in grads.items()
+    }
 
 
 def _se_fwd(xp, arrays, static, save):
@@ -395,8 +569,19 @@ def _se_fwd(xp, arrays, static, save):
     h = np.empty((n, cr), dt)
     y = np.empty((n, c, hgt * wid), dt)
     kernel = _se_fwd_par if _parallel(x) else _se_fwd_ser
-    kernel(x3, w1, _p(params, "b1", dt, cr), _p(params, "w2", dt), _p(params, "b2", dt, c),
-           dt.type(0), dt.type(1), z, h, s, y)
+    kernel(
+        x3,
+        w1,
+        _p(params, "b1", dt, cr),
+        _p(params, "w2", dt),
+        _p(params, "b2", dt, c),
+        dt.type(0),
+        dt.type(1),
+        z,
+        h,
+        s,
+        y,
+    )
     y = y.reshape(x.shape)
     saved = {"x": x, **_params_saved(params), "z": z, "h": h, "s": s} if save else {}
     return (y,), saved
@@ -443,14 +628,41 @@ def _cbam_fwd(xp, arrays, static, save):
     arg_hw = np.argmax(x3, axis=2)
     mx = np.ascontiguousarray(np.take_along_axis(x3, arg_hw[:, :, None], axis=2)[:, :, 0])
     kernel = _cbam_fwd_par if _parallel(x) else _cbam_fwd_ser
-    kernel(xc, w1, _p(params, "b1", dt, cr), _p(params, "w2", dt), _p(params, "b2", dt, c),
-           _p(params, "w_spatial", dt), _p(params, "b_spatial", dt, 1), i_avg, dt.type(0), dt.type(1),
-           avg, mx, h_avg, h_max, mc, pooled, arg_c, ms, y)
+    kernel(
+        xc,
+        w1,
+        _p(params, "b1", dt, cr),
+        _p(params, "w2", dt),
+        _p(params, "b2", dt, c),
+        _p(params, "w_spatial", dt),
+        _p(params, "b_spatial", dt, 1),
+        i_avg,
+        dt.type(0),
+        dt.type(1),
+        avg,
+        mx,
+        h_avg,
+        h_max,
+        mc,
+        pooled,
+        arg_c,
+        ms,
+        y,
+    )
     if not save:
         return (y,), {}
     saved = {
-        "x": x, **_params_saved(params), "avg": avg, "mx": mx, "arg_hw": arg_hw, "h_avg": h_avg,
-        "h_max": h_max, "mc": mc, "pooled": pooled, "arg_c": arg_c, "ms": ms,
+        "x": x,
+        **_params_saved(params),
+        "avg": avg,
+        "mx": mx,
+        "arg_hw": arg_hw,
+        "h_avg": h_avg,
+        "h_max": h_max,
+        "mc": mc,
+        "pooled": pooled,
+        "arg_c": arg_c,
+        "ms": ms,
     }
     return (y,), saved
 
@@ -473,9 +685,33 @@ def _cbam_bwd(xp, saved, static, cts):
     dpre_avg, dpre_max = np.empty((n, cr), dt), np.empty((n, cr), dt)
     dx = np.empty((n, c, hgt, wid), dt)
     kernel = _cbam_bwd_par if _parallel(x) else _cbam_bwd_ser
-    kernel(xc, dy, w1, w2, ws, i_avg, dt.type(0), dt.type(1), h_avg, h_max, saved["mc"],
-           saved["pooled"], saved["arg_c"], saved["arg_hw"], saved["ms"], dlogit, dpooled, dws, dbs,
-           da, dpre_avg, dpre_max, d_avg, d_max, dx)
+    kernel(
+        xc,
+        dy,
+        w1,
+        w2,
+        ws,
+        i_avg,
+        dt.type(0),
+        dt.type(1),
+        h_avg,
+        h_max,
+        saved["mc"],
+        saved["pooled"],
+        saved["arg_c"],
+        saved["arg_hw"],
+        saved["ms"],
+        dlogit,
+        dpooled,
+        dws,
+        dbs,
+        da,
+        dpre_avg,
+        dpre_max,
+        d_avg,
+        d_max,
+        dx,
+    )
     grads = {
         "w1": dpre_avg.T @ saved["avg"] + dpre_max.T @ saved["mx"],
         "w2": da.T @ h_avg + da.T @ h_max,

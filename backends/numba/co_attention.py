@@ -8,7 +8,8 @@ Two paths, chosen by the shapes alone (so a result never depends on the thread c
   contiguous k axis, no (La, Lb, k) tensor), ``tanh``/``sigmoid``, ``A' = M B``, ``B' = Mᵀ A``;
   backward the same way, with ``dga_i = Σ_j ddist_ij sign(ga_i − gb_j)`` and ``dgb_j`` as row
   sums. The weight gradients (products over all items) are split by rows of the gradient, in a
-  parallel region too. Keeping the whole op inside parallel regions matters more than the fusion: NumPy's threaded BLAS products
+  parallel region too. Keeping the whole op inside parallel regions matters more than the fusion:
+  NumPy's threaded BLAS products
   alternating with ``prange`` loops made both thread pools spin against each other (forward +
   backward 42 ms against 26 ms single-threaded at N=8, L=128, d=300, k=150).
 * **One item** (or an empty axis): the array-API reference on NumPy, with its ``l1=`` pair
@@ -139,15 +140,38 @@ def _project(x, n, w, bias, y):
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _fwd_item(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
-              fa, fb, ga, gb, sim, dist, t, sg, oa, ob, n):
+def _fwd_item(
+    a,
+    b,
+    w_e,
+    b_e,
+    w_n,
+    b_n,
+    alpha,
+    beta,
+    centering,
+    log2e,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    oa,
+    ob,
+    n,
+):
     la, lb, d, k = a.shape[1], b.shape[1], a.shape[2], w_e.shape[0]
     one = alpha - alpha + 1
     _project(a, n, w_e, b_e, fa)
     _project(b, n, w_e, b_e, fb)
     _project(a, n, w_n, b_n, ga)
     _project(b, n, w_n, b_n, gb)
-    _gemm(False, True, la, lb, k, 1.0, fa, n * la * k, k, fb, n * lb * k, k, 0.0, sim, n * la * lb, lb)
+    _gemm(
+        False, True, la, lb, k, 1.0, fa, n * la * k, k, fb, n * lb * k, k, 0.0, sim, n * la * lb, lb
+    )
     for i in range(la):
         _dist_row(ga, gb, dist, n, i)
     shift = 0.0  # N − mean(N) = −β·dist + β·mean(dist)
@@ -172,24 +196,132 @@ def _fwd_item(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
-def _fwd_par(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
-             fa, fb, ga, gb, sim, dist, t, sg, oa, ob):
+def _fwd_par(
+    a,
+    b,
+    w_e,
+    b_e,
+    w_n,
+    b_n,
+    alpha,
+    beta,
+    centering,
+    log2e,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    oa,
+    ob,
+):
     for n in prange(a.shape[0]):
-        _fwd_item(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
-                  fa, fb, ga, gb, sim, dist, t, sg, oa, ob, n)
+        _fwd_item(
+            a,
+            b,
+            w_e,
+            b_e,
+            w_n,
+            b_n,
+            alpha,
+            beta,
+            centering,
+            log2e,
+            fa,
+            fb,
+            ga,
+            gb,
+            sim,
+            dist,
+            t,
+            sg,
+            oa,
+            ob,
+            n,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _fwd_ser(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
-             fa, fb, ga, gb, sim, dist, t, sg, oa, ob):
+def _fwd_ser(
+    a,
+    b,
+    w_e,
+    b_e,
+    w_n,
+    b_n,
+    alpha,
+    beta,
+    centering,
+    log2e,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    oa,
+    ob,
+):
     for n in range(a.shape[0]):
-        _fwd_item(a, b, w_e, b_e, w_n, b_n, alpha, beta, centering, log2e,
-                  fa, fb, ga, gb, sim, dist, t, sg, oa, ob, n)
+        _fwd_item(
+            a,
+            b,
+            w_e,
+            b_e,
+            w_n,
+            b_n,
+            alpha,
+            beta,
+            centering,
+            log2e,
+            fa,
+            fb,
+            ga,
+            gb,
+            sim,
+            dist,
+            t,
+            sg,
+            oa,
+            ob,
+            n,
+        )
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _bwd_item(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha, beta, centering,
-              da, db, dfa, dfb, dga, dgb, dalpha, dbeta, n):
+def _bwd_item(
+    a,
+    b,
+    doa,
+    dob,
+    w_e,
+    w_n,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    alpha,
+    beta,
+    centering,
+    da,
+    db,
+    dfa,
+    dfb,
+    dga,
+    dgb,
+    dalpha,
+    dbeta,
+    n,
+):
     la, lb, d = a.shape[1], b.shape[1], a.shape[2]
     k, kn = w_e.shape[0], w_n.shape[0]
     one = alpha - alpha + 1
@@ -231,19 +363,121 @@ def _bwd_item(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha,
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
-def _bwd_par(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha, beta, centering,
-             da, db, dfa, dfb, dga, dgb, dalpha, dbeta):
+def _bwd_par(
+    a,
+    b,
+    doa,
+    dob,
+    w_e,
+    w_n,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    alpha,
+    beta,
+    centering,
+    da,
+    db,
+    dfa,
+    dfb,
+    dga,
+    dgb,
+    dalpha,
+    dbeta,
+):
     for n in prange(a.shape[0]):
-        _bwd_item(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha, beta,
-                  centering, da, db, dfa, dfb, dga, dgb, dalpha, dbeta, n)
+        _bwd_item(
+            a,
+            b,
+            doa,
+            dob,
+            w_e,
+            w_n,
+            fa,
+            fb,
+            ga,
+            gb,
+            sim,
+            dist,
+            t,
+            sg,
+            alpha,
+            beta,
+            centering,
+            da,
+            db,
+            dfa,
+            dfb,
+            dga,
+            dgb,
+            dalpha,
+            dbeta,
+            n,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _bwd_ser(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha, beta, centering,
-             da, db, dfa, dfb, dga, dgb, dalpha, dbeta):
+def _bwd_ser(
+    a,
+    b,
+    doa,
+    dob,
+    w_e,
+    w_n,
+    fa,
+    fb,
+    ga,
+    gb,
+    sim,
+    dist,
+    t,
+    sg,
+    alpha,
+    beta,
+    centering,
+    da,
+    db,
+    dfa,
+    dfb,
+    dga,
+    dgb,
+    dalpha,
+    dbeta,
+):
     for n in range(a.shape[0]):
-        _bwd_item(a, b, doa, dob, w_e, w_n, fa, fb, ga, gb, sim, dist, t, sg, alpha, beta,
-                  centering, da, db, dfa, dfb, dga, dgb, dalpha, dbeta, n)
+        _bwd_item(
+            a,
+            b,
+            doa,
+            dob,
+            w_e,
+            w_n,
+            fa,
+            fb,
+            ga,
+            gb,
+            sim,
+            dist,
+            t,
+            sg,
+            alpha,
+            beta,
+            centering,
+            da,
+            db,
+            dfa,
+            dfb,
+            dga,
+            dgb,
+            dalpha,
+            dbeta,
+            n,
+        )
 
 
 #: Rows of a weight gradient per work item of ``_weight_grads`` (fixed, so the partition and
@@ -253,7 +487,8 @@ WEIGHT_ROWS = 16
 
 @njit(inline="always", cache=True)
 def _weight_rows(dxa, xa, dxb, xb, dw, c):
-    """Rows ``[c·WEIGHT_ROWS, …)`` of ``dw = dxaᵀ xa + dxbᵀ xb`` (flat (M, k) and (M, d) factors)."""
+    """Rows ``[c·WEIGHT_ROWS, …)`` of ``dw = dxaᵀ xa + dxbᵀ xb`` (flat (M, k) and (M, d)
+    factors)."""
     k, d = dw.shape
     r0 = c * WEIGHT_ROWS
     rows = min(WEIGHT_ROWS, k - r0)
@@ -333,14 +568,44 @@ def _fused_fwd(a, b, p, centering, save):
     oa, ob = np.empty_like(a3), np.empty_like(b3)
     kernel = _fwd_par if _parallel(a, b, k) else _fwd_ser
     with _single_threaded_blas():
-        kernel(a3, b3, c(p["w_e"]), c(p.get("b_e", np.zeros(k, dtype))), c(p["w_n"]), c(p.get("b_n", np.zeros(kn, dtype))),
-               _scalar(p, "alpha", dtype), _scalar(p, "beta", dtype), centering, dtype.type(LOG2E),
-               fa, fb, ga, gb, sim, dist, t, sg, oa, ob)
+        kernel(
+            a3,
+            b3,
+            c(p["w_e"]),
+            c(p.get("b_e", np.zeros(k, dtype))),
+            c(p["w_n"]),
+            c(p.get("b_n", np.zeros(kn, dtype))),
+            _scalar(p, "alpha", dtype),
+            _scalar(p, "beta", dtype),
+            centering,
+            dtype.type(LOG2E),
+            fa,
+            fb,
+            ga,
+            gb,
+            sim,
+            dist,
+            t,
+            sg,
+            oa,
+            ob,
+        )
     outs = (oa.reshape(a.shape), ob.reshape(b.shape))
     if not save:
         return outs, {}
-    return outs, {"a": a, "b": b, "fa": fa, "fb": fb, "ga": ga, "gb": gb, "sim": sim, "dist": dist,
-                  "t": t, "sg": sg, **{f"p_{key}": v for key, v in p.items()}}
+    return outs, {
+        "a": a,
+        "b": b,
+        "fa": fa,
+        "fb": fb,
+        "ga": ga,
+        "gb": gb,
+        "sim": sim,
+        "dist": dist,
+        "t": t,
+        "sg": sg,
+        **{f"p_{key}": v for key, v in p.items()},
+    }
 
 
 def _fused_bwd(saved, centering, doa, dob):
@@ -362,12 +627,36 @@ def _fused_bwd(saved, centering, doa, dob):
     # parallel region as well: threaded NumPy products right after one made both pools spin.
     with _single_threaded_blas():
         (_bwd_par if parallel else _bwd_ser)(
-            a3, b3, doa3, dob3, w_e, w_n, fa, fb, ga, gb, saved["sim"], saved["dist"], saved["t"],
-            saved["sg"], _scalar(p, "alpha", dtype), _scalar(p, "beta", dtype), centering,
-            da, db, dfa, dfb, dga, dgb, dalpha, dbeta)
+            a3,
+            b3,
+            doa3,
+            dob3,
+            w_e,
+            w_n,
+            fa,
+            fb,
+            ga,
+            gb,
+            saved["sim"],
+            saved["dist"],
+            saved["t"],
+            saved["sg"],
+            _scalar(p, "alpha", dtype),
+            _scalar(p, "beta", dtype),
+            centering,
+            da,
+            db,
+            dfa,
+            dfb,
+            dga,
+            dgb,
+            dalpha,
+            dbeta,
+        )
         for key, dxa, dxb in (("e", dfa, dfb), ("n", dga, dgb)):
             (_weight_grad_par if parallel else _weight_grad_ser)(
-                flat(dxa), flat(a3), flat(dxb), flat(b3), grads[f"w_{key}"])
+                flat(dxa), flat(a3), flat(dxb), flat(b3), grads[f"w_{key}"]
+            )
     for key, dxa, dxb in (("e", dfa, dfb), ("n", dga, dgb)):
         if f"b_{key}" in p:
             grads[f"b_{key}"] = np.sum(flat(dxa), axis=0) + np.sum(flat(dxb), axis=0)

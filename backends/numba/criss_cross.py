@@ -74,9 +74,18 @@ def _softmax_fast32(px, bits, m, nk):
         x = max(px[n] - m, np.float32(-87.0))
         fn = math.floor(x * np.float32(_LOG2E) + np.float32(0.5))
         r = x - fn * np.float32(_LN2_HI) - fn * np.float32(_LN2_LO)
-        poly = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
-            np.float32(1 / 6) + r * (np.float32(1 / 24) + r * (
-                np.float32(1 / 120) + r * np.float32(1 / 720))))))
+        poly = np.float32(1.0) + r * (
+            np.float32(1.0)
+            + r
+            * (
+                np.float32(0.5)
+                + r
+                * (
+                    np.float32(1 / 6)
+                    + r * (np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720)))
+                )
+            )
+        )
         bits[n] = (np.int32(fn) + np.int32(127)) << np.int32(23)
         px[n] = poly if px[n] - m > np.float32(-87.0) else np.float32(0.0)
     total = np.float32(0.0)
@@ -119,14 +128,14 @@ def _fwd_rows(q, k_rows, k_cols, v, scale, out, p, fast):
                     m = max(m, px[w + y2])
             px[w + y] = -np.inf  # the self key is counted once, in the row part
             if fast:
-                l = _softmax_fast32(px, bits, m, nk)
+                ell = _softmax_fast32(px, bits, m, nk)
             else:
-                l = q.dtype.type(0.0)
+                ell = q.dtype.type(0.0)
                 for n in range(nk):
                     e = math.exp(px[n] - m)
                     px[n] = e
-                    l += e
-            inv = 1 / l
+                    ell += e
+            inv = 1 / ell
             for n in range(nk):
                 px[n] *= inv
             o = out[b, y, x]
@@ -253,8 +262,24 @@ def _gemm_fwd_col_logits(q, k, scale, p):
         b = t // w
         x = t % w
         off = b * h * w + x
-        _gemm(False, True, h, h, nd, scale, q, off * nd, w * nd, k, off * nd, w * nd,
-              0.0, p, off * nk + w, w * nk)
+        _gemm(
+            False,
+            True,
+            h,
+            h,
+            nd,
+            scale,
+            q,
+            off * nd,
+            w * nd,
+            k,
+            off * nd,
+            w * nd,
+            0.0,
+            p,
+            off * nk + w,
+            w * nk,
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -270,22 +295,24 @@ def _gemm_fwd_rows(q, k, v, scale2, out, p):
         b = t // h
         y = t % h
         base = (b * h + y) * w
-        _gemm(False, True, w, w, nd, scale2, q, base * nd, nd, k, base * nd, nd,
-              0.0, p, base * nk, nk)
+        _gemm(
+            False, True, w, w, nd, scale2, q, base * nd, nd, k, base * nd, nd, 0.0, p, base * nk, nk
+        )
         for x in range(w):
             px = p[b, y, x]
             px[w + y] = ninf  # the self key is counted once, in the row part
             m = row_max(px, nk, ninf)
-            l = q.dtype.type(0.0)
+            ell = q.dtype.type(0.0)
             for n in range(nk):
                 e = exp2(px[n] - m)  # exactly 0 for the -inf self slot
                 px[n] = e
-                l += e
-            inv = one / l
+                ell += e
+            inv = one / ell
             for n in range(nk):
                 px[n] *= inv
-        _gemm(False, False, w, dv, w, 1.0, p, base * nk, nk, v, base * dv, dv,
-              0.0, out, base * dv, dv)
+        _gemm(
+            False, False, w, dv, w, 1.0, p, base * nk, nk, v, base * dv, dv, 0.0, out, base * dv, dv
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -296,8 +323,24 @@ def _gemm_fwd_cols(v, p, out):
         b = t // w
         x = t % w
         off = b * h * w + x
-        _gemm(False, False, h, dv, h, 1.0, p, off * nk + w, w * nk, v, off * dv, w * dv,
-              1.0, out, off * dv, w * dv)
+        _gemm(
+            False,
+            False,
+            h,
+            dv,
+            h,
+            1.0,
+            p,
+            off * nk + w,
+            w * nk,
+            v,
+            off * dv,
+            w * dv,
+            1.0,
+            out,
+            off * dv,
+            w * dv,
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -324,8 +367,24 @@ def _gemm_bwd_rows(q, k, v, out, p, dout, scale, dq, dk, dv, delta):
                 dsx[x2] = px[x2] * (dsx[x2] - dd) * scale
         _gemm(False, False, w, nd, w, 1.0, ds, 0, w, k, base * nd, nd, 0.0, dq, base * nd, nd)
         _gemm(True, False, w, nd, w, 1.0, ds, 0, w, q, base * nd, nd, 0.0, dk, base * nd, nd)
-        _gemm(True, False, w, nv, w, 1.0, p, base * nk, nk, dout, base * nv, nv,
-              0.0, dv, base * nv, nv)
+        _gemm(
+            True,
+            False,
+            w,
+            nv,
+            w,
+            1.0,
+            p,
+            base * nk,
+            nk,
+            dout,
+            base * nv,
+            nv,
+            0.0,
+            dv,
+            base * nv,
+            nv,
+        )
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -338,21 +397,35 @@ def _gemm_bwd_cols(q, k, v, p, dout, delta, scale, dq, dk, dv):
         x = t % w
         off = b * h * w + x
         ds = np.empty((h, h), dtype=q.dtype)
-        _gemm(False, True, h, h, nv, 1.0, dout, off * nv, w * nv, v, off * nv, w * nv,
-              0.0, ds, 0, h)
+        _gemm(
+            False, True, h, h, nv, 1.0, dout, off * nv, w * nv, v, off * nv, w * nv, 0.0, ds, 0, h
+        )
         for y in range(h):
             dd = delta[b, y, x]
             px = p[b, y, x]
             dsy = ds[y]
             for y2 in range(h):
                 dsy[y2] = px[w + y2] * (dsy[y2] - dd) * scale  # p = 0 on the self slot
-        _gemm(False, False, h, nd, h, 1.0, ds, 0, h, k, off * nd, w * nd,
-              1.0, dq, off * nd, w * nd)
-        _gemm(True, False, h, nd, h, 1.0, ds, 0, h, q, off * nd, w * nd,
-              1.0, dk, off * nd, w * nd)
-        _gemm(True, False, h, nv, h, 1.0, p, off * nk + w, w * nk, dout, off * nv, w * nv,
-              1.0, dv, off * nv, w * nv)
-
+        _gemm(False, False, h, nd, h, 1.0, ds, 0, h, k, off * nd, w * nd, 1.0, dq, off * nd, w * nd)
+        _gemm(True, False, h, nd, h, 1.0, ds, 0, h, q, off * nd, w * nd, 1.0, dk, off * nd, w * nd)
+        _gemm(
+            True,
+            False,
+            h,
+            nv,
+            h,
+            1.0,
+            p,
+            off * nk + w,
+            w * nk,
+            dout,
+            off * nv,
+            w * nv,
+            1.0,
+            dv,
+            off * nv,
+            w * nv,
+        )
 
 
 def _flat(a):
@@ -378,8 +451,9 @@ def _fwd_kernel(xp, arrays, static, save):
         # float32: the vectorizable exponential (numba's exp is a scalar libm call here)
         k_rows = np.ascontiguousarray(kf.transpose(0, 1, 3, 2))
         k_cols = np.ascontiguousarray(kf.transpose(0, 2, 3, 1))
-        _fwd_rows(qf, k_rows, k_cols, vf, q.dtype.type(static["scale"]), out, p,
-                  q.dtype == np.float32)
+        _fwd_rows(
+            qf, k_rows, k_cols, vf, q.dtype.type(static["scale"]), out, p, q.dtype == np.float32
+        )
         if vf.shape[3]:
             _fwd_cols(vf, p, out)
     out = out.reshape(v.shape)

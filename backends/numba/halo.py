@@ -63,8 +63,9 @@ def _gather_block(src, bh, y0, x0, b, buf):
 
 
 @njit(cache=True)
-def _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
-            qb, kw, qrh, qrw, s):
+def _logits(
+    q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e, qb, kw, qrh, qrw, s
+):
     """s = log2(e)·(scale·Q Kᵀ + Q r_hᵀ[rel_y] + Q r_wᵀ[rel_x]) of block (i0, j0)."""
     nq = b * b
     win = b + 2 * hl
@@ -122,8 +123,28 @@ def _forward(q, k, v, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, log2e, out,
         qrw = np.empty((nq, tw), q.dtype)
         s = np.empty((nq, nk), q.dtype)
         ob = np.empty((nq, dv), q.dtype)
-        _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
-                qb, kw, qrh, qrw, s)
+        _logits(
+            q,
+            k,
+            rh,
+            rw,
+            ry,
+            rx,
+            has_rh,
+            has_rw,
+            bh,
+            i0,
+            j0,
+            b,
+            hl,
+            alpha2,
+            log2e,
+            qb,
+            kw,
+            qrh,
+            qrw,
+            s,
+        )
         _gather(v, bh, i0 - hl, j0 - hl, win, hh, ww, vw)
         ls = np.empty(nq, q.dtype)
         ms = np.empty(nq, q.dtype)
@@ -156,8 +177,31 @@ def _forward(q, k, v, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, log2e, out,
 
 
 @njit(parallel=True, cache=True)
-def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, scale,
-              log2e, stride, dq, dk, dv, drh_blocks, drw_blocks):
+def _backward(
+    q,
+    k,
+    v,
+    dout,
+    lse2,
+    delta,
+    rh,
+    rw,
+    ry,
+    rx,
+    has_rh,
+    has_rw,
+    b,
+    hl,
+    alpha2,
+    scale,
+    log2e,
+    stride,
+    dq,
+    dk,
+    dv,
+    drh_blocks,
+    drw_blocks,
+):
     nbh, hh, ww, d = q.shape
     dvw = v.shape[3]
     nby, nbx = hh // b, ww // b
@@ -186,8 +230,28 @@ def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl,
             dqb = np.empty((nq, d), q.dtype)
             dkw = np.empty((nk, d), q.dtype)
             dvwin = np.empty((nk, dvw), q.dtype)
-            _logits(q, k, rh, rw, ry, rx, has_rh, has_rw, bh, i0, j0, b, hl, alpha2, log2e,
-                    qb, kw, qrh, qrw, p)
+            _logits(
+                q,
+                k,
+                rh,
+                rw,
+                ry,
+                rx,
+                has_rh,
+                has_rw,
+                bh,
+                i0,
+                j0,
+                b,
+                hl,
+                alpha2,
+                log2e,
+                qb,
+                kw,
+                qrh,
+                qrw,
+                p,
+            )
             _gather(v, bh, i0 - hl, j0 - hl, win, hh, ww, vw)
             _gather_block(dout, bh, i0, j0, b, dob)
             for r in range(nq):
@@ -220,10 +284,25 @@ def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl,
                         for c in range(1, win):
                             acc += srow[a * win + c]
                         hrow[ry[a, i]] += acc
-                _gemm(False, False, nq, d, th, 1.0, qrh, 0, th, rh, bh * th * d, d,
-                      1.0, dqb, 0, d)
-                _gemm(True, False, th, d, nq, 1.0, qrh, 0, th, qb, 0, d, 0.0,
-                      drh_blocks, item * th * d, d)
+                _gemm(False, False, nq, d, th, 1.0, qrh, 0, th, rh, bh * th * d, d, 1.0, dqb, 0, d)
+                _gemm(
+                    True,
+                    False,
+                    th,
+                    d,
+                    nq,
+                    1.0,
+                    qrh,
+                    0,
+                    th,
+                    qb,
+                    0,
+                    d,
+                    0.0,
+                    drh_blocks,
+                    item * th * d,
+                    d,
+                )
             if has_rw:
                 for r in range(nq):
                     j = j0 + r % b
@@ -236,10 +315,25 @@ def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl,
                         for a in range(1, win):
                             acc += srow[a * win + c]
                         wrow[rx[c, j]] += acc
-                _gemm(False, False, nq, d, tw, 1.0, qrw, 0, tw, rw, bh * tw * d, d,
-                      1.0, dqb, 0, d)
-                _gemm(True, False, tw, d, nq, 1.0, qrw, 0, tw, qb, 0, d, 0.0,
-                      drw_blocks, item * tw * d, d)
+                _gemm(False, False, nq, d, tw, 1.0, qrw, 0, tw, rw, bh * tw * d, d, 1.0, dqb, 0, d)
+                _gemm(
+                    True,
+                    False,
+                    tw,
+                    d,
+                    nq,
+                    1.0,
+                    qrw,
+                    0,
+                    tw,
+                    qb,
+                    0,
+                    d,
+                    0.0,
+                    drw_blocks,
+                    item * tw * d,
+                    d,
+                )
             for r in range(nq):
                 dst = dq[bh, i0 + r // b, j0 + r % b]
                 src = dqb[r]
@@ -265,7 +359,8 @@ def _backward(q, k, v, dout, lse2, delta, rh, rw, ry, rx, has_rh, has_rw, b, hl,
                         gv[e] += sv[e]
 
 
-# -- glue -------------------------------------------------------------------------------------------
+# -- glue
+# -------------------------------------------------------------------------------------------
 
 
 def _geometry(static):
@@ -288,15 +383,37 @@ def halo_forward(xp, arrays, static, save):
     out = np.empty(vf.shape, dtype=dtype)
     lse = np.empty(qf.shape[:-1], dtype=dtype)
     with _single_threaded_blas():
-        _forward(qf, kf, vf, tabs["rh"], tabs["rw"], _tables(wy)[2], _tables(wx)[2],
-                 bool(flags[1]), bool(flags[2]), b, hl, cdt(static["scale"] * LOG2E),
-                 cdt(LOG2E), out, lse)
+        _forward(
+            qf,
+            kf,
+            vf,
+            tabs["rh"],
+            tabs["rw"],
+            _tables(wy)[2],
+            _tables(wx)[2],
+            bool(flags[1]),
+            bool(flags[2]),
+            b,
+            hl,
+            cdt(static["scale"] * LOG2E),
+            cdt(LOG2E),
+            out,
+            lse,
+        )
     out = out.reshape(tuple(batch) + out.shape[1:])
     lse = lse.reshape(tuple(batch) + lse.shape[1:])
     saved = {}
     if save:
-        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                 "rel_bias": None, "r_h": r_h, "r_w": r_w}
+        saved = {
+            "q": arrays["q"],
+            "k": arrays["k"],
+            "v": arrays["v"],
+            "out": out,
+            "lse": lse,
+            "rel_bias": None,
+            "r_h": r_h,
+            "r_w": r_w,
+        }
     return (out,), saved
 
 
@@ -328,9 +445,31 @@ def halo_backward(xp, saved, static, cotangents):
     dv = np.zeros_like(vf)
     stride = 1 + -(-2 * hl // b)
     with _single_threaded_blas():
-        _backward(qf, kf, vf, dof, lse2, delta, tabs["rh"], tabs["rw"], _tables(wy)[2],
-                  _tables(wx)[2], has_rh, has_rw, b, hl, cdt(static["scale"] * LOG2E),
-                  cdt(static["scale"]), cdt(LOG2E), stride, dq, dk, dv, drh_blocks, drw_blocks)
+        _backward(
+            qf,
+            kf,
+            vf,
+            dof,
+            lse2,
+            delta,
+            tabs["rh"],
+            tabs["rw"],
+            _tables(wy)[2],
+            _tables(wx)[2],
+            has_rh,
+            has_rw,
+            b,
+            hl,
+            cdt(static["scale"] * LOG2E),
+            cdt(static["scale"]),
+            cdt(LOG2E),
+            stride,
+            dq,
+            dk,
+            dv,
+            drh_blocks,
+            drw_blocks,
+        )
     lead = tuple(batch)
 
     def reduce(blocks, tail, like):
@@ -339,9 +478,13 @@ def halo_backward(xp, saved, static, cotangents):
 
     drh = reduce(drh_blocks, (th, d), r_h) if has_rh else None
     drw = reduce(drw_blocks, (tw, d), r_w) if has_rw else None
-    return {"q": dq.reshape(q.shape), "k": dk.reshape(a["k"].shape),
-            "v": dv.reshape(a["v"].shape), "rel_bias": None,
-            "rel_pos": _pack_rel_grads(static, drh, drw)}
+    return {
+        "q": dq.reshape(q.shape),
+        "k": dk.reshape(a["k"].shape),
+        "v": dv.reshape(a["v"].shape),
+        "rel_bias": None,
+        "rel_pos": _pack_rel_grads(static, drh, drw),
+    }
 
 
 def _supports(call):

@@ -123,13 +123,17 @@ def _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, b, c
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
 def _additive_bwd_par(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part):
     for w in prange(qa.shape[0] * nchunks):
-        _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks)
+        _additive_bwd_item(
+            qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
 def _additive_bwd_ser(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part):
     for w in range(qa.shape[0] * nchunks):
-        _additive_bwd_item(qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks)
+        _additive_bwd_item(
+            qa, kb, v, dz, one, nchunks, dqa, dv_part, dkb_part, w // nchunks, w % nchunks
+        )
 
 
 def _additive_forward(qa, kb, v, keep, probs, parallel):
@@ -166,8 +170,27 @@ def _score(additive, q, hs, qa, kb, v, zero, b, t, s):
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
-                   ninf, align, weights, context, b, t):
+def _local_fwd_row(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    keep,
+    pos,
+    lo,
+    hi,
+    radius,
+    log2e,
+    ninf,
+    align,
+    weights,
+    context,
+    b,
+    t,
+):
     ds = hs.shape[2]
     zero = log2e - log2e
     sigma2 = (radius / 2.0) ** 2
@@ -203,26 +226,120 @@ def _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, ra
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
-def _local_fwd_par(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
-                   ninf, align, weights, context):
+def _local_fwd_par(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    keep,
+    pos,
+    lo,
+    hi,
+    radius,
+    log2e,
+    ninf,
+    align,
+    weights,
+    context,
+):
     nt = lo.shape[1]
     for idx in prange(lo.shape[0] * nt):
-        _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
-                       ninf, align, weights, context, idx // nt, idx % nt)
+        _local_fwd_row(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            keep,
+            pos,
+            lo,
+            hi,
+            radius,
+            log2e,
+            ninf,
+            align,
+            weights,
+            context,
+            idx // nt,
+            idx % nt,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _local_fwd_ser(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
-                   ninf, align, weights, context):
+def _local_fwd_ser(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    keep,
+    pos,
+    lo,
+    hi,
+    radius,
+    log2e,
+    ninf,
+    align,
+    weights,
+    context,
+):
     nt = lo.shape[1]
     for idx in range(lo.shape[0] * nt):
-        _local_fwd_row(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, log2e,
-                       ninf, align, weights, context, idx // nt, idx % nt)
+        _local_fwd_row(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            keep,
+            pos,
+            lo,
+            hi,
+            radius,
+            log2e,
+            ninf,
+            align,
+            weights,
+            context,
+            idx // nt,
+            idx % nt,
+        )
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-                     dweights, dcontext, dz, dq, dqa, dv_part, dpos, b, t):
+def _local_bwd_q_row(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    pos,
+    lo,
+    hi,
+    radius,
+    one,
+    align,
+    dweights,
+    dcontext,
+    dz,
+    dq,
+    dqa,
+    dv_part,
+    dpos,
+    b,
+    t,
+):
     """Window softmax VJP -> dz; query-side gradients; dp_t, for one (batch, step)."""
     ds = hs.shape[2]
     zero = one - one
@@ -266,26 +383,111 @@ def _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_q_par(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-                     dweights, dcontext, dz, dq, dqa, dv_part, dpos):
+def _local_bwd_q_par(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    pos,
+    lo,
+    hi,
+    radius,
+    one,
+    align,
+    dweights,
+    dcontext,
+    dz,
+    dq,
+    dqa,
+    dv_part,
+    dpos,
+):
     nt = lo.shape[1]
     for idx in prange(lo.shape[0] * nt):
-        _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-                         dweights, dcontext, dz, dq, dqa, dv_part, dpos, idx // nt, idx % nt)
+        _local_bwd_q_row(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            pos,
+            lo,
+            hi,
+            radius,
+            one,
+            align,
+            dweights,
+            dcontext,
+            dz,
+            dq,
+            dqa,
+            dv_part,
+            dpos,
+            idx // nt,
+            idx % nt,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_q_ser(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-                     dweights, dcontext, dz, dq, dqa, dv_part, dpos):
+def _local_bwd_q_ser(
+    additive,
+    predictive,
+    q,
+    hs,
+    qa,
+    kb,
+    v,
+    pos,
+    lo,
+    hi,
+    radius,
+    one,
+    align,
+    dweights,
+    dcontext,
+    dz,
+    dq,
+    dqa,
+    dv_part,
+    dpos,
+):
     nt = lo.shape[1]
     for idx in range(lo.shape[0] * nt):
-        _local_bwd_q_row(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-                         dweights, dcontext, dz, dq, dqa, dv_part, dpos, idx // nt, idx % nt)
+        _local_bwd_q_row(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            pos,
+            lo,
+            hi,
+            radius,
+            one,
+            align,
+            dweights,
+            dcontext,
+            dz,
+            dq,
+            dqa,
+            dv_part,
+            dpos,
+            idx // nt,
+            idx % nt,
+        )
 
 
 @njit(inline="always", cache=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
-                      dcontext, dhs, dkb, b):
+def _local_bwd_k_item(
+    additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dcontext, dhs, dkb, b
+):
     """Batch element ``b``, serial over steps: scatter into the source-side gradients."""
     nt = lo.shape[1]
     ds = dhs.shape[2]
@@ -319,19 +521,55 @@ def _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, o
 
 
 @njit(cache=True, parallel=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_k_par(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
-                     dcontext, dhs, dkb):
+def _local_bwd_k_par(
+    additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dcontext, dhs, dkb
+):
     for b in prange(lo.shape[0]):
-        _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
-                          dcontext, dhs, dkb, b)
+        _local_bwd_k_item(
+            additive,
+            predictive,
+            q,
+            qa,
+            kb,
+            v,
+            pos,
+            lo,
+            hi,
+            radius,
+            one,
+            align,
+            dz,
+            dcontext,
+            dhs,
+            dkb,
+            b,
+        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _local_bwd_k_ser(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
-                     dcontext, dhs, dkb):
+def _local_bwd_k_ser(
+    additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dcontext, dhs, dkb
+):
     for b in range(lo.shape[0]):
-        _local_bwd_k_item(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz,
-                          dcontext, dhs, dkb, b)
+        _local_bwd_k_item(
+            additive,
+            predictive,
+            q,
+            qa,
+            kb,
+            v,
+            pos,
+            lo,
+            hi,
+            radius,
+            one,
+            align,
+            dz,
+            dcontext,
+            dhs,
+            dkb,
+            b,
+        )
 
 
 def _parallel(static, h_t, h_s, p):
@@ -440,21 +678,44 @@ def _fwd_body(arrays, static, save, parallel):
         weights = np.zeros((nb, nt, ns), dtype)
         context = np.zeros((nb, nt, d_s), dtype)
         kernel = _local_fwd_par if parallel else _local_fwd_ser
-        kernel(additive, predictive, q, hs, qa, kb, v, keep, pos, lo, hi, radius, dtype.type(LOG2E),
-               dtype.type(-np.inf), align, weights, context)
+        kernel(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            keep,
+            pos,
+            lo,
+            hi,
+            radius,
+            dtype.type(LOG2E),
+            dtype.type(-np.inf),
+            align,
+            weights,
+            context,
+        )
         saved.update(pos=pos, lo=lo, hi=hi)
     context = context.astype(dtype, copy=False).reshape(lead + (nt, d_s))
     weights = weights.reshape(lead + (nt, ns))
     if not save:
         return (context, weights), {}
-    saved.update(h_t=h_t, h_s=h_s, align=align, q=q if score == "general" else None,
-                 qa=qa if additive else None, kb=kb if additive else None)
+    saved.update(
+        h_t=h_t,
+        h_s=h_s,
+        align=align,
+        q=q if score == "general" else None,
+        qa=qa if additive else None,
+        kb=kb if additive else None,
+    )
     saved.update({f"params.{k}": a for k, a in p.items()})
     return (context, weights), saved
 
 
 def _bwd(xp, saved, static, cotangents):
-    p = {k[len("params."):]: a for k, a in saved.items() if k.startswith("params.")}
+    p = {k[len("params.") :]: a for k, a in saved.items() if k.startswith("params.")}
     parallel = _parallel(static, saved["h_t"], saved["h_s"], p)
     with _blas_threads(parallel):
         return _bwd_body(saved, static, cotangents, parallel)
@@ -462,7 +723,7 @@ def _bwd(xp, saved, static, cotangents):
 
 def _bwd_body(saved, static, cotangents, parallel):
     h_t, h_s = saved["h_t"], saved["h_s"]
-    p = {k[len("params."):]: a for k, a in saved.items() if k.startswith("params.")}
+    p = {k[len("params.") :]: a for k, a in saved.items() if k.startswith("params.")}
     dtype = h_t.dtype
     nt, ns = h_t.shape[-2], h_s.shape[-2]
     d_t, d_s = h_t.shape[-1], h_s.shape[-1]
@@ -496,13 +757,34 @@ def _bwd_body(saved, static, cotangents, parallel):
         dpos = np.zeros((nb, nt), dtype)
         one = dtype.type(1)
         kernel = _local_bwd_q_par if parallel else _local_bwd_q_ser
-        kernel(additive, predictive, q, hs, qa, kb, v, pos, lo, hi, radius, one, align,
-               dw, dc, dz, dq, dqa, dv_part, dpos)
+        kernel(
+            additive,
+            predictive,
+            q,
+            hs,
+            qa,
+            kb,
+            v,
+            pos,
+            lo,
+            hi,
+            radius,
+            one,
+            align,
+            dw,
+            dc,
+            dz,
+            dq,
+            dqa,
+            dv_part,
+            dpos,
+        )
         dhs = np.zeros((nb, ns, d_s), dtype)
         dkb = np.zeros_like(kb) if additive else empty
         kernel = _local_bwd_k_par if parallel else _local_bwd_k_ser
-        kernel(additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dc,
-               dhs, dkb)
+        kernel(
+            additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dc, dhs, dkb
+        )
         if predictive:
             scale = ns if static["p_scale"] == "S" else ns - 1
             sig, hidden = saved["sig"], saved["hidden"]

@@ -74,7 +74,7 @@ def _forward(q, k, v, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags, scale, out, l
                     if not ok and not zero_mode:
                         s[slot] = -np.inf
                         continue
-                    val = (scale - scale)
+                    val = scale - scale
                     if ok:
                         xx = ix[c, j]
                         for e in range(d):
@@ -93,7 +93,7 @@ def _forward(q, k, v, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags, scale, out, l
                     out[b, i, j, e] = 0
                 lse[b, i, j] = np.inf
                 continue
-            total = (scale - scale)
+            total = scale - scale
             for slot in range(nslot):
                 p = math.exp(s[slot] - m)
                 s[slot] = p
@@ -113,8 +113,31 @@ def _forward(q, k, v, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags, scale, out, l
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _backward_queries(q, k, v, out, lse, dout, iy, vy, ry, ix, vx, rx, bias, rh, rw, flags,
-                      scale, dq, pst, dlst, dbias_rows, drh_rows, drw_rows):
+def _backward_queries(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    iy,
+    vy,
+    ry,
+    ix,
+    vx,
+    rx,
+    bias,
+    rh,
+    rw,
+    flags,
+    scale,
+    dq,
+    pst,
+    dlst,
+    dbias_rows,
+    drh_rows,
+    drw_rows,
+):
     nbh, h, w, d = q.shape
     dv = v.shape[3]
     ky_n, kx_n = iy.shape[0], ix.shape[0]
@@ -132,7 +155,7 @@ def _backward_queries(q, k, v, out, lse, dout, iy, vy, ry, ix, vx, rx, bias, rh,
                 _rel_logits(q, b, i, j, rh, ry, i, scale - scale, qry)
             if has_rw:
                 _rel_logits(q, b, i, j, rw, rx, j, scale - scale, qrx)
-            big_d = (scale - scale)
+            big_d = scale - scale
             for e in range(dv):
                 big_d += dout[b, i, j, e] * out[b, i, j, e]
             m = lse[b, i, j]
@@ -152,8 +175,8 @@ def _backward_queries(q, k, v, out, lse, dout, iy, vy, ry, ix, vx, rx, bias, rh,
                         dlst[b, i, j, slot] = 0
                         continue
                     xx = ix[c, j]
-                    val = (scale - scale)
-                    dp = (scale - scale)
+                    val = scale - scale
+                    dp = scale - scale
                     if ok:
                         for e in range(d):
                             val += q[b, i, j, e] * k[b, yy, xx, e]
@@ -225,7 +248,8 @@ def _backward_keys(q, dout, pst, dlst, kx_n, ptr_y, qi_y, sl_y, ptr_x, qi_x, sl_
                 dv[b, yy, xx, e] = gv[e]
 
 
-# -- glue -------------------------------------------------------------------------------------------
+# -- glue
+# -------------------------------------------------------------------------------------------
 
 
 def _flat(a, dtype):
@@ -244,8 +268,11 @@ def _per_batch(t, batch, tail, dtype):
 
 
 def _tables(win):
-    return (np.ascontiguousarray(win.idx), np.ascontiguousarray(win.valid),
-            np.ascontiguousarray(win.rel))
+    return (
+        np.ascontiguousarray(win.idx),
+        np.ascontiguousarray(win.valid),
+        np.ascontiguousarray(win.rel),
+    )
 
 
 def _prepare(arrays, static):
@@ -262,8 +289,10 @@ def _prepare(arrays, static):
         r_h, r_w = arrays.get("r_h"), arrays.get("r_w")
     d = q.shape[-1]
     bias = a.get("rel_bias")
-    flags = np.array([bias is not None, r_h is not None, r_w is not None,
-                      _boundary_of(static) == "zero"], dtype=np.bool_)
+    flags = np.array(
+        [bias is not None, r_h is not None, r_w is not None, _boundary_of(static) == "zero"],
+        dtype=np.bool_,
+    )
     tabs = dict(
         bias=_per_batch(bias, batch, (wy.table, wx.table), dtype),
         rh=_per_batch(r_h, batch, (wy.table, d), dtype),
@@ -279,16 +308,36 @@ def _fwd(xp, arrays, static, save):
     qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
     out = np.empty(vf.shape, dtype=dtype)
     lse = np.empty(qf.shape[:-1], dtype=dtype)
-    _forward(qf, kf, vf, *_tables(wy), *_tables(wx), tabs["bias"], tabs["rh"], tabs["rw"], flags,
-             dtype.type(static["scale"]), out, lse)
+    _forward(
+        qf,
+        kf,
+        vf,
+        *_tables(wy),
+        *_tables(wx),
+        tabs["bias"],
+        tabs["rh"],
+        tabs["rw"],
+        flags,
+        dtype.type(static["scale"]),
+        out,
+        lse,
+    )
     out = out.reshape(tuple(batch) + out.shape[1:])
     lse = lse.reshape(tuple(batch) + lse.shape[1:])
     if static["kind"] == "na1d":
         out, lse = out[..., 0, :, :], lse[..., 0, :]
     saved = {}
     if save:
-        saved = {"q": arrays["q"], "k": arrays["k"], "v": arrays["v"], "out": out, "lse": lse,
-                 "rel_bias": arrays.get("rel_bias"), "r_h": r_h, "r_w": r_w}
+        saved = {
+            "q": arrays["q"],
+            "k": arrays["k"],
+            "v": arrays["v"],
+            "out": out,
+            "lse": lse,
+            "rel_bias": arrays.get("rel_bias"),
+            "r_h": r_h,
+            "r_w": r_w,
+        }
     return (out,), saved
 
 
@@ -314,13 +363,41 @@ def _bwd(xp, saved, static, cotangents):
     drh_rows = np.zeros((rows, wy.table, d) if has_rh else (1, 1, 1), dtype=dtype)
     drw_rows = np.zeros((rows, wx.table, d) if has_rw else (1, 1, 1), dtype=dtype)
     scale = dtype.type(static["scale"])
-    _backward_queries(qf, kf, vf, of, lse, dof, *_tables(wy), *_tables(wx), tabs["bias"],
-                      tabs["rh"], tabs["rw"], flags, scale, dq, pst, dlst, dbias_rows, drh_rows,
-                      drw_rows)
+    _backward_queries(
+        qf,
+        kf,
+        vf,
+        of,
+        lse,
+        dof,
+        *_tables(wy),
+        *_tables(wx),
+        tabs["bias"],
+        tabs["rh"],
+        tabs["rw"],
+        flags,
+        scale,
+        dq,
+        pst,
+        dlst,
+        dbias_rows,
+        drh_rows,
+        drw_rows,
+    )
     dk = np.empty_like(kf)
     dv = np.empty_like(vf)
-    _backward_keys(qf, dof, pst, dlst, wx.idx.shape[0], *inverse_windows(wy), *inverse_windows(wx),
-                   scale, dk, dv)
+    _backward_keys(
+        qf,
+        dof,
+        pst,
+        dlst,
+        wx.idx.shape[0],
+        *inverse_windows(wy),
+        *inverse_windows(wx),
+        scale,
+        dk,
+        dv,
+    )
     shape_of = lambda x, like: x.reshape(like.shape)  # noqa: E731
     dq, dk, dv = shape_of(dq, q), shape_of(dk, a["k"]), shape_of(dv, a["v"])
     dbias = drh = drw = None
@@ -340,8 +417,13 @@ def _bwd(xp, saved, static, cotangents):
         dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
         if dbias is not None:
             dbias = dbias[..., 0, :]
-    return {"q": dq, "k": dk, "v": dv, "rel_bias": dbias,
-            "rel_pos": _pack_rel_grads(static, drh, drw)}
+    return {
+        "q": dq,
+        "k": dk,
+        "v": dv,
+        "rel_bias": dbias,
+        "rel_pos": _pack_rel_grads(static, drh, drw),
+    }
 
 
 def _supports(call):

@@ -111,8 +111,24 @@ def _fwd_item(x, wm, bias, has_bias, groups, kh, kw, sh, sw, ph, pw, dh, dw, row
     npix = (r1 - r0) * wo
     cols = np.empty((ck, npix), x.dtype)
     _fill_cols(x, n, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, wo, cols)
-    _gemm(False, False, og, npix, ck, 1.0, wm, g * og * ck, ck, cols, 0, npix,
-          0.0, y, ((n * o + g * og) * ho + r0) * wo, ho * wo)
+    _gemm(
+        False,
+        False,
+        og,
+        npix,
+        ck,
+        1.0,
+        wm,
+        g * og * ck,
+        ck,
+        cols,
+        0,
+        npix,
+        0.0,
+        y,
+        ((n * o + g * og) * ho + r0) * wo,
+        ho * wo,
+    )
     if has_bias:
         for oo in range(g * og, (g + 1) * og):
             b = bias[oo]
@@ -153,23 +169,59 @@ def _bwd_item(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, 
             dyoff = ((n * o + g * og) * ho + r0) * wo
             _fill_cols(x, n, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, wo, cols)
             # dW_g += dY_tile · colsᵀ ; dcols = W_gᵀ · dY_tile (buffers of row stride rows·Wo)
-            _gemm(False, True, og, ck, npix, 1.0, dy, dyoff, ho * wo, cols, 0, ldc,
-                  1.0, dwpart, (chunk * o + g * og) * ck, ck)
-            _gemm(True, False, ck, npix, og, 1.0, wm, g * og * ck, ck, dy, dyoff, ho * wo,
-                  0.0, dcols, 0, ldc)
+            _gemm(
+                False,
+                True,
+                og,
+                ck,
+                npix,
+                1.0,
+                dy,
+                dyoff,
+                ho * wo,
+                cols,
+                0,
+                ldc,
+                1.0,
+                dwpart,
+                (chunk * o + g * og) * ck,
+                ck,
+            )
+            _gemm(
+                True,
+                False,
+                ck,
+                npix,
+                og,
+                1.0,
+                wm,
+                g * og * ck,
+                ck,
+                dy,
+                dyoff,
+                ho * wo,
+                0.0,
+                dcols,
+                0,
+                ldc,
+            )
             _add_cols(dcols, n, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, wo, dx)
 
 
 @njit(cache=True, parallel=True)
 def _bwd_par(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart):
     for item in prange(nchunks * groups):
-        _bwd_item(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart, item)
+        _bwd_item(
+            x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart, item
+        )
 
 
 @njit(cache=True)
 def _bwd_ser(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart):
     for item in range(nchunks * groups):
-        _bwd_item(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart, item)
+        _bwd_item(
+            x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, dx, dwpart, item
+        )
 
 
 # -- Python side -----------------------------------------------------------------------------------
@@ -188,7 +240,9 @@ def _work(x, weight, ho, wo):
     return n * o * cg * kh * kw * ho * wo
 
 
-def conv2d_forward(x, weight, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+def conv2d_forward(
+    x, weight, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1
+):
     """Like the reference ``conv2d_forward`` for float32/float64 NumPy inputs (same dtype)."""
     from arrayattn._reference.primitives import conv2d_output_size
 
@@ -202,13 +256,26 @@ def conv2d_forward(x, weight, bias=None, *, stride=(1, 1), padding=(0, 0), dilat
     b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, x.dtype)
     kernel = _fwd_par if _work(x, weight, ho, wo) >= PARALLEL_MIN_WORK else _fwd_ser
     with _single_threaded_blas():
-        kernel(xc, wm, b, has_bias, groups, kh, kw, *stride, *padding, *dilation,
-               _rows(cg * kh * kw, wo, ho), y)
+        kernel(
+            xc,
+            wm,
+            b,
+            has_bias,
+            groups,
+            kh,
+            kw,
+            *stride,
+            *padding,
+            *dilation,
+            _rows(cg * kh * kw, wo, ho),
+            y,
+        )
     return y
 
 
-def conv2d_backward(x, weight, dy, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                    with_bias=False):
+def conv2d_backward(
+    x, weight, dy, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, with_bias=False
+):
     """(dx, dweight, dbias) like the reference ``conv2d_backward``."""
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
@@ -221,8 +288,21 @@ def conv2d_backward(x, weight, dy, *, stride=(1, 1), padding=(0, 0), dilation=(1
     dwpart = np.zeros((nchunks, o, cg * kh * kw), dtype=x.dtype)
     kernel = _bwd_par if _work(x, weight, ho, wo) >= PARALLEL_MIN_WORK else _bwd_ser
     with _single_threaded_blas():
-        kernel(xc, wm, dyc, groups, kh, kw, *stride, *padding, *dilation,
-               _rows(cg * kh * kw, wo, ho), nchunks, dx, dwpart)
+        kernel(
+            xc,
+            wm,
+            dyc,
+            groups,
+            kh,
+            kw,
+            *stride,
+            *padding,
+            *dilation,
+            _rows(cg * kh * kw, wo, ho),
+            nchunks,
+            dx,
+            dwpart,
+        )
     dwt = dwpart[0] if nchunks == 1 else np.sum(dwpart, axis=0)
     db = np.sum(dyc, axis=(0, 2, 3)) if with_bias else None
     return dx, dwt.reshape(o, cg, kh, kw), db
@@ -232,8 +312,12 @@ def conv2d_backward(x, weight, dy, *, stride=(1, 1), padding=(0, 0), dilation=(1
 
 
 def _static(static):
-    return dict(stride=static["stride"], padding=static["padding"], dilation=static["dilation"],
-                groups=static["groups"])
+    return dict(
+        stride=static["stride"],
+        padding=static["padding"],
+        dilation=static["dilation"],
+        groups=static["groups"],
+    )
 
 
 def _fwd(xp, arrays, static, save):
@@ -242,8 +326,9 @@ def _fwd(xp, arrays, static, save):
 
 
 def _bwd(xp, saved, static, cotangents):
-    dx, dw, db = conv2d_backward(saved["x"], saved["weight"], cotangents[0], **_static(static),
-                                 with_bias=static["has_bias"])
+    dx, dw, db = conv2d_backward(
+        saved["x"], saved["weight"], cotangents[0], **_static(static), with_bias=static["has_bias"]
+    )
     return {"x": dx, "weight": dw, "bias": db}
 
 

@@ -34,15 +34,31 @@ _ATTENTION = (_forward, _backward)
 
 def _fwd(xp, arrays, static, save):
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, lse = sparse_forward(xp, q, k, v, heads=list(static["heads"]), stride=static["stride"],
-                              scale=static["scale"], attention=_ATTENTION)
+    out, lse = sparse_forward(
+        xp,
+        q,
+        k,
+        v,
+        heads=list(static["heads"]),
+        stride=static["stride"],
+        scale=static["scale"],
+        attention=_ATTENTION,
+    )
     return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
 
 
 def _bwd(xp, saved, static, cotangents):
     dq, dk, dv = sparse_backward(
-        xp, saved["q"], saved["k"], saved["v"], saved["out"], saved["lse"], cotangents[0],
-        heads=list(static["heads"]), stride=static["stride"], scale=static["scale"],
+        xp,
+        saved["q"],
+        saved["k"],
+        saved["v"],
+        saved["out"],
+        saved["lse"],
+        cotangents[0],
+        heads=list(static["heads"]),
+        stride=static["stride"],
+        scale=static["scale"],
         attention=_ATTENTION,
     )
     return {"q": dq, "k": dk, "v": dv}

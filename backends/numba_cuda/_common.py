@@ -55,9 +55,9 @@ def broadcast_plan(lib, a, batch, rows, cols, dtype=None):
         strides.append(acc)
         acc *= n
     strides = strides[::-1]
-    strides = [st if n > 1 else 0 for st, n in zip(strides, shape)]
+    strides = [st if n > 1 else 0 for st, n in zip(strides, shape, strict=True)]
     offs = np.zeros(tuple(batch), dtype=np.int64)
-    for axis, (n, st) in enumerate(zip(batch, strides[:-2])):
+    for axis, (n, st) in enumerate(zip(batch, strides[:-2], strict=True)):
         view = [1] * len(batch)
         view[axis] = n
         offs = offs + (np.arange(n, dtype=np.int64) * st).reshape(view)

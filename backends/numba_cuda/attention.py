@@ -78,8 +78,27 @@ def _build(npdtype, d, dv, bq, bk):
         return True
 
     @cuda.jit
-    def fwd(q, k, v, groups, scale, causal, coff, has_mask, mflat, moffs, mrs, mcs,
-            has_bias, bflat, boffs, brs, bcs, out, lse):
+    def fwd(
+        q,
+        k,
+        v,
+        groups,
+        scale,
+        causal,
+        coff,
+        has_mask,
+        mflat,
+        moffs,
+        mrs,
+        mcs,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        out,
+        lse,
+    ):
         lq = q.shape[1]
         lk = k.shape[1]
         nqt = (lq + bq - 1) // bq
@@ -101,7 +120,7 @@ def _build(npdtype, d, dv, bq, bk):
         for c in range(dv):
             acc[c] = zero
         m = ninf
-        l = zero
+        ell = zero
         last = min(i0 + bq, lq) - 1
         for j0 in range(0, lk, bk):
             if causal and j0 > last + coff:
@@ -136,7 +155,7 @@ def _build(npdtype, d, dv, bq, bk):
                     p = math.exp(s[r] - m_use)
                     s[r] = p
                     tot += p
-                l = l * corr + tot
+                ell = ell * corr + tot
                 for c in range(dv):
                     a = acc[c] * corr
                     for r in range(nk):
@@ -144,15 +163,15 @@ def _build(npdtype, d, dv, bq, bk):
                     acc[c] = a
                 m = m_new
         if valid:
-            if l == zero:
+            if ell == zero:
                 for c in range(dv):
                     out[bh, i, c] = zero
                 lse[bh, i] = inf
             else:
-                inv = one / l
+                inv = one / ell
                 for c in range(dv):
                     out[bh, i, c] = acc[c] * inv
-                lse[bh, i] = m + math.log(l)
+                lse[bh, i] = m + math.log(ell)
 
     @cuda.jit
     def delta_kernel(do, o, dlse, has_dlse, delta):
@@ -169,8 +188,25 @@ def _build(npdtype, d, dv, bq, bk):
             delta[bh, i] = acc
 
     @cuda.jit(device=True, inline=True)
-    def _prob(qrow_dot_k, i, j, scale, lse_i, causal, coff, has_mask, mflat, moff, mrs, mcs,
-              has_bias, bflat, boff, brs, bcs):
+    def _prob(
+        qrow_dot_k,
+        i,
+        j,
+        scale,
+        lse_i,
+        causal,
+        coff,
+        has_mask,
+        mflat,
+        moff,
+        mrs,
+        mcs,
+        has_bias,
+        bflat,
+        boff,
+        brs,
+        bcs,
+    ):
         """p_ij = exp(scale q_i·k_j + b_ij - lse_i), exactly 0 where masked or the row is empty."""
         if not _keep(i, j, causal, coff, has_mask, mflat, moff, mrs, mcs):
             return zero
@@ -180,8 +216,30 @@ def _build(npdtype, d, dv, bq, bk):
         return math.exp(x - lse_i)
 
     @cuda.jit
-    def dkdv(q, k, v, do, lse, delta, groups, scale, causal, coff, has_mask, mflat, moffs, mrs,
-             mcs, has_bias, bflat, boffs, brs, bcs, dk, dvv):
+    def dkdv(
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        groups,
+        scale,
+        causal,
+        coff,
+        has_mask,
+        mflat,
+        moffs,
+        mrs,
+        mcs,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        dk,
+        dvv,
+    ):
         # one thread per key row; block = (kv head, key tile of bq rows); query tiles of bk rows
         lq = q.shape[1]
         lk = k.shape[1]
@@ -228,8 +286,25 @@ def _build(npdtype, d, dv, bq, bk):
                         x = zero
                         for c in range(d):
                             x += qs[r, c] * kj[c]
-                        p = _prob(x, i, j, scale, ls[r], causal, coff, has_mask, mflat, moff,
-                                  mrs, mcs, has_bias, bflat, boff, brs, bcs)
+                        p = _prob(
+                            x,
+                            i,
+                            j,
+                            scale,
+                            ls[r],
+                            causal,
+                            coff,
+                            has_mask,
+                            mflat,
+                            moff,
+                            mrs,
+                            mcs,
+                            has_bias,
+                            bflat,
+                            boff,
+                            brs,
+                            bcs,
+                        )
                         if p != zero:
                             dp = zero
                             for c in range(dv):
@@ -245,8 +320,29 @@ def _build(npdtype, d, dv, bq, bk):
                 dvv[kvh, j, c] = dvj[c]
 
     @cuda.jit
-    def dq_kernel(q, k, v, do, lse, delta, groups, scale, causal, coff, has_mask, mflat, moffs,
-                  mrs, mcs, has_bias, bflat, boffs, brs, bcs, dq):
+    def dq_kernel(
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        groups,
+        scale,
+        causal,
+        coff,
+        has_mask,
+        mflat,
+        moffs,
+        mrs,
+        mcs,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        dq,
+    ):
         lq = q.shape[1]
         lk = k.shape[1]
         nqt = (lq + bq - 1) // bq
@@ -287,8 +383,25 @@ def _build(npdtype, d, dv, bq, bk):
                     x = zero
                     for c in range(d):
                         x += qi[c] * ks[r, c]
-                    p = _prob(x, i, j, scale, lse_i, causal, coff, has_mask, mflat, moff, mrs, mcs,
-                              has_bias, bflat, boff, brs, bcs)
+                    p = _prob(
+                        x,
+                        i,
+                        j,
+                        scale,
+                        lse_i,
+                        causal,
+                        coff,
+                        has_mask,
+                        mflat,
+                        moff,
+                        mrs,
+                        mcs,
+                        has_bias,
+                        bflat,
+                        boff,
+                        brs,
+                        bcs,
+                    )
                     if p != zero:
                         dp = zero
                         for c in range(dv):
@@ -301,8 +414,30 @@ def _build(npdtype, d, dv, bq, bk):
                 dq[bh, i, c] = dqi[c] * scale
 
     @cuda.jit
-    def dbias_kernel(q, k, v, do, lse, delta, groups, scale, causal, coff, has_mask, mflat, moffs,
-                     mrs, mcs, bflat, boffs, brs, bcs, nrows, ncols, dbias):
+    def dbias_kernel(
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        groups,
+        scale,
+        causal,
+        coff,
+        has_mask,
+        mflat,
+        moffs,
+        mrs,
+        mcs,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        nrows,
+        ncols,
+        dbias,
+    ):
         # one thread per element of the bias data (shape (..., nrows, ncols), C-contiguous)
         e = cuda.grid(1)
         if e >= dbias.shape[0]:
@@ -328,8 +463,25 @@ def _build(npdtype, d, dv, bq, bk):
                     x = zero
                     for c in range(q.shape[2]):
                         x += q[bh, i, c] * k[kvh, j, c]
-                    p = _prob(x, i, j, scale, lse_i, causal, coff, has_mask, mflat, moff, mrs,
-                              mcs, True, bflat, boffs[bh], brs, bcs)
+                    p = _prob(
+                        x,
+                        i,
+                        j,
+                        scale,
+                        lse_i,
+                        causal,
+                        coff,
+                        has_mask,
+                        mflat,
+                        moff,
+                        mrs,
+                        mcs,
+                        True,
+                        bflat,
+                        boffs[bh],
+                        brs,
+                        bcs,
+                    )
                     if p != zero:
                         dp = zero
                         for c in range(v.shape[2]):
@@ -337,8 +489,7 @@ def _build(npdtype, d, dv, bq, bk):
                         acc += p * (dp - delta[bh, i])
         dbias[e] = acc
 
-    return {"fwd": fwd, "delta": delta_kernel, "dkdv": dkdv, "dq": dq_kernel,
-            "dbias": dbias_kernel}
+    return {"fwd": fwd, "delta": delta_kernel, "dkdv": dkdv, "dq": dq_kernel, "dbias": dbias_kernel}
 
 
 # -- launchers (device arrays in, device arrays out; NumPy arrays under the simulator) ----------
@@ -365,8 +516,7 @@ def _coff(causal, lq, lk):
     return 0 if causal in (None, "top_left") else lk - lq
 
 
-def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1,
-                 blocks=None):
+def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1, blocks=None):
     """``(out, lse)`` like the reference ``sdpa_forward`` for float32/float64 device arrays."""
     q, k, v, mask, bias = (as_lib(a) for a in (q, k, v, mask, bias))
     lib = lib_of(q)
@@ -382,14 +532,37 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         kern = _kernels(dtype, d, dv, bq, bk)["fwd"]
         m, b = _plans(lib, mask, bias, batch, lq, lk, dtype)
         kern[nb * nblocks(lq, bq), bq](
-            _as3(lib, q, nb), _as3(lib, k, nkv), _as3(lib, v, nkv), gqa_groups, dtype.type(scale),
-            causal is not None, _coff(causal, lq, lk), *m, *b[:5], out, lse,
+            _as3(lib, q, nb),
+            _as3(lib, k, nkv),
+            _as3(lib, v, nkv),
+            gqa_groups,
+            dtype.type(scale),
+            causal is not None,
+            _coff(causal, lq, lk),
+            *m,
+            *b[:5],
+            out,
+            lse,
         )
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
-def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None,
-                  scale, gqa_groups=1, blocks=None):
+def sdpa_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    dlse=None,
+    *,
+    mask=None,
+    bias=None,
+    causal=None,
+    scale,
+    gqa_groups=1,
+    blocks=None,
+):
     """``(dq, dk, dv, dbias)`` like the reference ``sdpa_backward``."""
     q, k, v, out, lse, dout, dlse, mask, bias = (
         as_lib(a) for a in (q, k, v, out, lse, dout, dlse, mask, bias)
@@ -415,13 +588,27 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
         o3 = _as3(lib, out.astype(dtype, copy=False), nb)
         lse2 = lib.ascontiguousarray(lse.astype(dtype, copy=False)).reshape(nb, lq)
         has_dlse = dlse is not None
-        dl2 = (lib.ascontiguousarray(dlse.astype(dtype, copy=False)).reshape(nb, lq)
-               if has_dlse else lib.zeros((1, 1), dtype=dtype))
+        dl2 = (
+            lib.ascontiguousarray(dlse.astype(dtype, copy=False)).reshape(nb, lq)
+            if has_dlse
+            else lib.zeros((1, 1), dtype=dtype)
+        )
         delta = lib.empty((nb, lq), dtype=dtype)
         nthreads = 128
         kerns["delta"][nblocks(nb * lq, nthreads), nthreads](do3, o3, dl2, has_dlse, delta)
-        common = (q3, k3, v3, do3, lse2, delta, gqa_groups, dtype.type(scale), causal is not None,
-                  _coff(causal, lq, lk), *m)
+        common = (
+            q3,
+            k3,
+            v3,
+            do3,
+            lse2,
+            delta,
+            gqa_groups,
+            dtype.type(scale),
+            causal is not None,
+            _coff(causal, lq, lk),
+            *m,
+        )
         kerns["dkdv"][nkv * nblocks(lk, bq), bq](*common, *b[:5], dk, dvv)
         kerns["dq"][nb * nblocks(lq, bq), bq](*common, *b[:5], dq)
         if bias is not None and dbias.size:
@@ -447,7 +634,10 @@ def sdpa_backward(q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, c
 def _supports(call):
     q, v = call.arrays["q"], call.arrays["v"]
     if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return f"takes float32 or float64 inputs, got {q.dtype} (the cupy backend or array_api handles it)"
+        return (
+            f"takes float32 or float64 inputs, got {q.dtype} "
+            "(the cupy backend or array_api handles it)"
+        )
     if (q.shape[-1] + v.shape[-1]) * np.dtype(q.dtype).itemsize > SHARED_BYTES:
         return f"head widths d + dv = {q.shape[-1] + v.shape[-1]} exceed one shared-memory tile row"
     return None

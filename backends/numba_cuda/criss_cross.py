@@ -26,6 +26,8 @@ from ._common import as_lib, lib_of, nblocks, numba_dtype
 __all__ = ["KERNELS", "criss_cross_backward", "criss_cross_forward"]
 
 THREADS = 64
+
+
 def _kernels(dtype, d, dv):
     """The compiled kernels for these sizes (compiled once per process, then reused)."""
     return _build(np.dtype(dtype), d, dv)
@@ -65,7 +67,7 @@ def _build(npdtype, d, dv):
             s *= scale
             if s > m:
                 m = s
-        l = zero
+        ell = zero
         for n in range(w + h):
             yy, xx = (y, n) if n < w else (n - w, x)
             if n >= w and yy == y:
@@ -74,12 +76,12 @@ def _build(npdtype, d, dv):
             for c in range(d):
                 s += qu[c] * k[b, yy, xx, c]
             p = math.exp(s * scale - m)
-            l += p
+            ell += p
             for c in range(dv):
                 acc[c] += p * v[b, yy, xx, c]
         for c in range(dv):
-            out[b, y, x, c] = acc[c] / l
-        lse[b, y, x] = m + math.log(l)
+            out[b, y, x, c] = acc[c] / ell
+        lse[b, y, x] = m + math.log(ell)
 
     @cuda.jit
     def delta_kernel(do, o, delta):
@@ -216,8 +218,15 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
 def _supports(call):
     q = call.arrays["q"]
     if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return f"takes float32 or float64 inputs, got {q.dtype} (the cupy backend or array_api handles it)"
+        return (
+            f"takes float32 or float64 inputs, got {q.dtype} "
+            "(the cupy backend or array_api handles it)"
+        )
     return None
 
 
-KERNELS = {"criss_cross_attention": criss_cross_kernel(criss_cross_forward, criss_cross_backward, _supports)}
+KERNELS = {
+    "criss_cross_attention": criss_cross_kernel(
+        criss_cross_forward, criss_cross_backward, _supports
+    )
+}

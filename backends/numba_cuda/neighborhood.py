@@ -114,8 +114,34 @@ def _build(npdtype, d, dv):
     dd, ddv = max(d, 1), max(dv, 1)
 
     @cuda.jit(device=True, inline=True)
-    def logit(q, k, b, i, j, yy, xx, ok, ry, rx, scale, has_bias, bflat, boff, brs, bcs,
-              has_rh, hflat, hoff, hrs, hcs, has_rw, wflat, woff, wrs, wcs):
+    def logit(
+        q,
+        k,
+        b,
+        i,
+        j,
+        yy,
+        xx,
+        ok,
+        ry,
+        rx,
+        scale,
+        has_bias,
+        bflat,
+        boff,
+        brs,
+        bcs,
+        has_rh,
+        hflat,
+        hoff,
+        hrs,
+        hcs,
+        has_rw,
+        wflat,
+        woff,
+        wrs,
+        wcs,
+    ):
         """s = scale·q·k (0 for a padded key) + q·r_h[ry] + q·r_w[rx] + bias[ry, rx]."""
         s = zero
         if ok:
@@ -137,8 +163,32 @@ def _build(npdtype, d, dv):
         return s
 
     @cuda.jit
-    def fwd(q, k, v, ytab, xtab, zero_mode, scale, has_bias, bflat, boffs, brs, bcs,
-            has_rh, hflat, hoffs, hrs, hcs, has_rw, wflat, woffs, wrs, wcs, out, lse):
+    def fwd(
+        q,
+        k,
+        v,
+        ytab,
+        xtab,
+        zero_mode,
+        scale,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        has_rh,
+        hflat,
+        hoffs,
+        hrs,
+        hcs,
+        has_rw,
+        wflat,
+        woffs,
+        wrs,
+        wcs,
+        out,
+        lse,
+    ):
         nb, h, w = q.shape[0], q.shape[1], q.shape[2]
         t = cuda.grid(1)
         if t >= nb * h * w:
@@ -153,7 +203,7 @@ def _build(npdtype, d, dv):
         for c in range(dv):
             acc[c] = zero
         m = ninf
-        l = zero
+        ell = zero
         for a in range(ytab.shape[1]):
             yy = ytab[0, a, i]
             oky = ytab[1, a, i] != 0
@@ -163,33 +213,87 @@ def _build(npdtype, d, dv):
                 ok = oky and xtab[1, cc, j] != 0
                 if not ok and not zero_mode:
                     continue
-                s = logit(q, k, b, i, j, yy, xx, ok, ry, xtab[2, cc, j], scale, has_bias, bflat,
-                          boff, brs, bcs, has_rh, hflat, hoff, hrs, hcs, has_rw, wflat, woff,
-                          wrs, wcs)
+                s = logit(
+                    q,
+                    k,
+                    b,
+                    i,
+                    j,
+                    yy,
+                    xx,
+                    ok,
+                    ry,
+                    xtab[2, cc, j],
+                    scale,
+                    has_bias,
+                    bflat,
+                    boff,
+                    brs,
+                    bcs,
+                    has_rh,
+                    hflat,
+                    hoff,
+                    hrs,
+                    hcs,
+                    has_rw,
+                    wflat,
+                    woff,
+                    wrs,
+                    wcs,
+                )
                 if s > m:  # online softmax: rescale what was accumulated under the old maximum
                     corr = math.exp(m - s)
-                    l *= corr
+                    ell *= corr
                     for c in range(dv):
                         acc[c] *= corr
                     m = s
                 p = math.exp(s - m)
-                l += p
+                ell += p
                 if ok:
                     for c in range(dv):
                         acc[c] += p * v[b, yy, xx, c]
-        if l == zero:
+        if ell == zero:
             for c in range(dv):
                 out[b, i, j, c] = zero
             lse[b, i, j] = inf
         else:
             for c in range(dv):
-                out[b, i, j, c] = acc[c] / l
-            lse[b, i, j] = m + math.log(l)
+                out[b, i, j, c] = acc[c] / ell
+            lse[b, i, j] = m + math.log(ell)
 
     @cuda.jit
-    def dq_kernel(q, k, v, o, do, lse, ytab, xtab, zero_mode, scale, has_bias, bflat, boffs, brs,
-                  bcs, has_rh, hflat, hoffs, hrs, hcs, has_rw, wflat, woffs, wrs, wcs,
-                  dq, delta, dlst, suma, sumc):
+    def dq_kernel(
+        q,
+        k,
+        v,
+        o,
+        do,
+        lse,
+        ytab,
+        xtab,
+        zero_mode,
+        scale,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        has_rh,
+        hflat,
+        hoffs,
+        hrs,
+        hcs,
+        has_rw,
+        wflat,
+        woffs,
+        wrs,
+        wcs,
+        dq,
+        delta,
+        dlst,
+        suma,
+        sumc,
+    ):
         nb, h, w = q.shape[0], q.shape[1], q.shape[2]
         t = cuda.grid(1)
         if t >= nb * h * w:
@@ -226,9 +330,34 @@ def _build(npdtype, d, dv):
                     if has_bias:
                         dlst[b, i, j, a * kx + cc] = zero
                     continue
-                s = logit(q, k, b, i, j, yy, xx, ok, ry, xtab[2, cc, j], scale, has_bias, bflat,
-                          boff, brs, bcs, has_rh, hflat, hoff, hrs, hcs, has_rw, wflat, woff,
-                          wrs, wcs)
+                s = logit(
+                    q,
+                    k,
+                    b,
+                    i,
+                    j,
+                    yy,
+                    xx,
+                    ok,
+                    ry,
+                    xtab[2, cc, j],
+                    scale,
+                    has_bias,
+                    bflat,
+                    boff,
+                    brs,
+                    bcs,
+                    has_rh,
+                    hflat,
+                    hoff,
+                    hrs,
+                    hcs,
+                    has_rw,
+                    wflat,
+                    woff,
+                    wrs,
+                    wcs,
+                )
                 p = math.exp(s - lu)
                 dp = zero
                 if ok:
@@ -261,9 +390,38 @@ def _build(npdtype, d, dv):
             dq[b, i, j, c] = g[c]
 
     @cuda.jit
-    def dkdv_kernel(q, k, v, do, lse, delta, ytab, xtab, yptr, yinv, xptr, xinv, scale,
-                    has_bias, bflat, boffs, brs, bcs, has_rh, hflat, hoffs, hrs, hcs,
-                    has_rw, wflat, woffs, wrs, wcs, dk, dvv):
+    def dkdv_kernel(
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        ytab,
+        xtab,
+        yptr,
+        yinv,
+        xptr,
+        xinv,
+        scale,
+        has_bias,
+        bflat,
+        boffs,
+        brs,
+        bcs,
+        has_rh,
+        hflat,
+        hoffs,
+        hrs,
+        hcs,
+        has_rw,
+        wflat,
+        woffs,
+        wrs,
+        wcs,
+        dk,
+        dvv,
+    ):
         nb, h, w = q.shape[0], q.shape[1], q.shape[2]
         t = cuda.grid(1)
         if t >= nb * h * w:
@@ -288,9 +446,34 @@ def _build(npdtype, d, dv):
                 lu = lse[b, i, j]
                 if lu == inf:
                     continue
-                s = logit(q, k, b, i, j, yy, xx, True, ry, xtab[2, xinv[1, z], j], scale,
-                          has_bias, bflat, boff, brs, bcs, has_rh, hflat, hoff, hrs, hcs,
-                          has_rw, wflat, woff, wrs, wcs)
+                s = logit(
+                    q,
+                    k,
+                    b,
+                    i,
+                    j,
+                    yy,
+                    xx,
+                    True,
+                    ry,
+                    xtab[2, xinv[1, z], j],
+                    scale,
+                    has_bias,
+                    bflat,
+                    boff,
+                    brs,
+                    bcs,
+                    has_rh,
+                    hflat,
+                    hoff,
+                    hrs,
+                    hcs,
+                    has_rw,
+                    wflat,
+                    woff,
+                    wrs,
+                    wcs,
+                )
                 p = math.exp(s - lu)
                 dp = zero
                 for c in range(dv):
@@ -351,8 +534,13 @@ def _build(npdtype, d, dv):
                         acc += sums[b, i, pos, slot] * q[b, i, pos, c]
         dtab[e] = acc
 
-    return {"fwd": fwd, "dq": dq_kernel, "dkdv": dkdv_kernel, "dbias": dbias_kernel,
-            "dtable": dtable_kernel}
+    return {
+        "fwd": fwd,
+        "dq": dq_kernel,
+        "dkdv": dkdv_kernel,
+        "dbias": dbias_kernel,
+        "dtable": dtable_kernel,
+    }
 
 
 # -- launchers (device arrays in, device arrays out; NumPy arrays under the simulator) ----------
@@ -371,13 +559,16 @@ def _plan(lib, a, batch, rows, cols, dtype):
 
 
 def _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
-    return (_plan(lib, rel_bias, batch, wy.table, wx.table, dtype),
-            _plan(lib, r_h, batch, wy.table, d, dtype),
-            _plan(lib, r_w, batch, wx.table, d, dtype))
+    return (
+        _plan(lib, rel_bias, batch, wy.table, wx.table, dtype),
+        _plan(lib, r_h, batch, wy.table, d, dtype),
+        _plan(lib, r_w, batch, wx.table, d, dtype),
+    )
 
 
-def window_attention_forward(q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None,
-                             r_w=None):
+def window_attention_forward(
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+):
     """``(out, lse)`` like the reference ``window_attention_forward`` (float32/float64).
 
     ``q``, ``k``, ``v`` are (..., H, W, ·) device arrays (NumPy under the simulator); ``wy``,
@@ -396,14 +587,25 @@ def window_attention_forward(q, k, v, wy, wx, *, boundary, scale, rel_bias=None,
         ytab, xtab = _device_tables(lib, wy)[0], _device_tables(lib, wx)[0]
         pb, ph, pw = _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w)
         _kernels(dtype, d, dv)["fwd"][nblocks(npix, THREADS), THREADS](
-            _as4(lib, q, nb, dtype), _as4(lib, k, nb, dtype), _as4(lib, v, nb, dtype), ytab, xtab,
-            boundary == "zero", dtype.type(scale), *pb[:5], *ph[:5], *pw[:5], out, lse,
+            _as4(lib, q, nb, dtype),
+            _as4(lib, k, nb, dtype),
+            _as4(lib, v, nb, dtype),
+            ytab,
+            xtab,
+            boundary == "zero",
+            dtype.type(scale),
+            *pb[:5],
+            *ph[:5],
+            *pw[:5],
+            out,
+            lse,
         )
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
-def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None,
-                              r_h=None, r_w=None):
+def window_attention_backward(
+    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+):
     """``(dq, dk, dv, drel_bias, dr_h, dr_w)`` like the reference ``window_attention_backward``."""
     q, k, v, out, lse, dout, rel_bias, r_h, r_w = (
         as_lib(a) for a in (q, k, v, out, lse, dout, rel_bias, r_h, r_w)
@@ -434,24 +636,65 @@ def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scal
         sumc = lib.empty((nb, h, w, kx) if pw[0] else one, dtype=dtype)
         sc = dtype.type(scale)
         grid = (nblocks(npix, THREADS), THREADS)
-        kerns["dq"][grid](q4, k4, v4, o4, do4, lse3, ytab, xtab, boundary == "zero", sc,
-                          *pb[:5], *ph[:5], *pw[:5], dq, delta, dlst, suma, sumc)
-        kerns["dkdv"][grid](q4, k4, v4, do4, lse3, delta, ytab, xtab, yptr, yinv, xptr, xinv, sc,
-                            *pb[:5], *ph[:5], *pw[:5], dk, dvv)
+        kerns["dq"][grid](
+            q4,
+            k4,
+            v4,
+            o4,
+            do4,
+            lse3,
+            ytab,
+            xtab,
+            boundary == "zero",
+            sc,
+            *pb[:5],
+            *ph[:5],
+            *pw[:5],
+            dq,
+            delta,
+            dlst,
+            suma,
+            sumc,
+        )
+        kerns["dkdv"][grid](
+            q4,
+            k4,
+            v4,
+            do4,
+            lse3,
+            delta,
+            ytab,
+            xtab,
+            yptr,
+            yinv,
+            xptr,
+            xinv,
+            sc,
+            *pb[:5],
+            *ph[:5],
+            *pw[:5],
+            dk,
+            dvv,
+        )
         if pb[0] and grads[0].size:
             n = grads[0].size
             kerns["dbias"][nblocks(n, THREADS), THREADS](
-                dlst, kx, yrptr, yrel, xrptr, xrel, pb[2], wy.table, wx.table, grads[0])
+                dlst, kx, yrptr, yrel, xrptr, xrel, pb[2], wy.table, wx.table, grads[0]
+            )
         for axis, p, sums, rptr, rel, rows, slot in (
-            (0, ph, suma, yrptr, yrel, wy.table, 1), (1, pw, sumc, xrptr, xrel, wx.table, 2)
+            (0, ph, suma, yrptr, yrel, wy.table, 1),
+            (1, pw, sumc, xrptr, xrel, wx.table, 2),
         ):
             g = grads[slot]
             if p[0] and g.size:
                 kerns["dtable"][nblocks(g.size, THREADS), THREADS](
-                    q4, sums, axis, rptr, rel, p[2], rows, d, g)
+                    q4, sums, axis, rptr, rel, p[2], rows, d, g
+                )
     like = (rel_bias, r_h, r_w)
-    grads = [None if g is None else g.reshape(a.shape).astype(a.dtype, copy=False)
-             for g, a in zip(grads, like)]
+    grads = [
+        None if g is None else g.reshape(a.shape).astype(a.dtype, copy=False)
+        for g, a in zip(grads, like, strict=True)
+    ]
     return (dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), *grads)
 
 
@@ -461,7 +704,10 @@ def window_attention_backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scal
 def _supports(call):
     q = call.arrays["q"]
     if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return f"takes float32 or float64 inputs, got {q.dtype} (the cupy backend or array_api handles it)"
+        return (
+            f"takes float32 or float64 inputs, got {q.dtype} "
+            "(the cupy backend or array_api handles it)"
+        )
     return None
 
 

@@ -27,7 +27,8 @@ v = np.eye(H * W).reshape(1, H, W, H * W)
 out = aa.criss_cross_attention(q, k, v)
 u = (4, 7)
 weights = out[0, u[0], u[1]].reshape(H, W)
-assert np.isclose(weights.sum(), 1.0) and np.count_nonzero(weights) == H + W - 1
+assert np.isclose(weights.sum(), 1.0)
+assert np.count_nonzero(weights) == H + W - 1
 
 # %%
 # Two recurrent steps: the gradient of one output pixel with respect to the input map is
@@ -52,7 +53,7 @@ for recurrence in (1, 2):
 fig, axes = plt.subplots(1, 3, figsize=(10, 3), layout="constrained")
 axes[0].imshow(weights, cmap="viridis")
 axes[0].set_title(f"weights of pixel {u}")
-for ax, r, n in zip(axes[1:], reach, (1, 2)):
+for ax, r, n in zip(axes[1:], reach, (1, 2), strict=True):
     ax.imshow(np.log10(r + 1e-12), cmap="magma")
     ax.set_title(f"log10 |d y_u / d x|, R = {n}")
 for ax in axes:

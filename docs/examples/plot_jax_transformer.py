@@ -72,6 +72,7 @@ def loss(params, x, attention):
 # Forward and gradients under ``jit``
 # -----------------------------------
 
+
 def gradients(attention):
     return jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, attention), (0, 1)))(params, x)
 
@@ -85,12 +86,17 @@ def relative_errors(a, b):
 
 
 ours, theirs, plain = (gradients(f) for f in (arrayattn_attention, jax_attention, plain_attention))
-print(f"loss: arrayattn {float(ours[0]):.15f}\n      jax.nn    {float(theirs[0]):.15f}"
-      f"\n      plain jnp {float(plain[0]):.15f}")
+print(
+    f"loss: arrayattn {float(ours[0]):.15f}\n      jax.nn    {float(theirs[0]):.15f}"
+    f"\n      plain jnp {float(plain[0]):.15f}"
+)
 errors_jax = relative_errors(ours, theirs)
 errors_plain = relative_errors(ours, plain)
 for name in errors_jax:
-    print(f"d loss / d {name:6s} vs jax.nn {errors_jax[name]:.1e}   vs plain jnp {errors_plain[name]:.1e}")
+    print(
+        f"d loss / d {name:6s} vs jax.nn {errors_jax[name]:.1e}   vs plain jnp "
+        f"{errors_plain[name]:.1e}"
+    )
 
 # %%
 # The gradients agree with JAX's autodiff of a plain float64 attention to rounding level. They
@@ -105,8 +111,11 @@ assert max(errors_jax.values()) < 1e-5
 # The same layer trains: a few steps of gradient descent on the regression target, with the
 # hand-derived attention backward inside ``jit``.
 
-step = jax.jit(lambda p, x: jax.tree_util.tree_map(
-    lambda w, g: w - 0.5 * g, p, jax.grad(loss)(p, x, arrayattn_attention)))
+step = jax.jit(
+    lambda p, x: jax.tree_util.tree_map(
+        lambda w, g: w - 0.5 * g, p, jax.grad(loss)(p, x, arrayattn_attention)
+    )
+)
 history = []
 p = params
 for _ in range(60):
@@ -119,7 +128,9 @@ for _ in range(60):
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
 names = list(errors_jax)
 pos = np.arange(len(names))
-ax1.bar(pos - 0.2, [max(errors_jax[n], 1e-18) for n in names], 0.4, label="vs jax.nn (float32 logits)")
+ax1.bar(
+    pos - 0.2, [max(errors_jax[n], 1e-18) for n in names], 0.4, label="vs jax.nn (float32 logits)"
+)
 ax1.bar(pos + 0.2, [max(errors_plain[n], 1e-18) for n in names], 0.4, label="vs plain float64 jnp")
 ax1.set_xticks(pos, names)
 ax1.set_yscale("log")

@@ -34,7 +34,7 @@ v = np.eye(H * W).reshape(H, W, H * W)
 
 fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), layout="constrained")
 for row, dil in enumerate((1, 2)):
-    for ax, boundary in zip(axes[row], ("clamp", "zero", "mask")):
+    for ax, boundary in zip(axes[row], ("clamp", "zero", "mask"), strict=True):
         out = aa.neighborhood_attention_2d(q, k, v, kernel_size=K, dilation=dil, boundary=boundary)
         weights = out[query].reshape(H, W)
         ax.imshow(weights > 0, cmap="Blues", vmin=0, vmax=1.6)
@@ -44,8 +44,16 @@ for row, dil in enumerate((1, 2)):
                 for dx in range(-(K // 2), K - K // 2):
                     y, x = query[0] + dy * dil, query[1] + dx * dil
                     if not (0 <= y < H and 0 <= x < W):
-                        ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False,
-                                                   hatch="///", edgecolor="tab:red"))
+                        ax.add_patch(
+                            plt.Rectangle(
+                                (x - 0.5, y - 0.5),
+                                1,
+                                1,
+                                fill=False,
+                                hatch="///",
+                                edgecolor="tab:red",
+                            )
+                        )
             ax.set_xlim(-3.5, W - 0.5)
             ax.set_ylim(H - 0.5, -3.5)
         ax.plot(query[1], query[0], "o", color="tab:orange", markersize=10)

@@ -26,13 +26,14 @@ scale = 1 / np.sqrt(d)
 # Each reconstructed row sums to one, and ``P v`` is the op's output.
 
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), layout="constrained")
-for ax, causal in zip(axes, ["top_left", "bottom_right"]):
+for ax, causal in zip(axes, ["top_left", "bottom_right"], strict=True):
     out, lse = aa.scaled_dot_product_attention(q, k, v, causal=causal, return_lse=True)
     offset = 0 if causal == "top_left" else Lk - Lq
     keep = np.arange(Lk)[None, :] <= np.arange(Lq)[:, None] + offset
     s = np.where(keep, scale * q @ k.T, -np.inf)
     p = np.exp(s - lse[:, None])
-    assert np.allclose(p.sum(axis=1), 1.0) and np.allclose(p @ v, out)
+    assert np.allclose(p.sum(axis=1), 1.0)
+    assert np.allclose(p @ v, out)
     im = ax.imshow(p, cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"causal={causal!r}")
     ax.set_xlabel("key j")

@@ -17,19 +17,29 @@ import arrayattn as aa
 L = 48
 panels = [
     ("strided, merged", aa.sparse_attention_mask(L, pattern="strided", stride=6)),
-    ("strided, A1 (band l+1)", aa.sparse_attention_mask(L, pattern="strided", stride=6,
-                                                        combine="interleaved", layer=0)),
-    ("strided, A2", aa.sparse_attention_mask(L, pattern="strided", stride=6,
-                                             combine="interleaved", layer=1)),
-    ("strided, local_width=l", aa.sparse_attention_mask(L, pattern="strided", stride=6,
-                                                        local_width=6)),
+    (
+        "strided, A1 (band l+1)",
+        aa.sparse_attention_mask(L, pattern="strided", stride=6, combine="interleaved", layer=0),
+    ),
+    (
+        "strided, A2",
+        aa.sparse_attention_mask(L, pattern="strided", stride=6, combine="interleaved", layer=1),
+    ),
+    (
+        "strided, local_width=l",
+        aa.sparse_attention_mask(L, pattern="strided", stride=6, local_width=6),
+    ),
     ("fixed, merged", aa.sparse_attention_mask(L, pattern="fixed", stride=8, summary=2)),
-    ("fixed, multihead head 1", aa.sparse_attention_mask(L, pattern="fixed", stride=8, summary=2,
-                                                         combine="multihead", num_heads=2)[1]),
+    (
+        "fixed, multihead head 1",
+        aa.sparse_attention_mask(
+            L, pattern="fixed", stride=8, summary=2, combine="multihead", num_heads=2
+        )[1],
+    ),
 ]
 
 fig, axes = plt.subplots(2, 3, figsize=(10, 7), layout="constrained")
-for ax, (title, mask) in zip(axes.flat, panels):
+for ax, (title, mask) in zip(axes.flat, panels, strict=True):
     ax.imshow(mask, cmap="Greys", interpolation="nearest")
     ax.set_title(f"{title}\n{mask.sum() / (L * (L + 1) / 2):.0%} of the causal pairs", fontsize=9)
     ax.set_xlabel("key j")

@@ -54,27 +54,32 @@ class SASA(nn.Module):
         super().__init__()
         self.heads, self.kernel_size = heads, kernel_size
         dh = c_out // heads
-        self.params = nn.ParameterDict({
-            "w_q": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
-            "w_k": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
-            "w_v": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
-            "rel_h": nn.Parameter(0.1 * torch.randn(2 * kernel_size - 1, dh)),
-            "rel_w": nn.Parameter(0.1 * torch.randn(2 * kernel_size - 1, dh)),
-        })
+        self.params = nn.ParameterDict(
+            {
+                "w_q": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
+                "w_k": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
+                "w_v": nn.Parameter(torch.randn(c_out, c_in, 1, 1) / c_in**0.5),
+                "rel_h": nn.Parameter(0.1 * torch.randn(2 * kernel_size - 1, dh)),
+                "rel_w": nn.Parameter(0.1 * torch.randn(2 * kernel_size - 1, dh)),
+            }
+        )
 
     def forward(self, x):
-        return aat.sasa_block(x, dict(self.params), num_heads=self.heads,
-                              kernel_size=self.kernel_size)
+        return aat.sasa_block(
+            x, dict(self.params), num_heads=self.heads, kernel_size=self.kernel_size
+        )
 
 
 class CBAM(nn.Module):
     def __init__(self, c, reduction=2, kernel_size=3):
         super().__init__()
-        self.params = nn.ParameterDict({
-            "w1": nn.Parameter(torch.randn(c // reduction, c) / c**0.5),
-            "w2": nn.Parameter(torch.randn(c, c // reduction) / (c // reduction) ** 0.5),
-            "w_spatial": nn.Parameter(0.1 * torch.randn(1, 2, kernel_size, kernel_size)),
-        })
+        self.params = nn.ParameterDict(
+            {
+                "w1": nn.Parameter(torch.randn(c // reduction, c) / c**0.5),
+                "w2": nn.Parameter(torch.randn(c, c // reduction) / (c // reduction) ** 0.5),
+                "w_spatial": nn.Parameter(0.1 * torch.randn(1, 2, kernel_size, kernel_size)),
+            }
+        )
 
     def forward(self, x):
         return aat.cbam(x, dict(self.params))
@@ -101,7 +106,7 @@ print(model)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 losses = []
 start = time.perf_counter()
-for step in range(200):
+for _ in range(200):
     x, y = make_batch(32)
     loss = nn.functional.cross_entropy(model(x), y)
     optimizer.zero_grad()

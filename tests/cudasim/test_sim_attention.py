@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -45,11 +44,12 @@ def _run_both(q, k, v, m, b, causal, groups, dtype, rng, with_dlse=True):
     dlse = rng.standard_normal(lse.shape).astype(dtype) if with_dlse else None
     got = nc.sdpa_backward(q, k, v, out, lse, do, dlse, blocks=BLOCKS, **kw)
     want = ref_bwd(np, q, k, v, rout, rlse, do, dlse, **kw)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         if w is None:
             assert g is None
             continue
-        assert g.shape == w.shape and g.dtype == w.dtype
+        assert g.shape == w.shape
+        assert g.dtype == w.dtype
         assert np.all(np.isfinite(g))
         _close(g, w, dtype)
 
@@ -66,14 +66,14 @@ def test_causal_gqa(rng, causal):
     _run_both(q, k, v, m, b, causal, 2, np.float64, rng)
 
 
-@pytest.mark.parametrize("lq,lk", [(7, 5), (5, 7)])
+@pytest.mark.parametrize(("lq", "lk"), [(7, 5), (5, 7)])
 def test_causal_bottom_right_shapes(rng, lq, lk):
     q, k, v, m, b = _case(rng, np.float64, hq=1, hkv=1, lq=lq, lk=lk)
     _run_both(q, k, v, m, b, "bottom_right", 1, np.float64, rng, with_dlse=False)
 
 
 @pytest.mark.parametrize(
-    "mask_shape,bias_shape",
+    ("mask_shape", "bias_shape"),
     [((1, 2, 5, 7), (2, 5, 7)), ((5, 7), (1, 1, 1, 7)), ((1, 1, 5, 1), (5, 1)), (None, (7,))],
 )
 def test_mask_bias_broadcast(rng, mask_shape, bias_shape):
@@ -89,18 +89,20 @@ def test_mask_bias_causal_gqa_float32(rng):
 def test_empty_rows_zero_and_deterministic(rng):
     q, k, v, m, b = _case(rng, np.float64, mask=(1, 2, 5, 7))
     out, lse = nc.sdpa_forward(q, k, v, mask=m, scale=1.0, blocks=BLOCKS)
-    assert np.all(out[..., 1, :] == 0) and np.all(np.isposinf(lse[..., 1]))
+    assert np.all(out[..., 1, :] == 0)
+    assert np.all(np.isposinf(lse[..., 1]))
     do = rng.standard_normal(out.shape)
     g1 = nc.sdpa_backward(q, k, v, out, lse, do, mask=m, scale=1.0, blocks=BLOCKS)
     g2 = nc.sdpa_backward(q, k, v, out, lse, do, mask=m, scale=1.0, blocks=BLOCKS)
     assert np.all(g1[0][..., 1, :] == 0)
-    for a, b_ in zip(g1[:3], g2[:3]):
+    for a, b_ in zip(g1[:3], g2[:3], strict=True):
         assert np.array_equal(a, b_)
 
 
 def test_kernel_interface_matches_reference(rng):
     """The registered Kernel's fwd/bwd (what the op calls on CuPy arrays) on simulator arrays."""
     import arrayattn as aa
+
     ref = aa.scaled_dot_product_attention.reference
     kern = nc.KERNELS["scaled_dot_product_attention"]
     q, k, v, m, b = _case(rng, np.float64, lq=3, lk=4, mask=(3, 4), bias=(3, 4))
@@ -108,7 +110,7 @@ def test_kernel_interface_matches_reference(rng):
     assert kern.supports(call) is None
     outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
     routs, rsaved = ref.fwd(np, dict(call.arrays), dict(call.static), True)
-    for a, r in zip(outs, routs):
+    for a, r in zip(outs, routs, strict=True):
         _close(a, r, np.float64)
     cts = tuple(rng.standard_normal(o.shape) for o in outs)
     g = kern.bwd(np, saved, dict(call.static), cts)

@@ -14,8 +14,13 @@ TOL = {np.float64: 1e-12, np.float32: 2e-5}
 
 
 @pytest.mark.parametrize(
-    "dtype,shape", [(np.float64, (1, 3, 4)), (np.float32, (2, 3, 2)), (np.float64, (1, 1, 3)),
-                    (np.float64, (1, 3, 1))],
+    ("dtype", "shape"),
+    [
+        (np.float64, (1, 3, 4)),
+        (np.float32, (2, 3, 2)),
+        (np.float64, (1, 1, 3)),
+        (np.float64, (1, 3, 1)),
+    ],
 )
 def test_matches_reference(rng, dtype, shape):
     q = rng.standard_normal(shape + (3,)).astype(dtype)
@@ -29,8 +34,9 @@ def test_matches_reference(rng, dtype, shape):
     do = rng.standard_normal(out.shape).astype(dtype)
     got = nc.criss_cross_backward(q, k, v, out, lse, do, scale=0.8)
     want = ref_bwd(np, q, k, v, rout, rlse, do, scale=0.8)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == w.dtype
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert g.dtype == w.dtype
         np.testing.assert_allclose(g, w, rtol=0, atol=tol * 4 * max(1, np.abs(w).max()))
 
 

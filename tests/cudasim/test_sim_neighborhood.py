@@ -27,8 +27,21 @@ def _close(a, b, dtype):
     np.testing.assert_allclose(a, b, rtol=0, atol=TOL[dtype] * scale)
 
 
-def _run(rng, dtype, wy, wx, boundary, *, batch=(1,), d=3, dv=2, bias_shape=None, rh_shape=None,
-         rw_shape=None, scale=0.7):
+def _run(
+    rng,
+    dtype,
+    wy,
+    wx,
+    boundary,
+    *,
+    batch=(1,),
+    d=3,
+    dv=2,
+    bias_shape=None,
+    rh_shape=None,
+    rw_shape=None,
+    scale=0.7,
+):
     h, w = wy.idx.shape[1], wx.idx.shape[1]
     q = rng.standard_normal(batch + (h, w, d)).astype(dtype)
     k = rng.standard_normal(batch + (h, w, d)).astype(dtype)
@@ -39,22 +52,24 @@ def _run(rng, dtype, wy, wx, boundary, *, batch=(1,), d=3, dv=2, bias_shape=None
     kw = dict(boundary=boundary, scale=scale, **opt)
     out, lse = nc.window_attention_forward(q, k, v, wy, wx, **kw)
     rout, rlse = window_attention_forward(np, q, k, v, wy, wx, **kw)
-    assert out.shape == rout.shape and out.dtype == rout.dtype
+    assert out.shape == rout.shape
+    assert out.dtype == rout.dtype
     _close(out, rout, dtype)
     assert np.array_equal(np.isinf(lse), np.isinf(rlse))
     _close(np.where(np.isinf(lse), 0, lse), np.where(np.isinf(rlse), 0, rlse), dtype)
     do = rng.standard_normal(out.shape).astype(dtype)
     got = nc.window_attention_backward(q, k, v, out, lse, do, wy, wx, **kw)
     want = window_attention_backward(np, q, k, v, rout, rlse, do, wy, wx, **kw)
-    for name, g, r in zip(("dq", "dk", "dv", "drel_bias", "dr_h", "dr_w"), got, want):
+    for name, g, r in zip(("dq", "dk", "dv", "drel_bias", "dr_h", "dr_w"), got, want, strict=True):
         if r is None:
             assert g is None, name
             continue
-        assert g.shape == r.shape and g.dtype == r.dtype, name
+        assert g.shape == r.shape, name
+        assert g.dtype == r.dtype, name
         assert np.all(np.isfinite(g)), name
         _close(g, r, dtype)
     again = nc.window_attention_backward(q, k, v, out, lse, do, wy, wx, **kw)
-    for g, g2 in zip(got, again):  # deterministic: bitwise equal
+    for g, g2 in zip(got, again, strict=True):  # deterministic: bitwise equal
         assert (g is None and g2 is None) or np.array_equal(g, g2)
 
 
@@ -64,8 +79,19 @@ def test_na2d_bias_and_rel_pos(rng, dtype, boundary):
     kern = 3
     wy, wx = na_axis_windows(5, kern, 1, boundary), na_axis_windows(6, kern, 1, boundary)
     t = 2 * kern - 1
-    _run(rng, dtype, wy, wx, boundary, batch=(2,), d=3, dv=4, bias_shape=(2, t, t),
-         rh_shape=(t, 3), rw_shape=(2, t, 3))
+    _run(
+        rng,
+        dtype,
+        wy,
+        wx,
+        boundary,
+        batch=(2,),
+        d=3,
+        dv=4,
+        bias_shape=(2, t, t),
+        rh_shape=(t, 3),
+        rw_shape=(2, t, 3),
+    )
 
 
 @pytest.mark.parametrize("boundary", ["clamp", "zero", "mask"])
@@ -108,16 +134,20 @@ def _op_calls(rng):
     q, k, v = (rng.standard_normal((1, 5, 6, 3)) for _ in range(3))
     bias = rng.standard_normal((1, 5, 5))
     rel = {"r_h": rng.standard_normal((5, 3)) / 2, "r_w": rng.standard_normal((5, 3)) / 2}
-    yield aa.neighborhood_attention_2d._prepare(q, k, v, kernel_size=3, boundary="zero",
-                                                rel_bias=bias, rel_pos=rel)
-    yield aa.neighborhood_attention_2d._prepare(q, k, v, kernel_size=2, dilation=2,
-                                                rel_pos=(rel["r_h"][:3], None))
+    yield aa.neighborhood_attention_2d._prepare(
+        q, k, v, kernel_size=3, boundary="zero", rel_bias=bias, rel_pos=rel
+    )
+    yield aa.neighborhood_attention_2d._prepare(
+        q, k, v, kernel_size=2, dilation=2, rel_pos=(rel["r_h"][:3], None)
+    )
     q1, k1, v1 = (rng.standard_normal((2, 7, 3)) for _ in range(3))
-    yield aa.neighborhood_attention_1d._prepare(q1, k1, v1, kernel_size=3, causal=True,
-                                                rel_bias=rng.standard_normal((2, 5)))
+    yield aa.neighborhood_attention_1d._prepare(
+        q1, k1, v1, kernel_size=3, causal=True, rel_bias=rng.standard_normal((2, 5))
+    )
     q2, k2, v2 = (rng.standard_normal((1, 4, 4, 2)) for _ in range(3))
-    yield aa.halo_attention._prepare(q2, k2, v2, block_size=2, halo_size=1,
-                                     rel_pos=(rng.standard_normal((5, 2)), None))
+    yield aa.halo_attention._prepare(
+        q2, k2, v2, block_size=2, halo_size=1, rel_pos=(rng.standard_normal((5, 2)), None)
+    )
 
 
 def test_kernel_interface_matches_reference_kernel(rng):
