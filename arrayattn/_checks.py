@@ -157,7 +157,7 @@ def check_broadcastable(
     """``shape`` must broadcast to ``target`` without changing ``target``."""
     shape, target = tuple(shape), tuple(target)
     ok = len(shape) <= len(target) and all(
-        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=True)
+        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=False)
     )
     if not ok:
         raise ValueError(
@@ -227,9 +227,8 @@ def check_params(
             continue
         if not array_api_compat.is_array_api_obj(value):
             raise TypeError(f"{name}[{key!r}]: expected an array, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f"{name}[{key!r}]: expected shape {tuple(shape)}, got {tuple(value.shape)}"
-            )
+        got = tuple(getattr(value, "shape", ()))
+        if got != tuple(shape):
+            raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {got}")
         out[key] = value
     return out
