@@ -4,7 +4,7 @@ Every op runs on the arrays it is given (NumPy, CuPy, torch, JAX, array_api_stri
 the Python array API standard; fast kernels plug in as backends chosen by a setting.
 """
 
-from . import backends  # the subpackage, callable as backends()
+from . import backends  # type: ignore[attr-defined]  # the subpackage (backends/), callable
 from ._config import get_backend, set_backend, use_backend
 from ._op import Op, Residuals, registered_ops, vjp
 from ._registry import BackendError

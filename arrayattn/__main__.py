@@ -12,16 +12,11 @@ import numpy as np
 import arrayattn as aa
 
 from ._gradcheck import directional_errors, random_cotangents
+from ._table import table
 
-#: Relative error allowed in ``check``'s float64 dot-product test (DESIGN section 6: < 1e-6).
+# : Relative error allowed in ``check``'s float64 dot-product test (the project's correctness
+# standard: < 1e-6).
 CHECK_TOLERANCE = 1e-6
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-    return "\n".join([fmt(header), line, *map(fmt, rows)])
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -34,7 +29,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for b in aa.backends():
         ops = "-" if b.ops is None else str(len(b.ops))
         rows.append([b.name, "yes" if b.available else "no", ops, b.reason or b.description])
-    print(_table(rows, ["backend", "available", "ops", "notes"]))
+    print(table(rows, ["backend", "available", "ops", "notes"]))
     print("devices:")
     print(f"  cpu: {platform.processor() or platform.machine()}")
     try:
@@ -99,7 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 ]
             )
     print(f"arrayattn check: backend setting {aa.get_backend()!r}, float64, finite differences")
-    print(_table(rows, ["op#example", "backend", "max rel err", "ms", "result"]))
+    print(table(rows, ["op#example", "backend", "max rel err", "ms", "result"]))
     print(f"{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0
 

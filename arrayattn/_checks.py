@@ -227,9 +227,8 @@ def check_params(
             continue
         if not array_api_compat.is_array_api_obj(value):
             raise TypeError(f"{name}[{key!r}]: expected an array, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f"{name}[{key!r}]: expected shape {tuple(shape)}, got {tuple(value.shape)}"
-            )
+        got = tuple(getattr(value, "shape", ()))
+        if got != tuple(shape):
+            raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {got}")
         out[key] = value
     return out

@@ -12,10 +12,10 @@ import contextvars
 import os
 from collections.abc import Iterator
 
-__all__ = ["BACKEND_NAMES", "ENV_VAR", "get_backend", "set_backend", "use_backend"]
+from ._registry import backend_names
 
-#: Every name the setting accepts: ``"auto"`` and the backends of the registry.
-BACKEND_NAMES = ("auto", "array_api", "numba", "cupy", "numba_cuda")
+__all__ = ["ENV_VAR", "get_backend", "set_backend", "setting_names", "use_backend"]
+
 ENV_VAR = "ARRAYATTN_BACKEND"
 
 # Two layers in one variable would make `use_backend` inside `set_backend` ambiguous to undo, so the
@@ -28,11 +28,20 @@ _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+def setting_names() -> tuple[str, ...]:
+    """Every name the setting accepts: ``"auto"`` and the backends of the registry.
+
+    Returns
+    -------
+    tuple of str
+    """
+    return ("auto", *backend_names())
+
+
 def _validate(name: object, source: str) -> str:
-    if not isinstance(name, str) or name not in BACKEND_NAMES:
-        raise ValueError(
-            f"{source}: expected one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}"
-        )
+    names = setting_names()
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"{source}: expected one of {', '.join(map(repr, names))}, got {name!r}")
     return name
 
 
@@ -60,6 +69,11 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """Return the backend setting in force here (``"auto"`` unless something chose another).
+
+    Returns
+    -------
+    str
+        ``"auto"`` or a backend name.
 
     Examples
     --------

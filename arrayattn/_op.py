@@ -1,9 +1,9 @@
 """The op protocol: callable op objects with ``fwd``/``bwd``, residual records and gradient records.
 
 An op is defined by a *prepare* function whose signature and docstring are the public ones: it
-validates the arguments and returns a :class:`Call` (the namespace, the array arguments by name and
-the static options, already normalised). The op object then resolves a backend
-(:mod:`arrayattn._registry`) and runs that backend's :class:`Kernel`::
+validates the arguments and returns a :class:`~arrayattn._kernel.Call` (the namespace, the array
+arguments by name and the op's typed options). The op object then resolves a backend
+(:mod:`arrayattn._registry`) and runs that backend's :class:`~arrayattn._kernel.Kernel`::
 
     op(*a, **kw)        -> outputs                       (nothing kept for backward)
     op.fwd(*a, **kw)    -> (outputs, Residuals)
@@ -14,104 +14,174 @@ the static options, already normalised). The op object then resolves a backend
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar
 
 import array_api_compat
 import numpy as np
 
+from . import _registry
+from ._config import get_backend
+from ._kernel import Call, Kernel, Options
 from ._xp import Array
 
-__all__ = ["Call", "Kernel", "Op", "Residuals", "op", "registered_ops", "vjp"]
+__all__ = ["Op", "Residuals", "Skeleton", "op", "registered_ops", "vjp"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+registered_ops = _registry.registered_ops
 
 
-@dataclass(frozen=True)
-class Call:
-    """A validated call of an op.
+class Skeleton(NamedTuple):
+    """Everything of a :class:`Residuals` record but its arrays (hashable)."""
 
-    ``arrays`` holds every array argument by name (``None`` where not given; a parameter mapping
-    is a ``dict`` of arrays under its argument name). ``static`` holds the normalised options, all
-    hashable. ``outputs`` names the outputs; more than one name means the op returns a tuple.
-    """
+    op: str
+    backend: str
+    options: Options
+    nested: tuple[tuple[str, Skeleton], ...]
+    outputs: tuple[tuple[str, tuple[int, ...], Any], ...]
 
-    xp: Any
-    arrays: Mapping[str, Any]
-    static: Mapping[str, Hashable]
-    outputs: tuple[str, ...] = ("out",)
+    def backends(self) -> tuple[str, ...]:
+        """The backends of this record and of its nested records, depth first.
 
+        Returns
+        -------
+        tuple of str
+            This record's backend first, then each nested record's, recursively.
+        """
+        return (self.backend,) + tuple(b for _, s in self.nested for b in s.backends())
 
-class Kernel(NamedTuple):
-    """One backend's implementation of one op.
+    def with_backends(self, names: Sequence[str]) -> Skeleton:
+        """The same skeleton with the backends of :meth:`backends` replaced, in that order.
 
-    ``fwd(xp, arrays, static, save) -> (outputs_tuple, saved)`` where ``saved`` is a flat mapping of
-    name -> array (or ``None``) holding only what backward needs (empty when ``save`` is false).
-    ``bwd(xp, saved, static, cotangents) -> {argument name: gradient}``; cotangents arrive as a
-    tuple with one array per output (zeros substituted for ``None``).
-    ``supports(call) -> str | None`` gives the reason this kernel cannot run a call, or ``None``.
-    """
+        Parameters
+        ----------
+        names : sequence of str
+            One backend name per record, in the order of :meth:`backends`.
 
-    fwd: Callable[..., tuple[tuple[Array, ...], dict[str, Array | None]]]
-    bwd: Callable[..., dict[str, Any]]
-    supports: Callable[[Call], str | None] = lambda call: None
+        Returns
+        -------
+        Skeleton
+        """
+        it = iter(names)
+
+        def walk(s: Skeleton) -> Skeleton:  # numpydoc ignore=GL08
+            backend = next(it)
+            return s._replace(backend=backend, nested=tuple((k, walk(n)) for k, n in s.nested))
+
+        return walk(self)
 
 
 @dataclass(frozen=True, eq=False)
 class Residuals:
-    """What backward needs: a flat record of arrays plus hashable static options.
+    """What backward needs: a flat record of arrays plus the op's options.
 
-    A framework adapter saves ``arrays`` (a flat name -> array mapping) as its own tensors and
-    rebuilds the record with :meth:`with_arrays`.
+    ``arrays`` is flat: a nested record (an op run inside another, e.g. the attention core of
+    multi-head attention) contributes its arrays under ``"key/name"``. A framework adapter saves
+    ``arrays`` as its own tensors and rebuilds the record from :attr:`skeleton` with
+    :meth:`from_skeleton`.
     """
 
     op: str
     backend: str
     arrays: Mapping[str, Array | None]
-    static: tuple[tuple[str, Hashable], ...]
-    outputs: tuple[tuple[str, tuple[int, ...], Any], ...] = field(default=())
+    options: Options
+    nested: tuple[tuple[str, Skeleton], ...] = ()
+    outputs: tuple[tuple[str, tuple[int, ...], Any], ...] = ()
 
     @property
-    def options(self) -> dict[str, Hashable]:
-        return dict(self.static)
+    def skeleton(self) -> Skeleton:  # numpydoc ignore=RT01
+        """The hashable, array-free part of the record (what an adapter keeps as a constant)."""
+        return Skeleton(self.op, self.backend, self.options, self.nested, self.outputs)
+
+    @property
+    def static(self) -> Skeleton:  # numpydoc ignore=RT01
+        """Alias of :attr:`skeleton`."""
+        return self.skeleton
+
+    @classmethod
+    def from_skeleton(cls, skeleton: Skeleton, arrays: Mapping[str, Array | None]) -> Residuals:
+        """The record made of a :attr:`skeleton` and the (flat) arrays it was saved with.
+
+        Parameters
+        ----------
+        skeleton : Skeleton
+            The array-free part, e.g. kept by a framework adapter.
+        arrays : mapping of str to array or None
+            The flat arrays, keyed as :attr:`arrays` (nested records under ``"key/name"``).
+
+        Returns
+        -------
+        Residuals
+        """
+        return cls(
+            skeleton.op,
+            skeleton.backend,
+            dict(arrays),
+            skeleton.options,
+            skeleton.nested,
+            skeleton.outputs,
+        )
 
     def with_arrays(self, arrays: Mapping[str, Array | None]) -> Residuals:
-        """The same record holding other arrays (e.g. the adapter's tensors viewed as arrays)."""
+        """The same record holding other arrays (e.g. the adapter's tensors viewed as arrays).
+
+        Parameters
+        ----------
+        arrays : mapping of str to array or None
+            The same keys as :attr:`arrays`.
+
+        Returns
+        -------
+        Residuals
+        """
         if set(arrays) != set(self.arrays):
             raise ValueError(
                 f"arrays: expected the keys {sorted(self.arrays)}, got {sorted(arrays)}"
             )
         return replace(self, arrays=dict(arrays))
 
+    def inner(self, key: str) -> Residuals:
+        """The nested record saved under ``key``.
 
-# A kernel that composes other ops (multi-head attention runs scaled_dot_product_attention) saves
-# their Residuals under a key. The public record stays flat: the inner arrays go in under
-# "key/name" and the inner record's static part under the static key "key/".
+        Parameters
+        ----------
+        key : str
+            The name the composite kernel saved the inner op's record under.
+
+        Returns
+        -------
+        Residuals
+        """
+        skeleton = dict(self.nested)[key]
+        prefix = key + _NEST
+        inner = {k[len(prefix) :]: a for k, a in self.arrays.items() if k.startswith(prefix)}
+        return Residuals.from_skeleton(skeleton, inner)
+
+
 _NEST = "/"
 
 
-def _flatten(saved: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[tuple[str, Hashable], ...]]:
+def _flatten(saved: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[tuple[str, Skeleton], ...]]:
     arrays: dict[str, Any] = {}
-    nested: list[tuple[str, Hashable]] = []
+    nested: list[tuple[str, Skeleton]] = []
     for key, value in saved.items():
         if isinstance(value, Residuals):
             arrays.update({f"{key}{_NEST}{name}": a for name, a in value.arrays.items()})
-            nested.append((f"{key}{_NEST}", (value.op, value.backend, value.static, value.outputs)))
+            nested.append((key, value.skeleton))
         else:
             arrays[key] = value
     return arrays, tuple(nested)
 
 
-def _unflatten(res: Residuals) -> tuple[dict[str, Any], dict[str, Hashable]]:
-    saved = {k: a for k, a in res.arrays.items() if _NEST not in k}
-    options = {}
-    for key, value in res.static:
-        if not key.endswith(_NEST):
-            options[key] = value
-            continue
-        op, backend, static, outputs = value
-        inner = {k[len(key) :]: a for k, a in res.arrays.items() if k.startswith(key)}
-        saved[key[: -len(_NEST)]] = Residuals(op, backend, inner, static, outputs)
-    return saved, options
+def _unflatten(res: Residuals) -> dict[str, Any]:
+    saved: dict[str, Any] = {k: a for k, a in res.arrays.items() if _NEST not in k}
+    for key, _ in res.nested:
+        saved[key] = res.inner(key)
+    return saved
 
 
 def _arrays_only(value: Any) -> Any:
@@ -125,38 +195,58 @@ def _arrays_only(value: Any) -> Any:
     return value
 
 
-_OPS: dict[str, Op] = {}
-
-
-def registered_ops() -> dict[str, Op]:
-    """Every public op, by name, in registration order."""
-    return dict(_OPS)
-
-
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-class Op:
+def _matches(name: str, schema: Sequence[str]) -> bool:
+    for entry in schema:
+        if entry.endswith("*") and name.startswith(entry[:-1]):
+            return True
+        if name == entry.removesuffix("?"):
+            return True
+    return False
+
+
+@functools.cache
+def _inner_ops(uses: tuple[str, ...]) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**{name: _registry.lookup(name) for name in uses})
+
+
+def _kw(kernel: Kernel) -> dict[str, Any]:
+    """Keyword arguments a kernel's functions take besides the convention's: the ops it uses."""
+    return {"ops": _inner_ops(kernel.uses)} if kernel.uses else {}
+
+
+class Op(Generic[P, R]):
     """A public op: call it for the forward pass; ``fwd``/``bwd`` for training.
 
     Built by the :func:`op` decorator; see the module docstring.
+
+    Parameters
+    ----------
+    prepare : callable
+        Validates the arguments and returns a :class:`~arrayattn._kernel.Call`; its signature
+        and docstring are the op's.
+    differentiable, reference, residuals, adapt, examples
+        As for :func:`op`.
     """
 
     def __init__(
         self,
-        prepare: Callable[..., Call],
+        prepare: Callable[P, Call[R]],
         *,
         differentiable: Sequence[str],
         reference: Kernel,
+        residuals: Sequence[str],
+        adapt: Callable[[Kernel], Kernel] | None = None,
         examples: Callable[[Any], list[tuple[tuple, dict]]] | None = None,
-        composite: bool = False,
     ):
         functools.update_wrapper(self, prepare)
         self.name: str = prepare.__name__
         self._prepare = prepare
         self.differentiable: tuple[str, ...] = tuple(differentiable)
-        self.Grads = NamedTuple(
+        self.Grads: Any = NamedTuple(  # type: ignore[misc]
             f"{_camel(self.name)}Grads", [(arg, Any) for arg in self.differentiable]
         )
         self.Grads.__doc__ = (
@@ -164,10 +254,24 @@ class Op:
             f"({', '.join(self.differentiable)}); ``None`` for an argument that was not given."
         )
         self.reference = reference
+        #: The names a kernel's residual record holds (``prefix*`` matches a family of names,
+        #: ``name?`` is saved on some paths only).
+        self.residuals: tuple[str, ...] = tuple(residuals)
+        self._adapt = adapt
         self.examples = examples
-        # A composite op's reference is array-API glue around other ops, which dispatch on the
-        # active backend; so it runs under any backend that accepts the inputs.
-        self.composite = composite
+
+    @property
+    def composite(self) -> bool:
+        """Whether the reference is glue around other ops (derived from the ops it uses).
+
+        A composite op runs under any backend that accepts its inputs, its inner ops dispatching
+        to that backend.
+        """
+        return bool(self.reference.uses)
+
+    def adapt(self, kernel: Kernel) -> Kernel:
+        """A backend's kernel in this op's own convention, adapted to the op protocol."""
+        return kernel if self._adapt is None else self._adapt(kernel)
 
     def __repr__(self) -> str:
         return f"<arrayattn op {self.name}>"
@@ -178,21 +282,31 @@ class Op:
     # -- forward ---------------------------------------------------------------------------------
 
     def _run_forward(self, args: tuple, kwargs: dict, save: bool):
-        from ._registry import resolve
-
         call = self._prepare(*args, **kwargs)
-        backend, kernel = resolve(self, call)
-        outs, saved = kernel.fwd(call.xp, dict(call.arrays), dict(call.static), save)
+        backend, kernel = _registry.resolve(self, call, get_backend())
+        outs, saved = kernel.fwd(call.xp, dict(call.arrays), call.options, save, **_kw(kernel))
         outs = _arrays_only(tuple(outs))
         if len(outs) != len(call.outputs):
             raise AssertionError(f"{self.name}[{backend}] returned {len(outs)} outputs")
+        if save:
+            self._check_saved(backend, saved)
         return call, backend, outs, saved
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _check_saved(self, backend: str, saved: Mapping[str, Any]) -> None:
+        """Every backend fills in the op's residual schema (adapters rely on it)."""
+        stray = [k for k in saved if not _matches(k, self.residuals)]
+        missing = [k for k in self.residuals if k[-1] not in "*?" and k not in saved]
+        if stray or missing:
+            raise AssertionError(
+                f"{self.name}[{backend}] residuals do not follow the op's schema "
+                f"{self.residuals}: unexpected {stray}, missing {missing}"
+            )
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         call, _, outs, _ = self._run_forward(args, kwargs, save=False)
         return outs if len(call.outputs) > 1 else outs[0]
 
-    def fwd(self, *args: Any, **kwargs: Any) -> tuple[Any, Residuals]:
+    def fwd(self, *args: P.args, **kwargs: P.kwargs) -> tuple[R, Residuals]:
         """Forward pass that also returns the :class:`Residuals` backward needs."""
         call, backend, outs, saved = self._run_forward(args, kwargs, save=True)
         arrays, nested = _flatten(saved)
@@ -200,7 +314,8 @@ class Op:
             op=self.name,
             backend=backend,
             arrays=arrays,
-            static=tuple(call.static.items()) + nested,
+            options=call.options,
+            nested=nested,
             outputs=tuple(
                 (name, tuple(o.shape), o.dtype) for name, o in zip(call.outputs, outs, strict=True)
             ),
@@ -219,17 +334,20 @@ class Op:
         cotangents : array or tuple of arrays
             One per output, shaped and typed like it; for an op with several outputs a tuple in
             which ``None`` stands for an output that does not reach the loss.
-        """
-        from ._registry import kernel_for
 
+        Returns
+        -------
+        Grads
+            A NamedTuple with one field per differentiable argument, ``None`` where that argument
+            was not given.
+        """
         if not isinstance(res, Residuals) or res.op != self.name:
             got = res.op if isinstance(res, Residuals) else type(res).__name__
             raise TypeError(f"res: expected the Residuals of {self.name}, got {got}")
         cts = self._check_cotangents(res, cotangents)
-        kernel = kernel_for(self, res.backend)
+        kernel = _registry.kernel_for(self, res.backend)
         xp = array_api_compat.array_namespace(*[a for a in res.arrays.values() if a is not None])
-        saved, options = _unflatten(res)
-        grads = kernel.bwd(xp, saved, options, cts)
+        grads = kernel.bwd(xp, _unflatten(res), res.options, cts, **_kw(kernel))
         return self.Grads(**{arg: _arrays_only(grads.get(arg)) for arg in self.differentiable})
 
     def _check_cotangents(self, res: Residuals, cotangents: Any) -> tuple[Array, ...]:
@@ -266,37 +384,64 @@ class Op:
     # -- dispatch report -------------------------------------------------------------------------
 
     def explain(self, *args: Any, **kwargs: Any) -> str:
-        """Which backend would run this call and why each other backend would not."""
-        from ._registry import explain
+        """Which backend would run this call and why each other backend would not.
 
-        return explain(self, self._prepare(*args, **kwargs))
+        Parameters
+        ----------
+        *args, **kwargs
+            The op's own arguments (nothing is computed).
+
+        Returns
+        -------
+        str
+            A report: the chosen backend, then one line per backend with its reasons.
+        """
+        return _registry.explain(self, self._prepare(*args, **kwargs), get_backend())
 
 
 def op(
     *,
     differentiable: Sequence[str],
     reference: Kernel,
+    residuals: Sequence[str],
+    adapt: Callable[[Kernel], Kernel] | None = None,
     examples: Callable[[Any], list[tuple[tuple, dict]]] | None = None,
-    composite: bool = False,
-) -> Callable[[Callable[..., Call]], Op]:
+) -> Callable[[Callable[P, Call[R]]], Op[P, R]]:
     """Decorator turning a prepare function into a registered :class:`Op`.
 
-    ``composite=True`` declares that the reference only glues other ops together with array-API
-    code (multi-head attention around scaled dot-product attention): it then runs under any backend
-    setting that accepts the inputs, and its inner ops run on that backend.
+    Parameters
+    ----------
+    differentiable : sequence of str
+        The array arguments ``bwd`` gives gradients for, in signature order.
+    reference : Kernel
+        The array-API reference (from the family's glue module). If it declares ``uses``, the op
+        is composite.
+    residuals : sequence of str
+        The names every backend's residual record holds (``"prefix*"`` for a family of names,
+        ``"name?"`` for one saved on some paths only, e.g. by a dense fallback).
+    adapt : callable, optional
+        Turns a backend kernel written in the op's own convention into the op protocol (the
+        family's glue); by default backends implement the op protocol directly.
+    examples : callable, optional
+        ``examples(rng) -> [(args, kwargs), ...]``: small float64 calls covering the options (for
+        ``python -m arrayattn check`` and the kernel-conformance test).
+
+    Returns
+    -------
+    callable
+        The decorator: it registers and returns the :class:`Op`.
     """
 
-    def wrap(prepare: Callable[..., Call]) -> Op:
-        new = Op(
+    def wrap(prepare: Callable[P, Call[R]]) -> Op[P, R]:  # numpydoc ignore=GL08
+        new: Op[P, R] = Op(
             prepare,
             differentiable=differentiable,
             reference=reference,
+            residuals=residuals,
+            adapt=adapt,
             examples=examples,
-            composite=composite,
         )
-        if new.name in _OPS:
-            raise RuntimeError(f"op {new.name!r} registered twice")
-        _OPS[new.name] = new
+        _registry.register(new)
         return new
 
     return wrap
@@ -304,6 +449,20 @@ def op(
 
 def vjp(op: Op, *args: Any, **kwargs: Any) -> tuple[Any, Callable[[Any], Any]]:
     """Run ``op`` forward; return ``(outputs, pullback)``, ``pullback(ct) == op.bwd(res, ct)``.
+
+    Parameters
+    ----------
+    op : Op
+        A registered op.
+    *args, **kwargs
+        Its arguments.
+
+    Returns
+    -------
+    outputs : array or tuple of arrays
+        What ``op(*args, **kwargs)`` returns.
+    pullback : callable
+        ``pullback(cotangents)`` gives the gradients (``op.bwd`` with the saved residuals).
 
     Examples
     --------

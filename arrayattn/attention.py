@@ -1,66 +1,31 @@
-"""Scaled dot-product attention and multi-head attention (spec section 1)."""
+"""Scaled dot-product attention and multi-head attention: the public ops."""
 
 from __future__ import annotations
 
 import math
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.attention import sdpa_backward, sdpa_forward
-from ._xp import Array, compute_dtype, flat_rows
+from ._glue.attention import (
+    MHA_BIASES,
+    MHA_REFERENCE,
+    MHA_RESIDUALS,
+    MHA_WEIGHTS,
+    SDPA_REFERENCE,
+    SDPA_RESIDUALS,
+    MhaOptions,
+    SdpaOptions,
+    sdpa_adapter,
+)
+from ._kernel import Call
+from ._op import op
+from ._xp import Array
 
-__all__ = ["multi_head_attention", "scaled_dot_product_attention", "sdpa_kernel"]
+__all__ = ["multi_head_attention", "scaled_dot_product_attention"]
 
 _CAUSAL = (False, True, "top_left", "bottom_right")
 
 
 # -- scaled dot-product attention ---------------------------------------------------------------
-
-
-def sdpa_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
-    """The :class:`~arrayattn._op.Kernel` of scaled_dot_product_attention from a backend's pair.
-
-    ``forward(q, k, v, *, mask, bias, causal, scale, gqa_groups) -> (out, lse)`` and
-    ``backward(q, k, v, out, lse, dout, dlse, *, mask, bias, causal, scale, gqa_groups)
-    -> (dq, dk, dv, dbias)``; with ``takes_xp`` both take the namespace first (the reference).
-    """
-
-    def options(static):
-        return {k: static[k] for k in ("causal", "scale", "gqa_groups")}
-
-    def fwd(xp, arrays, static, save):
-        lead = (xp,) if takes_xp else ()
-        out, lse = forward(
-            *lead,
-            arrays["q"],
-            arrays["k"],
-            arrays["v"],
-            mask=arrays["mask"],
-            bias=arrays["bias"],
-            **options(static),
-        )
-        outs = (out, lse) if static["return_lse"] else (out,)
-        return outs, (dict(arrays, out=out, lse=lse) if save else {})
-
-    def bwd(xp, saved, static, cotangents):
-        lead = (xp,) if takes_xp else ()
-        dlse = cotangents[1] if static["return_lse"] else None
-        dq, dk, dv, dbias = backward(
-            *lead,
-            saved["q"],
-            saved["k"],
-            saved["v"],
-            saved["out"],
-            saved["lse"],
-            cotangents[0],
-            dlse,
-            mask=saved["mask"],
-            bias=saved["bias"],
-            **options(static),
-        )
-        return {"q": dq, "k": dk, "v": dv, "bias": dbias}
-
-    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
 
 def _sdpa_examples(rng):
@@ -81,7 +46,9 @@ def _sdpa_examples(rng):
 
 @op(
     differentiable=("q", "k", "v", "bias"),
-    reference=sdpa_kernel(sdpa_forward, sdpa_backward, takes_xp=True),
+    reference=SDPA_REFERENCE,
+    residuals=SDPA_RESIDUALS,
+    adapt=sdpa_adapter,
     examples=_sdpa_examples,
 )
 def scaled_dot_product_attention(
@@ -95,7 +62,7 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
-) -> Call:
+) -> Call[Array]:
     r"""Scaled dot-product attention, ``softmax(scale·q kᵀ + bias, masked) v``.
 
     Computed tile by tile with an online softmax (FlashAttention-2), so the extra memory is
@@ -199,7 +166,7 @@ def scaled_dot_product_attention(
         checks.check_floating(xp, "bias", bias)
         checks.check_broadcastable("bias", bias.shape, scores_shape, "(..., Lq, Lk)")
     checks.check_choice("causal", causal, _CAUSAL)
-    causal_mode = {False: None, True: "top_left"}.get(causal, causal)
+    causal_mode = None if causal is False else ("top_left" if causal is True else str(causal))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # d = 0: every logit is 0
     else:
@@ -207,97 +174,12 @@ def scaled_dot_product_attention(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "mask": mask, "bias": bias},
-        {"scale": scale, "causal": causal_mode, "gqa_groups": groups, "return_lse": return_lse},
+        SdpaOptions(scale=scale, causal=causal_mode, gqa_groups=groups, return_lse=return_lse),
         ("out", "lse") if return_lse else ("out",),
     )
 
 
 # -- multi-head attention -----------------------------------------------------------------------
-
-_MHA_WEIGHTS = ("w_q", "w_k", "w_v", "w_o")
-_MHA_BIASES = ("b_q", "b_k", "b_v", "b_o")
-
-
-def _project(xp, x, w, b, cdt):
-    """``x wᵀ + b`` (PyTorch Linear) accumulated in the compute dtype, returned in x's dtype."""
-    y = xp.matmul(xp.astype(x, cdt, copy=False), xp.matrix_transpose(xp.astype(w, cdt, copy=False)))
-    if b is not None:
-        y = y + xp.astype(b, cdt, copy=False)
-    return xp.astype(y, x.dtype)
-
-
-def _split_heads(xp, x, heads):
-    n, length, width = x.shape
-    return xp.permute_dims(xp.reshape(x, (n, length, heads, width // heads)), (0, 2, 1, 3))
-
-
-def _merge_heads(xp, x):
-    n, heads, length, width = x.shape
-    return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (n, length, heads * width))
-
-
-def _mha_ref_fwd(xp, arrays, static, save):
-    p = arrays["params"]
-    heads = static["num_heads"]
-    x_q, x_kv = arrays["x_q"], arrays["x_kv"]
-    cdt = compute_dtype(xp, x_q.dtype)
-    q = _split_heads(xp, _project(xp, x_q, p["w_q"], p.get("b_q"), cdt), heads)
-    k = _split_heads(xp, _project(xp, x_kv, p["w_k"], p.get("b_k"), cdt), heads)
-    v = _split_heads(xp, _project(xp, x_kv, p["w_v"], p.get("b_v"), cdt), heads)
-    # The attention core runs on whichever backend the setting picks for it.
-    kwargs = {"mask": arrays["mask"], "causal": static["causal"] or False}
-    if save:
-        heads_out, attn_res = scaled_dot_product_attention.fwd(q, k, v, **kwargs)
-    else:
-        heads_out, attn_res = scaled_dot_product_attention(q, k, v, **kwargs), None
-    y = _project(xp, _merge_heads(xp, heads_out), p["w_o"], p.get("b_o"), cdt)
-    saved = {}
-    if save:
-        saved = {"x_q": x_q, "x_kv": x_kv, **{w: p[w] for w in _MHA_WEIGHTS}, "attn": attn_res}
-    return (y,), saved
-
-
-def _linear_bwd(xp, x, w, dy, cdt, with_bias):
-    """Gradients of ``y = x wᵀ + b`` over leading dims: (dx, dw, db)."""
-    dyc = xp.astype(dy, cdt, copy=False)
-    xc = xp.astype(x, cdt, copy=False)
-    dx = xp.matmul(dyc, xp.astype(w, cdt, copy=False))
-    flat_dy, flat_x = flat_rows(xp, dyc), flat_rows(xp, xc)
-    dw = xp.matmul(xp.matrix_transpose(flat_dy), flat_x)
-    db = xp.sum(flat_dy, axis=0) if with_bias else None
-    return dx, dw, db
-
-
-def _mha_ref_bwd(xp, saved, static, cotangents):
-    (dy,) = cotangents
-    x_q, x_kv = saved["x_q"], saved["x_kv"]
-    dtype = x_q.dtype
-    cdt = compute_dtype(xp, dtype)
-    biases = static["biases"]
-    attn_res = saved["attn"]
-    heads_out = attn_res.arrays["out"]
-    d_concat, dw_o, db_o = _linear_bwd(
-        xp, _merge_heads(xp, heads_out), saved["w_o"], dy, cdt, "b_o" in biases
-    )
-    d_heads = _split_heads(xp, xp.astype(d_concat, dtype), static["num_heads"])
-    g = scaled_dot_product_attention.bwd(attn_res, d_heads)
-    dx_q, dw_q, db_q = _linear_bwd(
-        xp, x_q, saved["w_q"], _merge_heads(xp, g.q), cdt, "b_q" in biases
-    )
-    dxk, dw_k, db_k = _linear_bwd(
-        xp, x_kv, saved["w_k"], _merge_heads(xp, g.k), cdt, "b_k" in biases
-    )
-    dxv, dw_v, db_v = _linear_bwd(
-        xp, x_kv, saved["w_v"], _merge_heads(xp, g.v), cdt, "b_v" in biases
-    )
-    grads = {"w_q": dw_q, "w_k": dw_k, "w_v": dw_v, "w_o": dw_o}
-    grads.update({"b_q": db_q, "b_k": db_k, "b_v": db_v, "b_o": db_o})
-    params = {key: xp.astype(g_, dtype) for key, g_ in grads.items() if g_ is not None}
-    return {
-        "x_q": xp.astype(dx_q, dtype),
-        "x_kv": xp.astype(dxk + dxv, dtype),
-        "params": params,
-    }
 
 
 def _mha_examples(rng):
@@ -321,9 +203,9 @@ def _mha_examples(rng):
 
 @op(
     differentiable=("x_q", "x_kv", "params"),
-    reference=Kernel(_mha_ref_fwd, _mha_ref_bwd),
+    reference=MHA_REFERENCE,
+    residuals=MHA_RESIDUALS,
     examples=_mha_examples,
-    composite=True,
 )
 def multi_head_attention(
     x_q: Array,
@@ -333,7 +215,7 @@ def multi_head_attention(
     num_heads: int,
     mask: Array | None = None,
     causal: bool | str = False,
-) -> Call:
+) -> Call[Array]:
     r"""Multi-head attention (Vaswani et al. §3.2.2), as ``torch.nn.MultiheadAttention``.
 
     ``Y = Concat_i(softmax(Q_i K_iᵀ / sqrt(dh)) V_i) W_oᵀ + b_o`` with ``Q = x_q W_qᵀ + b_q``,
@@ -394,8 +276,7 @@ def multi_head_attention(
         )
     heads = checks.check_int("num_heads", num_heads, minimum=1)
     e, ekv = x_q.shape[-1], x_kv.shape[-1]
-    w_q, w_v, w_o = params.get("w_q"), params.get("w_v"), params.get("w_o")
-    for key in _MHA_WEIGHTS:
+    for key in MHA_WEIGHTS:
         if params.get(key) is None:
             raise ValueError(f"params: missing required key {key!r}")
         if params[key].ndim != 2:
@@ -403,7 +284,7 @@ def multi_head_attention(
                 f"params['{key}']: expected a 2-D (out, in) weight, got shape "
                 f"{tuple(params[key].shape)}"
             )
-    dqk, dvh, eo = w_q.shape[0], w_v.shape[0], w_o.shape[0]
+    dqk, dvh, eo = params["w_q"].shape[0], params["w_v"].shape[0], params["w_o"].shape[0]
     for width, key in ((dqk, "w_q"), (dvh, "w_v")):
         if width % heads:
             raise ValueError(
@@ -423,9 +304,9 @@ def multi_head_attention(
     return Call(
         xp,
         {"x_q": x_q, "x_kv": x_kv, "params": clean, "mask": mask},
-        {
-            "num_heads": heads,
-            "causal": causal if causal else None,
-            "biases": tuple(sorted(k for k in _MHA_BIASES if k in clean)),
-        },
+        MhaOptions(
+            num_heads=heads,
+            causal=causal if causal else None,
+            biases=tuple(sorted(k for k in MHA_BIASES if k in clean)),
+        ),
     )

@@ -7,8 +7,21 @@ returns the gradient of ``x`` and a dict of gradients keyed like ``params``.
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference import channel as ref
+from ._glue.channel import (
+    AC_REFERENCE,
+    AC_RESIDUALS,
+    CBAM_REFERENCE,
+    CBAM_RESIDUALS,
+    SE_REFERENCE,
+    SE_RESIDUALS,
+    SPA_REFERENCE,
+    SPA_RESIDUALS,
+    CbamOptions,
+    CondenserOptions,
+    SpaOptions,
+)
+from ._kernel import Call, NoOptions
+from ._op import op
 from ._xp import Array
 
 __all__ = ["attention_condenser", "cbam", "spatial_pyramid_attention", "squeeze_excitation"]
@@ -57,24 +70,6 @@ def _mlp_example(rng, c_in, hidden, c_out, bias=True):
 # -- squeeze-and-excitation -----------------------------------------------------------------------
 
 
-def _se_fwd(xp, arrays, static, save):
-    y, saved = ref.se_forward(xp, arrays["x"], arrays["params"])
-    return (y,), (
-        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
-        if save
-        else {}
-    )
-
-
-def _params_back(saved):
-    return {k[2:]: v for k, v in saved.items() if k.startswith("p_")}
-
-
-def _se_bwd(xp, saved, static, cts):
-    dx, dp = ref.se_backward(xp, saved["x"], _params_back(saved), saved, cts[0])
-    return {"x": dx, "params": dp}
-
-
 def _se_examples(rng):
     x = rng.standard_normal((2, 6, 4, 5))
     return [
@@ -83,8 +78,13 @@ def _se_examples(rng):
     ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_se_fwd, _se_bwd), examples=_se_examples)
-def squeeze_excitation(x: Array, params: dict[str, Array]) -> Call:
+@op(
+    differentiable=("x", "params"),
+    reference=SE_REFERENCE,
+    residuals=SE_RESIDUALS,
+    examples=_se_examples,
+)
+def squeeze_excitation(x: Array, params: dict[str, Array]) -> Call[Array]:
     r"""Squeeze-and-excitation (Hu et al., CVPR 2018, §3).
 
     ``z = mean_{h,w} x``, ``s = σ(W2 δ(W1 z + b1) + b2)``, ``y_c = s_c · x_c``.
@@ -121,26 +121,10 @@ def squeeze_excitation(x: Array, params: dict[str, Array]) -> Call:
     """
     xp = _start(x, params)
     clean = _mlp_params(params, x.shape[1], x.shape[1])
-    return Call(xp, {"x": x, "params": clean}, {})
+    return Call(xp, {"x": x, "params": clean}, NoOptions())
 
 
 # -- CBAM -----------------------------------------------------------------------------------------
-
-
-def _cbam_fwd(xp, arrays, static, save):
-    y, saved = ref.cbam_forward(xp, arrays["x"], arrays["params"], pool_order=static["pool_order"])
-    return (y,), (
-        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
-        if save
-        else {}
-    )
-
-
-def _cbam_bwd(xp, saved, static, cts):
-    dx, dp = ref.cbam_backward(
-        xp, saved["x"], _params_back(saved), saved, cts[0], pool_order=static["pool_order"]
-    )
-    return {"x": dx, "params": dp}
 
 
 def _cbam_examples(rng):
@@ -153,8 +137,13 @@ def _cbam_examples(rng):
     return [((x, p), {}), ((x, p2), {"pool_order": "max_avg"})]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_cbam_fwd, _cbam_bwd), examples=_cbam_examples)
-def cbam(x: Array, params: dict[str, Array], *, pool_order: str = "avg_max") -> Call:
+@op(
+    differentiable=("x", "params"),
+    reference=CBAM_REFERENCE,
+    residuals=CBAM_RESIDUALS,
+    examples=_cbam_examples,
+)
+def cbam(x: Array, params: dict[str, Array], *, pool_order: str = "avg_max") -> Call[Array]:
     r"""Convolutional block attention module (Woo et al., ECCV 2018, §3).
 
     ``M_c = σ(MLP(avg_hw x) + MLP(max_hw x))`` with the shared ``MLP(p) = W2 δ(W1 p + b1) + b2``;
@@ -206,26 +195,10 @@ def cbam(x: Array, params: dict[str, Array], *, pool_order: str = "avg_max") -> 
         )
     c = x.shape[1]
     clean = _mlp_params(params, c, c, {"w_spatial": (1, 2, k, k)}, {"b_spatial": (1,)})
-    return Call(xp, {"x": x, "params": clean}, {"pool_order": pool_order})
+    return Call(xp, {"x": x, "params": clean}, CbamOptions(pool_order=pool_order))
 
 
 # -- SPANet ---------------------------------------------------------------------------------------
-
-
-def _spa_fwd(xp, arrays, static, save):
-    y, saved = ref.spa_forward(xp, arrays["x"], arrays["params"], levels=static["levels"])
-    return (y,), (
-        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
-        if save
-        else {}
-    )
-
-
-def _spa_bwd(xp, saved, static, cts):
-    dx, dp = ref.spa_backward(
-        xp, saved["x"], _params_back(saved), saved, cts[0], levels=static["levels"]
-    )
-    return {"x": dx, "params": dp}
 
 
 def _spa_examples(rng):
@@ -236,10 +209,15 @@ def _spa_examples(rng):
     ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_spa_fwd, _spa_bwd), examples=_spa_examples)
+@op(
+    differentiable=("x", "params"),
+    reference=SPA_REFERENCE,
+    residuals=SPA_RESIDUALS,
+    examples=_spa_examples,
+)
 def spatial_pyramid_attention(
     x: Array, params: dict[str, Array], *, levels: tuple[int, ...] = (1, 2, 4)
-) -> Call:
+) -> Call[Array]:
     r"""Spatial pyramid attention (SPANet; Guo et al., ICME 2020): an SE block with a pyramid
     squeeze.
 
@@ -281,38 +259,10 @@ def spatial_pyramid_attention(
     levels = tuple(checks.check_int("levels", ell, minimum=1) for ell in levels)
     c = x.shape[1]
     clean = _mlp_params(params, sum(ell * ell for ell in levels) * c, c)
-    return Call(xp, {"x": x, "params": clean}, {"levels": levels})
+    return Call(xp, {"x": x, "params": clean}, SpaOptions(levels=levels))
 
 
 # -- attention condenser --------------------------------------------------------------------------
-
-
-def _ac_fwd(xp, arrays, static, save):
-    y, saved = ref.condenser_forward(
-        xp,
-        arrays["x"],
-        arrays["params"],
-        pool_size=static["pool_size"],
-        selective=static["selective"],
-    )
-    return (y,), (
-        {"x": arrays["x"], **{f"p_{k}": v for k, v in arrays["params"].items()}, **saved}
-        if save
-        else {}
-    )
-
-
-def _ac_bwd(xp, saved, static, cts):
-    dx, dp = ref.condenser_backward(
-        xp,
-        saved["x"],
-        _params_back(saved),
-        saved,
-        cts[0],
-        pool_size=static["pool_size"],
-        selective=static["selective"],
-    )
-    return {"x": dx, "params": dp}
 
 
 def _ac_params(rng, c=4, ce=4, ce2=3, groups=2, k=3, scale_shape=()):
@@ -335,11 +285,17 @@ def _ac_examples(rng):
     ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_ac_fwd, _ac_bwd), examples=_ac_examples)
+@op(
+    differentiable=("x", "params"),
+    reference=AC_REFERENCE,
+    residuals=AC_RESIDUALS,
+    examples=_ac_examples,
+)
 def attention_condenser(
     x: Array, params: dict[str, Array], *, pool_size: int, selective: str = "additive"
-) -> Call:
-    r"""Attention condenser (Wong et al., TinySpeech / AttendNets), spec section 11.
+) -> Call[Array]:
+    r"""Attention condenser (Wong et al., TinySpeech / AttendNets) (derivation:
+    docs/derivations/channel.rst).
 
     ``Q = C(V)``: max pooling, window and stride ``pool_size``; ``K = E(Q)``: grouped k×k conv
     (zero padding k//2) + ReLU, pointwise conv + ReLU; ``A = X(K)``: 1×1 expand conv to C channels
@@ -370,7 +326,7 @@ def attention_condenser(
     -----
     Shape legend: ``N`` batch, ``C`` channels, ``H, W`` spatial size, ``Ce, Ce2`` embedding
     widths, ``g`` groups, ``k`` embedding kernel, ``s = pool_size``. No official code exists and
-    the reimplementations disagree on F (spec Appendix C item 10). The default ``'additive'`` is
+    the reimplementations disagree on F (a documented decision). The default ``'additive'`` is
     the only form consistent with the paper's statement that V' → A as S → 0; ``'gated_residual'``
     (identity as S → 0) follows the public ``AkshathRaghav/tinyspeech`` reimplementation and
     ``'product'`` the purely multiplicative reading. The 1×1 expand conv is applied before the
@@ -417,4 +373,4 @@ def attention_condenser(
         },
         {"b_embed": (ce,), "b_point": (ce2,), "b_expand": (c,)},
     )
-    return Call(xp, {"x": x, "params": clean}, {"pool_size": s, "selective": selective})
+    return Call(xp, {"x": x, "params": clean}, CondenserOptions(pool_size=s, selective=selective))

@@ -1,10 +1,24 @@
-"""Co-attention between two inputs: COSNet, CoDA and CAN's cross attention (spec 14.1–14.3)."""
+"""Co-attention between two inputs: COSNet, CoDA and CAN's cross attention."""
 
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference import co_attention as ref
+from ._glue.co_attention import (
+    CAN_REFERENCE,
+    CAN_RESIDUALS,
+    COATTN_REFERENCE,
+    COATTN_RESIDUALS,
+    CODA_REFERENCE,
+    CODA_RESIDUALS,
+    CanOptions,
+    CoattnOptions,
+    CodaOptions,
+    example_can_params,
+    example_coattn_params,
+    example_coda_params,
+)
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
 
 __all__ = ["co_attention", "coda", "cross_attention_fewshot"]
@@ -33,28 +47,6 @@ def _same_lead(name_a, a, name_b, b, axes, legend):
 # -- COSNet co-attention --------------------------------------------------------------------------
 
 
-def _coattn_fwd(xp, arrays, static, save):
-    outs, saved = ref.coattn_forward(
-        xp, arrays["v_a"], arrays["v_b"], arrays["params"], static["second_softmax"], save
-    )
-    return outs, saved
-
-
-def _coattn_bwd(xp, saved, static, cts):
-    da, db, dp = ref.coattn_backward(xp, saved, static["second_softmax"], cts[0], cts[1])
-    return {"v_a": da, "v_b": db, "params": dp}
-
-
-def example_coattn_params(rng, c, bias=False):
-    p = {
-        "w": rng.standard_normal((c, c)) / c**0.5,
-        "w_gate": rng.standard_normal((1, c, 1, 1)) / c**0.5,
-    }
-    if bias:
-        p["b_gate"] = 0.3 * rng.standard_normal(1)
-    return p
-
-
 def _coattn_examples(rng):
     a = rng.standard_normal((2, 4, 3, 3))
     b = rng.standard_normal((2, 4, 2, 5))
@@ -66,13 +58,13 @@ def _coattn_examples(rng):
 
 @op(
     differentiable=("v_a", "v_b", "params"),
-    reference=Kernel(_coattn_fwd, _coattn_bwd),
+    reference=COATTN_REFERENCE,
+    residuals=COATTN_RESIDUALS,
     examples=_coattn_examples,
-    composite=True,
 )
 def co_attention(
     v_a: Array, v_b: Array, params: dict[str, Array], *, second_softmax: str = "paper"
-) -> Call:
+) -> Call[Array]:
     r"""COSNet gated co-attention (Lu et al., CVPR 2019, §3.2) between an exemplar and a query.
 
     With ``V_a`` (C, Pa), ``V_b`` (C, Pb): ``S = V_bᵀ W V_a`` (Pb×Pa), ``Z_a = V_b S^c`` with
@@ -137,34 +129,12 @@ def co_attention(
     return Call(
         xp,
         {"v_a": v_a, "v_b": v_b, "params": clean},
-        {"second_softmax": second_softmax},
+        CoattnOptions(second_softmax=second_softmax),
         ("z_a", "z_b"),
     )
 
 
 # -- CoDA -----------------------------------------------------------------------------------------
-
-
-def _coda_fwd(xp, arrays, static, save):
-    return ref.coda_forward(
-        xp, arrays["a"], arrays["b"], arrays["params"], static["centering"], save
-    )
-
-
-def _coda_bwd(xp, saved, static, cts):
-    da, db, dp = ref.coda_backward(xp, saved, static["centering"], cts[0], cts[1])
-    return {"a": da, "b": db, "params": dp}
-
-
-def example_coda_params(rng, d, k, bias=True, scalars=True):
-    p = {"w_e": rng.standard_normal((k, d)) / d**0.5, "w_n": rng.standard_normal((k, d)) / d**0.5}
-    if bias:
-        p["b_e"] = 0.1 * rng.standard_normal(k)  # b_n cancels in F_N(a_i) - F_N(b_j): gradient 0
-    if scalars:
-        p.update(
-            alpha=abs(rng.standard_normal(1)) + 0.5, beta=abs(rng.standard_normal(1)) * 0.3 + 0.2
-        )
-    return p
 
 
 def _coda_examples(rng):
@@ -177,10 +147,11 @@ def _coda_examples(rng):
 
 @op(
     differentiable=("a", "b", "params"),
-    reference=Kernel(_coda_fwd, _coda_bwd),
+    reference=CODA_REFERENCE,
+    residuals=CODA_RESIDUALS,
     examples=_coda_examples,
 )
-def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = False) -> Call:
+def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = False) -> Call[Array]:
     r"""Compositional de-attention (CoDA; Tay et al., NeurIPS 2019, §2): quasi-attention, no
     softmax.
 
@@ -200,7 +171,7 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
     centering : bool, default False
         Subtract the mean of ``N`` over all (i, j) of each item before the sigmoid, so that
         ``σ(N)`` is centred on 1/2 rather than confined to (0, 1/2]. The paper mentions centring
-        without a verified formula (spec Appendix C item 12); this is the library's choice, off
+        without a verified formula (a documented decision); this is the library's choice, off
         by default.
 
     Returns
@@ -260,30 +231,12 @@ def coda(a: Array, b: Array, params: dict[str, Array], *, centering: bool = Fals
         {"w_e": (sizes["w_e"], d), "w_n": (sizes["w_n"], d)},
         {"b_e": (sizes["w_e"],), "b_n": (sizes["w_n"],), "alpha": (1,), "beta": (1,)},
     )
-    return Call(xp, {"a": a, "b": b, "params": clean}, {"centering": centering}, ("a_out", "b_out"))
+    return Call(
+        xp, {"a": a, "b": b, "params": clean}, CodaOptions(centering=centering), ("a_out", "b_out")
+    )
 
 
-# -- CAN cross attention
-# ----------------------------------------------------------------------------
-
-
-def _can_fwd(xp, arrays, static, save):
-    return ref.can_forward(xp, arrays["p"], arrays["q"], arrays["params"], static["tau"], save)
-
-
-def _can_bwd(xp, saved, static, cts):
-    dp, dq, dpar = ref.can_backward(xp, saved, static["tau"], cts[0], cts[1])
-    return {"p": dp, "q": dq, "params": dpar}
-
-
-def example_can_params(rng, m, hidden, bias=True):
-    p = {
-        "w1": rng.standard_normal((hidden, m, 1, 1)) / m**0.5,
-        "w2": rng.standard_normal((m, hidden, 1, 1)) / hidden**0.5,
-    }
-    if bias:
-        p.update(b1=0.1 * rng.standard_normal(hidden), b2=0.1 * rng.standard_normal(m))
-    return p
+# -- CAN cross attention ---------------------------------------------------------------------------
 
 
 def _can_examples(rng):
@@ -296,12 +249,13 @@ def _can_examples(rng):
 
 @op(
     differentiable=("p", "q", "params"),
-    reference=Kernel(_can_fwd, _can_bwd),
+    reference=CAN_REFERENCE,
+    residuals=CAN_RESIDUALS,
     examples=_can_examples,
 )
 def cross_attention_fewshot(
     p: Array, q: Array, params: dict[str, Array], *, tau: float = 0.025
-) -> Call:
+) -> Call[Array]:
     r"""Cross attention module of CAN (Hou et al., NeurIPS 2019) for few-shot classification.
 
     Correlation ``R_ij = ⟨P_i/‖P_i‖, Q_j/‖Q_j‖⟩`` (cosine, m×m). For the class feature: a
@@ -371,4 +325,4 @@ def cross_attention_fewshot(
     tau = checks.check_real("tau", tau)
     if tau <= 0:
         raise ValueError(f"tau: expected a positive temperature, got {tau!r}")
-    return Call(xp, {"p": p, "q": q, "params": clean}, {"tau": tau}, ("p_out", "q_out"))
+    return Call(xp, {"p": p, "q": q, "params": clean}, CanOptions(tau=tau), ("p_out", "q_out"))

@@ -1,45 +1,26 @@
-"""Criss-cross attention and the recurrent criss-cross block of CCNet (spec section 5)."""
+"""Criss-cross attention and the recurrent criss-cross block of CCNet: the public ops."""
 
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.criss_cross import criss_cross_backward, criss_cross_forward
-from ._xp import Array, compute_dtype, flat_rows
+from ._glue.criss_cross import (
+    BLOCK_BIASES,
+    BLOCK_REFERENCE,
+    BLOCK_RESIDUALS,
+    CCA_REFERENCE,
+    CCA_RESIDUALS,
+    BlockOptions,
+    CcaOptions,
+    criss_cross_adapter,
+)
+from ._kernel import Call
+from ._op import op
+from ._xp import Array
 
 __all__ = ["criss_cross_attention", "criss_cross_block"]
 
 
 # -- criss-cross attention ----------------------------------------------------------------------
-
-
-def criss_cross_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
-    """The :class:`~arrayattn._op.Kernel` of criss_cross_attention from a backend's pair.
-
-    ``forward(q, k, v, *, scale) -> (out, lse)`` and
-    ``backward(q, k, v, out, lse, dout, *, scale) -> (dq, dk, dv)``; with ``takes_xp`` both take
-    the namespace first (the reference).
-    """
-
-    def fwd(xp, arrays, static, save):
-        q, k, v = arrays["q"], arrays["k"], arrays["v"]
-        out, lse = forward(*((xp,) if takes_xp else ()), q, k, v, scale=static["scale"])
-        return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
-
-    def bwd(xp, saved, static, cotangents):
-        dq, dk, dv = backward(
-            *((xp,) if takes_xp else ()),
-            saved["q"],
-            saved["k"],
-            saved["v"],
-            saved["out"],
-            saved["lse"],
-            cotangents[0],
-            scale=static["scale"],
-        )
-        return {"q": dq, "k": dk, "v": dv}
-
-    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
 
 
 def _cca_examples(rng):
@@ -56,10 +37,12 @@ def _cca_examples(rng):
 
 @op(
     differentiable=("q", "k", "v"),
-    reference=criss_cross_kernel(criss_cross_forward, criss_cross_backward, takes_xp=True),
+    reference=CCA_REFERENCE,
+    residuals=CCA_RESIDUALS,
+    adapt=criss_cross_adapter,
     examples=_cca_examples,
 )
-def criss_cross_attention(q: Array, k: Array, v: Array, *, scale: float = 1.0) -> Call:
+def criss_cross_attention(q: Array, k: Array, v: Array, *, scale: float = 1.0) -> Call[Array]:
     r"""Criss-cross attention (CCNet): each pixel attends jointly to its row and its column.
 
     For pixel ``u = (y, x)`` the keys are ``Ω(u) = {(y, x')}_x' ∪ {(y', x)}_{y' ≠ y}``, the
@@ -117,98 +100,10 @@ def criss_cross_attention(q: Array, k: Array, v: Array, *, scale: float = 1.0) -
             f"v: expected shape {tuple(q.shape[:-1])} + (dv,) (from q), got {tuple(v.shape)}"
         )
     scale = checks.check_real("scale", scale)
-    return Call(xp, {"q": q, "k": k, "v": v}, {"scale": scale})
+    return Call(xp, {"q": q, "k": k, "v": v}, CcaOptions(scale=scale))
 
 
 # -- the (recurrent) criss-cross block ----------------------------------------------------------
-
-_BLOCK_WEIGHTS = ("w_q", "w_k", "w_v")
-_BLOCK_BIASES = ("b_q", "b_k", "b_v")
-
-
-def _to_nhwc(xp, x):
-    return xp.permute_dims(x, (0, 2, 3, 1))
-
-
-def _to_nchw(xp, x):
-    return xp.permute_dims(x, (0, 3, 1, 2))
-
-
-def _conv1x1(xp, x_hwc, w, b, cdt):
-    """A 1×1 convolution on a channel-last map: ``x wᵀ + b`` with w (out, in, 1, 1)."""
-    w2 = xp.reshape(xp.astype(w, cdt, copy=False), tuple(w.shape[:2]))
-    y = xp.matmul(xp.astype(x_hwc, cdt, copy=False), xp.matrix_transpose(w2))
-    if b is not None:
-        y = y + xp.astype(b, cdt, copy=False)
-    return xp.astype(y, x_hwc.dtype)
-
-
-def _conv1x1_bwd(xp, x_hwc, w, dy, cdt, with_bias):
-    """(dx, dw (out, in, 1, 1), db) of :func:`_conv1x1`."""
-    w2 = xp.reshape(xp.astype(w, cdt, copy=False), tuple(w.shape[:2]))
-    dyc = xp.astype(dy, cdt, copy=False)
-    dx = xp.matmul(dyc, w2)
-    flat_dy, flat_x = flat_rows(xp, dyc), flat_rows(xp, xp.astype(x_hwc, cdt, copy=False))
-    dw = xp.reshape(xp.matmul(xp.matrix_transpose(flat_dy), flat_x), tuple(w.shape))
-    db = xp.sum(flat_dy, axis=0) if with_bias else None
-    return dx, dw, db
-
-
-def _ccb_ref_fwd(xp, arrays, static, save):
-    p = arrays["params"]
-    x = arrays["x"]
-    cdt = compute_dtype(xp, x.dtype)
-    gamma = xp.astype(p["gamma"], cdt, copy=False)
-    h = _to_nhwc(xp, x)
-    saved = {}
-    for r in range(static["recurrence"]):
-        q = _conv1x1(xp, h, p["w_q"], p.get("b_q"), cdt)
-        k = _conv1x1(xp, h, p["w_k"], p.get("b_k"), cdt)
-        v = _conv1x1(xp, h, p["w_v"], p.get("b_v"), cdt)
-        # The attention core runs on whichever backend the setting picks for it.
-        if save:
-            agg, res = criss_cross_attention.fwd(q, k, v)
-            saved[f"x{r}"] = h
-            saved[f"attn{r}"] = res
-        else:
-            agg = criss_cross_attention(q, k, v)
-        h = xp.astype(
-            gamma * xp.astype(agg, cdt, copy=False) + xp.astype(h, cdt, copy=False), x.dtype
-        )
-    if save:
-        saved.update({name: p[name] for name in (*_BLOCK_WEIGHTS, "gamma")})
-    return (_to_nchw(xp, h),), saved
-
-
-def _ccb_ref_bwd(xp, saved, static, cotangents):
-    (dy,) = cotangents
-    dtype = dy.dtype
-    cdt = compute_dtype(xp, dtype)
-    biases = static["biases"]
-    gamma = xp.astype(saved["gamma"], cdt, copy=False)
-    dh = xp.astype(_to_nhwc(xp, dy), cdt, copy=False)
-    grads = {name: None for name in (*_BLOCK_WEIGHTS, *_BLOCK_BIASES)}
-    dgamma = None
-
-    def add(a, b):
-        return b if a is None else a + b
-
-    for r in reversed(range(static["recurrence"])):
-        h_in, res = saved[f"x{r}"], saved[f"attn{r}"]
-        agg = xp.astype(res.arrays["out"], cdt, copy=False)
-        dgamma = add(dgamma, xp.reshape(xp.sum(dh * agg), (1,)))
-        g = criss_cross_attention.bwd(res, xp.astype(dh * gamma, dtype))
-        dx = dh  # the residual
-        for name, d in (("q", g.q), ("k", g.k), ("v", g.v)):
-            dxi, dw, db = _conv1x1_bwd(xp, h_in, saved[f"w_{name}"], d, cdt, f"b_{name}" in biases)
-            dx = dx + dxi
-            grads[f"w_{name}"] = add(grads[f"w_{name}"], dw)
-            if db is not None:
-                grads[f"b_{name}"] = add(grads[f"b_{name}"], db)
-        dh = dx
-    params = {key: xp.astype(g_, dtype) for key, g_ in grads.items() if g_ is not None}
-    params["gamma"] = xp.astype(dgamma, dtype)
-    return {"x": xp.astype(_to_nchw(xp, dh), dtype), "params": params}
 
 
 def _ccb_examples(rng):
@@ -236,11 +131,11 @@ def _ccb_examples(rng):
 
 @op(
     differentiable=("x", "params"),
-    reference=Kernel(_ccb_ref_fwd, _ccb_ref_bwd),
+    reference=BLOCK_REFERENCE,
+    residuals=BLOCK_RESIDUALS,
     examples=_ccb_examples,
-    composite=True,
 )
-def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2) -> Call:
+def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2) -> Call[Array]:
     r"""CCNet's recurrent criss-cross attention module (RCCA), with shared parameters.
 
     One step maps ``h`` to ``h' = gamma · CCA(W_q h + b_q, W_k h + b_k, W_v h + b_v) + h`` where
@@ -305,8 +200,7 @@ def criss_cross_block(x: Array, params: dict[str, Array], *, recurrence: int = 2
     return Call(
         xp,
         {"x": x, "params": clean},
-        {
-            "recurrence": recurrence,
-            "biases": tuple(sorted(k for k in _BLOCK_BIASES if k in clean)),
-        },
+        BlockOptions(
+            recurrence=recurrence, biases=tuple(sorted(k for k in BLOCK_BIASES if k in clean))
+        ),
     )

@@ -1,10 +1,18 @@
-"""DANet position and channel attention modules (Fu et al., CVPR 2019, §3.2–3.3; spec 10.3)."""
+"""DANet position and channel attention modules (Fu et al., CVPR 2019, §3.2–3.3)."""
 
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference import danet as ref
+from ._glue.danet import (
+    CAM_REFERENCE,
+    CAM_RESIDUALS,
+    PAM_REFERENCE,
+    PAM_RESIDUALS,
+    CamOptions,
+    example_pam_params,
+)
+from ._kernel import Call, NoOptions
+from ._op import op
 from ._xp import Array
 
 __all__ = ["channel_attention", "position_attention"]
@@ -13,32 +21,6 @@ _LOGITS = ("paper", "code")
 
 
 # -- position attention module (PAM) --------------------------------------------------------------
-
-
-def _pam_fwd(xp, arrays, static, save):
-    y, saved = ref.pam_forward(xp, arrays["x"], arrays["params"], save)
-    return (y,), saved
-
-
-def _pam_bwd(xp, saved, static, cts):
-    dx, dp = ref.pam_backward(xp, saved, cts[0])
-    return {"x": dx, "params": dp}
-
-
-def example_pam_params(rng, c, cq, bias=True, gamma=0.7):
-    """Random float64 PAM parameters (also used by tests and benchmarks)."""
-    p = {
-        "w_query": rng.standard_normal((cq, c, 1, 1)) / c**0.5,
-        "w_key": rng.standard_normal((cq, c, 1, 1)) / c**0.5,
-        "w_value": rng.standard_normal((c, c, 1, 1)) / c**0.5,
-        "gamma": gamma + 0.0 * rng.standard_normal(1),
-    }
-    if bias:
-        p.update(
-            b_query=0.1 * rng.standard_normal(cq),
-            b_value=0.1 * rng.standard_normal(c),
-        )
-    return p
 
 
 def _pam_examples(rng):
@@ -52,11 +34,11 @@ def _pam_examples(rng):
 
 @op(
     differentiable=("x", "params"),
-    reference=Kernel(_pam_fwd, _pam_bwd),
+    reference=PAM_REFERENCE,
+    residuals=PAM_RESIDUALS,
     examples=_pam_examples,
-    composite=True,
 )
-def position_attention(x: Array, params: dict[str, Array]) -> Call:
+def position_attention(x: Array, params: dict[str, Array]) -> Call[Array]:
     r"""DANet position attention module (PAM): ``E = γ · D softmax(BᵀC)ᵀ + A``.
 
     With ``A = x`` flattened to (C, P), ``B = W_q A + b_q``, ``C = W_k A + b_k`` (C→C_q) and
@@ -116,20 +98,10 @@ def position_attention(x: Array, params: dict[str, Array]) -> Call:
         {"w_query": (cq, c, 1, 1), "w_key": (cq, c, 1, 1), "w_value": (c, c, 1, 1), "gamma": (1,)},
         {"b_query": (cq,), "b_key": (cq,), "b_value": (c,)},
     )
-    return Call(xp, {"x": x, "params": clean}, {})
+    return Call(xp, {"x": x, "params": clean}, NoOptions())
 
 
 # -- channel attention module (CAM) ---------------------------------------------------------------
-
-
-def _cam_fwd(xp, arrays, static, save):
-    y, saved = ref.cam_forward(xp, arrays["x"], arrays["gamma"], static["logits"], save)
-    return (y,), saved
-
-
-def _cam_bwd(xp, saved, static, cts):
-    dx, dgamma = ref.cam_backward(xp, saved, static["logits"], cts[0])
-    return {"x": dx, "gamma": dgamma}
 
 
 def _cam_examples(rng):
@@ -144,11 +116,11 @@ def _cam_examples(rng):
 
 @op(
     differentiable=("x", "gamma"),
-    reference=Kernel(_cam_fwd, _cam_bwd),
+    reference=CAM_REFERENCE,
+    residuals=CAM_RESIDUALS,
     examples=_cam_examples,
-    composite=True,
 )
-def channel_attention(x: Array, gamma: Array, *, logits: str = "paper") -> Call:
+def channel_attention(x: Array, gamma: Array, *, logits: str = "paper") -> Call[Array]:
     r"""DANet channel attention module (CAM): ``E = γ · softmax(±A Aᵀ) A + A``.
 
     ``A = x`` flattened to (C, P); no projections. The channel affinities ``A Aᵀ`` (C×C) are
@@ -194,4 +166,4 @@ def channel_attention(x: Array, gamma: Array, *, logits: str = "paper") -> Call:
     if tuple(gamma.shape) not in ((), (1,)):
         raise ValueError(f"gamma: expected shape (1,) or (), got {tuple(gamma.shape)}")
     checks.check_choice("logits", logits, _LOGITS)
-    return Call(xp, {"x": x, "gamma": gamma}, {"logits": logits})
+    return Call(xp, {"x": x, "gamma": gamma}, CamOptions(logits=logits))

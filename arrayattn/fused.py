@@ -1,68 +1,22 @@
-"""Fused attention: M queries pooled into one output (spec section 12)."""
+"""Fused attention: M queries pooled into one output."""
 
 from __future__ import annotations
 
 import math
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.fused import fused_backward, fused_forward
+from ._glue.fused import (
+    FUSED_REFERENCE,
+    FUSED_RESIDUALS,
+    FusedOptions,
+)
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
 
 __all__ = ["fused_attention"]
 
 _FUSE = ("mean", "max")
-
-
-def _ref_fwd(xp, arrays, static, save):
-    params = arrays["params"] or {}
-    y, alpha, pooled, lse = fused_forward(
-        xp,
-        arrays["q"],
-        arrays["k"],
-        arrays["v"],
-        mask=arrays["mask"],
-        scale=static["scale"],
-        fuse=static["fuse"],
-        w_o=params.get("w_o"),
-        b_o=params.get("b_o"),
-    )
-    outs = (y, alpha) if static["return_weights"] else (y,)
-    saved = {}
-    if save:
-        saved = {
-            "q": arrays["q"],
-            "k": arrays["k"],
-            "v": arrays["v"],
-            "mask": arrays["mask"],
-            "lse": lse,
-            "pooled": pooled if "w_o" in params else None,
-            "w_o": params.get("w_o"),
-        }
-    return outs, saved
-
-
-def _ref_bwd(xp, saved, static, cotangents):
-    dalpha = cotangents[1] if static["return_weights"] else None
-    dq, dk, dv, dw_o, db_o = fused_backward(
-        xp,
-        saved["q"],
-        saved["k"],
-        saved["v"],
-        saved["lse"],
-        cotangents[0],
-        dalpha,
-        mask=saved["mask"],
-        scale=static["scale"],
-        fuse=static["fuse"],
-        pooled=saved["pooled"],
-        w_o=saved["w_o"],
-        with_bias=static["with_bias"],
-    )
-    grads = {"q": dq, "k": dk, "v": dv}
-    if saved["w_o"] is not None:
-        grads["params"] = {"w_o": dw_o, **({"b_o": db_o} if static["with_bias"] else {})}
-    return grads
 
 
 def _examples(rng):
@@ -82,7 +36,8 @@ def _examples(rng):
 
 @op(
     differentiable=("q", "k", "v", "params"),
-    reference=Kernel(_ref_fwd, _ref_bwd),
+    reference=FUSED_REFERENCE,
+    residuals=FUSED_RESIDUALS,
     examples=_examples,
 )
 def fused_attention(
@@ -95,7 +50,7 @@ def fused_attention(
     mask: Array | None = None,
     params: dict[str, Array] | None = None,
     return_weights: bool = False,
-) -> Call:
+) -> Call[Array]:
     r"""Fused attention: pool ``L`` values into one output with the attention of ``M`` queries.
 
     ``P = softmax_L(scale · q kᵀ)`` is the ordinary attention of every query over the ``L`` keys
@@ -195,11 +150,11 @@ def fused_attention(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "mask": mask, "params": clean},
-        {
-            "scale": scale,
-            "fuse": fuse,
-            "return_weights": return_weights,
-            "with_bias": clean is not None and "b_o" in clean,
-        },
+        FusedOptions(
+            scale=scale,
+            fuse=fuse,
+            return_weights=return_weights,
+            with_bias=clean is not None and "b_o" in clean,
+        ),
         ("out", "weights") if return_weights else ("out",),
     )

@@ -1,5 +1,5 @@
-"""Stochastic and discrete attention (spec section 13): hard attention with a REINFORCE surrogate,
-Gumbel-softmax with straight-through, hard-concrete head gates.
+"""Stochastic and discrete attention: hard attention with a REINFORCE surrogate, Gumbel-softmax
+with straight-through, hard-concrete head gates.
 
 Every op takes its randomness as an array of uniforms in ``[0, 1)`` drawn by the caller, so it is
 a deterministic function of its arguments: the same uniforms give the same sample, forward and
@@ -13,15 +13,18 @@ from typing import Any
 import array_api_compat
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.hard import (
-    gumbel_backward,
-    gumbel_forward,
-    hard_attention_backward,
-    hard_attention_forward,
-    hard_concrete_backward,
-    hard_concrete_forward,
+from ._glue.hard import (
+    CONCRETE_REFERENCE,
+    CONCRETE_RESIDUALS,
+    GUMBEL_REFERENCE,
+    GUMBEL_RESIDUALS,
+    HARD_REFERENCE,
+    HARD_RESIDUALS,
+    ConcreteOptions,
+    GumbelOptions,
 )
+from ._kernel import Call, NoOptions
+from ._op import op
 from ._xp import Array
 
 __all__ = [
@@ -36,32 +39,6 @@ __all__ = [
 # -- hard attention -------------------------------------------------------------------------------
 
 
-def _ha_fwd(xp, arrays, static, save):
-    glimpse, sample, log_prob, entropy, log_alpha = hard_attention_forward(
-        xp, arrays["a"], arrays["e"], arrays["uniforms"], arrays["mask"]
-    )
-    saved = {}
-    if save:
-        saved = {"sample": sample, "log_alpha": log_alpha, "entropy": entropy, "e": arrays["e"]}
-    return (glimpse, sample, log_prob, entropy), saved
-
-
-def _ha_bwd(xp, saved, static, cotangents):
-    dglimpse, _, dlog_prob, dentropy = cotangents
-    da, de = hard_attention_backward(
-        xp,
-        saved["sample"],
-        saved["log_alpha"],
-        saved["entropy"],
-        dglimpse,
-        dlog_prob,
-        dentropy,
-        saved["sample"].dtype,
-        saved["e"].dtype,
-    )
-    return {"a": da, "e": de}
-
-
 def _ha_examples(rng):
     a = rng.standard_normal((2, 3, 6, 4))
     e = rng.standard_normal((2, 3, 6))
@@ -71,8 +48,15 @@ def _ha_examples(rng):
     return [((a, e, u), {}), ((a, e, u), {"mask": mask})]
 
 
-@op(differentiable=("a", "e"), reference=Kernel(_ha_fwd, _ha_bwd), examples=_ha_examples)
-def hard_attention(a: Array, e: Array, uniforms: Array, *, mask: Array | None = None) -> Call:
+@op(
+    differentiable=("a", "e"),
+    reference=HARD_REFERENCE,
+    residuals=HARD_RESIDUALS,
+    examples=_ha_examples,
+)
+def hard_attention(
+    a: Array, e: Array, uniforms: Array, *, mask: Array | None = None
+) -> Call[Array]:
     r"""Stochastic hard attention (Xu et al. 2015, *Show, Attend and Tell* §4.1).
 
     Samples one location ``s̃ ~ Multinoulli(α)``, ``α = softmax(e)``, from caller-given uniforms
@@ -120,7 +104,7 @@ def hard_attention(a: Array, e: Array, uniforms: Array, *, mask: Array | None = 
     Gradients: ``∂ẑ/∂a_i = s̃_i``, ``ẑ`` does not depend on ``e``; ``∂ log p(s̃|a)/∂e = s̃ − α``;
     ``∂H/∂e = −α ⊙ (log α + H)``. Not included: the paper's trick of replacing the sample by its
     expectation with probability 1/2 (run soft attention for those rows) and the soft variant's
-    ``β`` gate (spec §13.1).
+    ``β`` gate (derivation: docs/derivations/hard.rst).
 
     Examples
     --------
@@ -162,7 +146,7 @@ def hard_attention(a: Array, e: Array, uniforms: Array, *, mask: Array | None = 
     return Call(
         xp,
         {"a": a, "e": e, "uniforms": uniforms, "mask": mask},
-        {},
+        NoOptions(),
         ("glimpse", "sample", "log_prob", "entropy"),
     )
 
@@ -236,31 +220,6 @@ def reinforce_cotangents(
 # -- Gumbel-softmax -------------------------------------------------------------------------------
 
 
-def _gs_fwd(xp, arrays, static, save):
-    y, y_soft = gumbel_forward(
-        xp,
-        arrays["logits"],
-        arrays["uniforms"],
-        tau=static["tau"],
-        hard=static["hard"],
-        axis=static["axis"],
-        eps=static["eps"],
-    )
-    return (y,), ({"y_soft": y_soft, "logits": arrays["logits"]} if save else {})
-
-
-def _gs_bwd(xp, saved, static, cotangents):
-    dl = gumbel_backward(
-        xp,
-        saved["y_soft"],
-        cotangents[0],
-        tau=static["tau"],
-        axis=static["axis"],
-        dtype=saved["logits"].dtype,
-    )
-    return {"logits": dl}
-
-
 def _gs_examples(rng):
     logits = rng.standard_normal((3, 5))
     u = rng.random((3, 5))
@@ -271,7 +230,12 @@ def _gs_examples(rng):
     ]
 
 
-@op(differentiable=("logits",), reference=Kernel(_gs_fwd, _gs_bwd), examples=_gs_examples)
+@op(
+    differentiable=("logits",),
+    reference=GUMBEL_REFERENCE,
+    residuals=GUMBEL_RESIDUALS,
+    examples=_gs_examples,
+)
 def gumbel_softmax(
     logits: Array,
     uniforms: Array,
@@ -280,7 +244,7 @@ def gumbel_softmax(
     hard: bool = False,
     axis: int = -1,
     eps: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Gumbel-softmax / Concrete sample (Jang et al. 2017; Maddison et al. 2017).
 
     ``y = softmax((ℓ + g)/τ)`` along ``axis`` with Gumbel noise ``g = −log(−log u)`` from the
@@ -360,7 +324,7 @@ def gumbel_softmax(
     return Call(
         xp,
         {"logits": logits, "uniforms": uniforms},
-        {"tau": tau, "hard": hard, "axis": axis, "eps": eps},
+        GumbelOptions(tau=tau, hard=hard, axis=axis, eps=eps),
     )
 
 
@@ -379,24 +343,6 @@ def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] 
     return tuple(out)
 
 
-def _hc_fwd(xp, arrays, static, save):
-    opts = {k: static[k] for k in ("beta", "gamma", "zeta", "training")}
-    gate, l0, s, s_bar = hard_concrete_forward(
-        xp, arrays["log_alpha"], arrays["uniforms"], eps=static["eps"], hard=static["hard"], **opts
-    )
-    saved = {"log_alpha": arrays["log_alpha"], "s": s, "s_bar": s_bar} if save else {}
-    return (gate, l0), saved
-
-
-def _hc_bwd(xp, saved, static, cotangents):
-    dgate, dl0 = cotangents
-    opts = {k: static[k] for k in ("beta", "gamma", "zeta", "training")}
-    dla = hard_concrete_backward(
-        xp, saved["log_alpha"], saved["s"], saved["s_bar"], dgate, dl0, **opts
-    )
-    return {"log_alpha": dla}
-
-
 def _hc_examples(rng):
     log_alpha = rng.standard_normal(6) * 2
     u = rng.random((3, 6))
@@ -407,7 +353,12 @@ def _hc_examples(rng):
     ]
 
 
-@op(differentiable=("log_alpha",), reference=Kernel(_hc_fwd, _hc_bwd), examples=_hc_examples)
+@op(
+    differentiable=("log_alpha",),
+    reference=CONCRETE_REFERENCE,
+    residuals=CONCRETE_RESIDUALS,
+    examples=_hc_examples,
+)
 def hard_concrete_gate(
     log_alpha: Array,
     uniforms: Array | None = None,
@@ -418,7 +369,7 @@ def hard_concrete_gate(
     eps: float = 1e-6,
     training: bool = True,
     hard: bool = False,
-) -> Call:
+) -> Call[Array]:
     r"""Hard-concrete gates and their L0 penalty (Louizos, Welling, Kingma 2018; the head gates of
     Voita et al. 2019).
 
@@ -515,13 +466,6 @@ def hard_concrete_gate(
     return Call(
         xp,
         {"log_alpha": log_alpha, "uniforms": uniforms},
-        {
-            "beta": beta,
-            "gamma": gamma,
-            "zeta": zeta,
-            "eps": eps,
-            "training": training,
-            "hard": hard,
-        },
+        ConcreteOptions(beta=beta, gamma=gamma, zeta=zeta, eps=eps, training=training, hard=hard),
         ("gate", "l0"),
     )

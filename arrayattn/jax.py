@@ -63,16 +63,16 @@ def _is_array(x: Any) -> bool:
 
 
 class _Static:
-    """The non-array part of a Residuals record, carried as a leafless pytree node."""
+    """The non-array part of a Residuals record (its skeleton), as a leafless pytree node."""
 
-    def __init__(self, backend: str, static: tuple, outputs: tuple):
-        self.backend, self.static, self.outputs = backend, static, outputs
+    def __init__(self, skeleton: _op.Skeleton):
+        self.skeleton = skeleton
 
 
 jax.tree_util.register_pytree_node(
     _Static,
-    lambda s: ((), (s.backend, s.static, s.outputs)),
-    lambda aux, _: _Static(*aux),
+    lambda s: ((), s.skeleton),
+    lambda aux, _: _Static(aux),
 )
 
 
@@ -119,12 +119,12 @@ def _function(name: str, leaves: tuple, options: tuple, use_callback: bool, sett
             args, kwargs = call_arguments(op, leaves, options, arrays)
             with use_backend("array_api"):
                 out, res = op.fwd(*args, **kwargs)
-            return out, (dict(res.arrays), _Static(res.backend, res.static, res.outputs), arrays)
+            return out, (dict(res.arrays), _Static(res.skeleton), arrays)
 
         def f_bwd(saved, cts):
             res_arrays, static, arrays = saved
-            res = _op.Residuals(name, static.backend, res_arrays, static.static, static.outputs)
-            outs = tuple(n for n, _, _ in static.outputs)
+            res = _op.Residuals.from_skeleton(static.skeleton, res_arrays)
+            outs = tuple(n for n, _, _ in static.skeleton.outputs)
             grads = op.bwd(res, _as_cotangents(outs, cts))
             return _gradients(op, leaves, arrays, grads, _zero_cotangent)
 
@@ -253,7 +253,7 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     insert = next(
         (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params)
     )
-    wrapper.__signature__ = sig.replace(
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=params[:insert] + [extra] + params[insert:],
         return_annotation=inspect.Signature.empty,
     )

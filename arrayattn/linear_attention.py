@@ -1,15 +1,17 @@
-"""Efficient attention (Shen et al.) and linear attention (Katharopoulos et al.), spec section 6."""
+"""Efficient attention (Shen et al.) and linear attention (Katharopoulos et al.)."""
 
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.linear_attention import (
-    efficient_backward,
-    efficient_forward,
-    linear_backward,
-    linear_forward,
+from ._glue.linear_attention import (
+    EFFICIENT_REFERENCE,
+    EFFICIENT_RESIDUALS,
+    LINEAR_REFERENCE,
+    LINEAR_RESIDUALS,
+    LinearAttentionOptions,
 )
+from ._kernel import Call, NoOptions
+from ._op import op
 from ._xp import Array
 
 __all__ = ["efficient_attention", "linear_attention"]
@@ -29,19 +31,6 @@ def _check_qkv(q, k, v, *, same_length: bool):
 # -- efficient attention ------------------------------------------------------------------------
 
 
-def _eff_ref_fwd(xp, arrays, static, save):
-    out, qs, ks, g = efficient_forward(xp, arrays["q"], arrays["k"], arrays["v"])
-    saved = {"qs": qs, "ks": ks, "g": g, "v": arrays["v"], "out": out} if save else {}
-    return (out,), saved
-
-
-def _eff_ref_bwd(xp, saved, static, cotangents):
-    dq, dk, dv = efficient_backward(
-        xp, saved["qs"], saved["ks"], saved["g"], saved["v"], cotangents[0], saved["out"].dtype
-    )
-    return {"q": dq, "k": dk, "v": dv}
-
-
 def _eff_examples(rng):
     q = rng.standard_normal((2, 7, 3))
     k = rng.standard_normal((2, 9, 3))
@@ -51,10 +40,11 @@ def _eff_examples(rng):
 
 @op(
     differentiable=("q", "k", "v"),
-    reference=Kernel(_eff_ref_fwd, _eff_ref_bwd),
+    reference=EFFICIENT_REFERENCE,
+    residuals=EFFICIENT_RESIDUALS,
     examples=_eff_examples,
 )
-def efficient_attention(q: Array, k: Array, v: Array) -> Call:
+def efficient_attention(q: Array, k: Array, v: Array) -> Call[Array]:
     r"""Efficient attention (Shen et al., "Attention with linear complexities"), softmax form.
 
     ``out = softmax_features(q) · (softmax_positions(k)ᵀ v)``: each query row is soft-maxed over
@@ -97,31 +87,10 @@ def efficient_attention(q: Array, k: Array, v: Array) -> Call:
     ((2, 4, 100, 16), (2, 4, 100, 8))
     """
     xp = _check_qkv(q, k, v, same_length=False)
-    return Call(xp, {"q": q, "k": k, "v": v}, {})
+    return Call(xp, {"q": q, "k": k, "v": v}, NoOptions())
 
 
 # -- linear attention ---------------------------------------------------------------------------
-
-
-def _lin_ref_fwd(xp, arrays, static, save):
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, den = linear_forward(xp, q, k, v, causal=static["causal"], eps=static["eps"])
-    saved = {"q": q, "k": k, "v": v, "out": out, "den": den} if save else {}
-    return (out,), saved
-
-
-def _lin_ref_bwd(xp, saved, static, cotangents):
-    dq, dk, dv = linear_backward(
-        xp,
-        saved["q"],
-        saved["k"],
-        saved["v"],
-        saved["out"],
-        saved["den"],
-        cotangents[0],
-        causal=static["causal"],
-    )
-    return {"q": dq, "k": dk, "v": dv}
 
 
 def _lin_examples(rng):
@@ -137,12 +106,13 @@ def _lin_examples(rng):
 
 @op(
     differentiable=("q", "k", "v"),
-    reference=Kernel(_lin_ref_fwd, _lin_ref_bwd),
+    reference=LINEAR_REFERENCE,
+    residuals=LINEAR_RESIDUALS,
     examples=_lin_examples,
 )
 def linear_attention(
     q: Array, k: Array, v: Array, *, causal: bool = False, eps: float = 1e-6
-) -> Call:
+) -> Call[Array]:
     r"""Linear attention (Katharopoulos et al., "Transformers are RNNs") with ``φ = elu + 1``.
 
     ``out_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps)`` with ``S = Σ_j φ(k_j) v_jᵀ`` and
@@ -192,4 +162,4 @@ def linear_attention(
     eps = checks.check_real("eps", eps)
     if eps < 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    return Call(xp, {"q": q, "k": k, "v": v}, {"causal": causal, "eps": eps})
+    return Call(xp, {"q": q, "k": k, "v": v}, LinearAttentionOptions(causal=causal, eps=eps))

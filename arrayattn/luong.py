@@ -1,12 +1,13 @@
-"""Luong global and local attention, Bahdanau additive attention (spec section 2)."""
+"""Luong global and local attention, Bahdanau additive attention: the public ops."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.luong import attention_backward, attention_forward
+from ._glue.luong import LUONG_REFERENCE, LUONG_RESIDUALS, LuongOptions
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
 
 __all__ = ["bahdanau_attention", "local_attention", "luong_attention"]
@@ -16,79 +17,6 @@ _LOCAL_SCORES = ("dot", "general", "concat")
 _MODES = ("monotonic", "predictive")
 _CENTERS = ("floor", "round")
 _P_SCALES = ("S", "S-1")
-
-
-# -- shared kernel plumbing ------------------------------------------------------------------------
-
-
-def local_options(static: Mapping) -> dict | None:
-    """The local-window options of a call (``None`` for global attention)."""
-    if static.get("mode") is None:
-        return None
-    keys = ("mode", "window", "offset", "center", "p_scale", "index_base")
-    return {k: static[k] for k in keys}
-
-
-def _flatten(prefix: str, tree: Mapping, out: dict) -> dict:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            _flatten(f"{prefix}{key}.", value, out)
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _ref_fwd(xp, arrays, static, save):
-    context, weights, saved = attention_forward(
-        xp,
-        arrays["h_t"],
-        arrays["h_s"],
-        arrays["params"],
-        arrays["mask"],
-        kind=static["score"],
-        local=local_options(static),
-    )
-    if not save:
-        return (context, weights), {}
-    record = {
-        "h_t": arrays["h_t"],
-        "h_s": arrays["h_s"],
-        "params": arrays["params"],
-        "saved": saved,
-    }
-    return (context, weights), _flatten("", record, {})
-
-
-def _ref_bwd(xp, saved, static, cotangents):
-    tree = _unflatten(saved)
-    params = tree.get("params", {})
-    dh_t, dh_s, dparams = attention_backward(
-        xp,
-        tree["h_t"],
-        tree["h_s"],
-        params,
-        tree["saved"],
-        cotangents[0],
-        cotangents[1],
-        kind=static["score"],
-        local=local_options(static),
-    )
-    names = static["names"]
-    return {names[0]: dh_t, names[1]: dh_s, "params": dparams if params else None}
-
-
-REFERENCE = Kernel(_ref_fwd, _ref_bwd)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -200,7 +128,12 @@ def _luong_examples(rng):
     ]
 
 
-@op(differentiable=("h_t", "h_s", "params"), reference=REFERENCE, examples=_luong_examples)
+@op(
+    differentiable=("h_t", "h_s", "params"),
+    reference=LUONG_REFERENCE,
+    residuals=LUONG_RESIDUALS,
+    examples=_luong_examples,
+)
 def luong_attention(
     h_t: Array,
     h_s: Array,
@@ -208,7 +141,7 @@ def luong_attention(
     *,
     score: str = "dot",
     mask: Array | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Luong global attention (Luong, Pham, Manning 2015, §3.1): context and alignment weights.
 
     ``a_t = softmax_s(score(h_t, h̄_s))`` over the source positions ``mask`` keeps, and the
@@ -280,7 +213,7 @@ def luong_attention(
     return Call(
         xp,
         {"h_t": h_t, "h_s": h_s, "params": clean, "mask": mask},
-        {"score": score, "names": ("h_t", "h_s")},
+        LuongOptions(score=score, names=("h_t", "h_s")),
         ("context", "weights"),
     )
 
@@ -306,14 +239,19 @@ def _bahdanau_examples(rng):
     ]
 
 
-@op(differentiable=("s_prev", "h", "params"), reference=REFERENCE, examples=_bahdanau_examples)
+@op(
+    differentiable=("s_prev", "h", "params"),
+    reference=LUONG_REFERENCE,
+    residuals=LUONG_RESIDUALS,
+    examples=_bahdanau_examples,
+)
 def bahdanau_attention(
     s_prev: Array,
     h: Array,
     params: Mapping[str, Array],
     *,
     mask: Array | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Bahdanau additive attention (Bahdanau, Cho, Bengio 2015, §3.1 and App. A.1.2).
 
     ``e_ij = v_aᵀ tanh(W_a s_{i-1} + U_a h_j + b_a)``, ``α_ij = softmax_j(e_ij)`` over the
@@ -378,7 +316,7 @@ def bahdanau_attention(
     return Call(
         xp,
         {"h_t": s_prev, "h_s": h, "params": clean, "mask": mask},
-        {"score": "additive", "names": ("s_prev", "h")},
+        LuongOptions(score="additive", names=("s_prev", "h")),
         ("context", "weights"),
     )
 
@@ -407,7 +345,12 @@ def _local_examples(rng):
     ]
 
 
-@op(differentiable=("h_t", "h_s", "params"), reference=REFERENCE, examples=_local_examples)
+@op(
+    differentiable=("h_t", "h_s", "params"),
+    reference=LUONG_REFERENCE,
+    residuals=LUONG_RESIDUALS,
+    examples=_local_examples,
+)
 def local_attention(
     h_t: Array,
     h_s: Array,
@@ -421,7 +364,7 @@ def local_attention(
     center: str = "floor",
     p_scale: str = "S",
     index_base: int = 0,
-) -> Call:
+) -> Call[Array]:
     r"""Luong local attention (Luong, Pham, Manning 2015, §3.2): local-m and local-p.
 
     Target step ``t`` attends to the source positions of the window ``[p_t - D, p_t + D]``
@@ -522,15 +465,15 @@ def local_attention(
     return Call(
         xp,
         {"h_t": h_t, "h_s": h_s, "params": clean, "mask": mask},
-        {
-            "score": score,
-            "names": ("h_t", "h_s"),
-            "mode": mode,
-            "window": radius,
-            "offset": offset,
-            "center": center,
-            "p_scale": p_scale,
-            "index_base": index_base,
-        },
+        LuongOptions(
+            score=score,
+            names=("h_t", "h_s"),
+            mode=mode,
+            window=radius,
+            offset=offset,
+            center=center,
+            p_scale=p_scale,
+            index_base=index_base,
+        ),
         ("context", "weights"),
     )

@@ -1,4 +1,4 @@
-"""Local self-attention on images and sequences (spec sections 3 and 4).
+"""Local self-attention on images and sequences: the public ops.
 
 Neighbourhood attention (NATTEN's clamped windows, SASA's zero-padded windows, masked windows),
 HaloNet's blocked attention, and the SASA layer built from them. All of them are one separable
@@ -7,21 +7,26 @@ window attention (:mod:`arrayattn._reference.neighborhood`) with different windo
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.neighborhood import (
-    AxisWindows,
-    halo_axis_windows,
-    na_axis_windows,
-    window_attention_backward,
-    window_attention_forward,
+from ._glue.neighborhood import (
+    SASA_BIASES,
+    SASA_REFERENCE,
+    SASA_RESIDUALS,
+    SASA_WEIGHTS,
+    WINDOW_REFERENCE,
+    WINDOW_RESIDUALS,
+    HaloOptions,
+    NaOptions,
+    SasaOptions,
+    window_adapter,
 )
-from ._xp import Array, compute_dtype, device_of
+from ._kernel import Call
+from ._op import op
+from ._xp import Array, device_of
 
 __all__ = [
     "halo_attention",
@@ -37,169 +42,10 @@ _BOUNDARIES = ("clamp", "zero", "mask")
 # -- windows of a call ----------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
-def call_windows(
-    kind: str, h: int, w: int, a: int, b: int, c: int, boundary: str, causal: bool
-) -> tuple[AxisWindows, AxisWindows]:
-    """The (y, x) window tables of a call.
-
-    ``kind='na'``: ``a`` kernel size, ``b`` dilation (``h == 1`` and a 1-slot y axis for 1-D);
-    ``kind='na1d'``: as ``'na'`` with a trivial y axis; ``kind='halo'``: ``a`` block, ``b`` halo,
-    ``c`` packs the y and x table lengths as ``ty * 100000 + tx``.
-    """
-    if kind == "na1d":
-        return (na_axis_windows(1, 1, 1, "clamp"), na_axis_windows(w, a, b, boundary, causal))
-    if kind == "na":
-        return na_axis_windows(h, a, b, boundary), na_axis_windows(w, a, b, boundary)
-    ty, tx = divmod(c, 100000)
-    return halo_axis_windows(h, a, b, ty), halo_axis_windows(w, a, b, tx)
-
-
-def windows_of(
-    static: Mapping[str, Any], shape: tuple[int, ...]
-) -> tuple[AxisWindows, AxisWindows]:
-    """Window tables for the static options of a call and the (..., H, W, d) shape it runs on."""
-    h, w = shape[-3], shape[-2]
-    kind = static["kind"]
-    if kind == "halo":
-        return call_windows(
-            "halo", h, w, static["block_size"], static["halo_size"], static["tables"], "zero", False
-        )
-    return call_windows(
-        kind,
-        h,
-        w,
-        static["kernel_size"],
-        static["dilation"],
-        0,
-        static["boundary"],
-        static["causal"],
-    )
-
-
-def _boundary_of(static):
-    return "zero" if static["kind"] == "halo" else static["boundary"]
-
-
 # -- the shared reference kernel ------------------------------------------------------------------
 #
 # Every op below runs on (..., H, W, d) arrays; the 1-D op views (..., L, d) as (..., 1, L, d)
 # and its (..., 2K-1) bias as (..., 1, 2K-1).
-
-
-def _unpack_rel(arrays):
-    rel = arrays.get("rel_pos")
-    if rel is None:
-        return None, None
-    return rel.get("r_h"), rel.get("r_w")
-
-
-def _lift_1d(xp, arrays, static):
-    """The 2-D view of a 1-D call's arrays."""
-    if static["kind"] != "na1d":
-        return arrays
-    out = {
-        name: (None if a is None else xp.expand_dims(a, axis=-3))
-        for name, a in arrays.items()
-        if name in ("q", "k", "v", "out", "dout")
-    }
-    bias = arrays.get("rel_bias")
-    out["rel_bias"] = None if bias is None else xp.expand_dims(bias, axis=-2)
-    if "lse" in arrays:
-        out["lse"] = xp.expand_dims(arrays["lse"], axis=-2)
-    return out
-
-
-def _pack_rel_grads(static, drh, drw):
-    form = static.get("rel_pos_form")
-    if form is None:
-        return None
-    if form == "tuple":
-        return (drh, drw)
-    return {key: g for key, g in (("r_h", drh), ("r_w", drw)) if key in static["rel_keys"]}
-
-
-def window_kernel(forward, backward, supports=None, *, takes_xp: bool = False) -> Kernel:
-    """The :class:`~arrayattn._op.Kernel` of the windowed ops from a backend's forward/backward.
-
-    ``forward(q, k, v, wy, wx, *, boundary, scale, rel_bias, r_h, r_w) -> (out, lse)`` and
-    ``backward(q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias, r_h, r_w)
-    -> (dq, dk, dv, dbias, drh, drw)`` on the 2-D layout (..., H, W, d), with the per-axis window
-    tables ``wy``, ``wx`` of :func:`windows_of`; with ``takes_xp`` both take the namespace first
-    (the reference). The wrapper lifts 1-D calls to 2-D and back and packs the table gradients.
-    """
-
-    def fwd(xp, arrays, static, save):
-        a = _lift_1d(xp, arrays, static)
-        r_h, r_w = _unpack_rel(arrays)
-        wy, wx = windows_of(static, a["q"].shape)
-        lead = (xp,) if takes_xp else ()
-        out, lse = forward(
-            *lead,
-            a["q"],
-            a["k"],
-            a["v"],
-            wy,
-            wx,
-            boundary=_boundary_of(static),
-            scale=static["scale"],
-            rel_bias=a.get("rel_bias"),
-            r_h=r_h,
-            r_w=r_w,
-        )
-        if static["kind"] == "na1d":
-            out, lse = out[..., 0, :, :], lse[..., 0, :]
-        saved = {}
-        if save:
-            saved = {
-                "q": arrays["q"],
-                "k": arrays["k"],
-                "v": arrays["v"],
-                "out": out,
-                "lse": lse,
-                "rel_bias": arrays.get("rel_bias"),
-                "r_h": r_h,
-                "r_w": r_w,
-            }
-        return (out,), saved
-
-    def bwd(xp, saved, static, cotangents):
-        (dout,) = cotangents
-        a = _lift_1d(xp, dict(saved, dout=dout), static)
-        wy, wx = windows_of(static, a["q"].shape)
-        lead = (xp,) if takes_xp else ()
-        dq, dk, dv, dbias, drh, drw = backward(
-            *lead,
-            a["q"],
-            a["k"],
-            a["v"],
-            a["out"],
-            a["lse"],
-            a["dout"],
-            wy,
-            wx,
-            boundary=_boundary_of(static),
-            scale=static["scale"],
-            rel_bias=a.get("rel_bias"),
-            r_h=saved.get("r_h"),
-            r_w=saved.get("r_w"),
-        )
-        if static["kind"] == "na1d":
-            dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
-            if dbias is not None:
-                dbias = dbias[..., 0, :]
-        return {
-            "q": dq,
-            "k": dk,
-            "v": dv,
-            "rel_bias": dbias,
-            "rel_pos": _pack_rel_grads(static, drh, drw),
-        }
-
-    return Kernel(fwd, bwd) if supports is None else Kernel(fwd, bwd, supports)
-
-
-REFERENCE = window_kernel(window_attention_forward, window_attention_backward, takes_xp=True)
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -283,7 +129,9 @@ def _na_examples_2d(rng):
 
 @op(
     differentiable=("q", "k", "v", "rel_bias", "rel_pos"),
-    reference=REFERENCE,
+    reference=WINDOW_REFERENCE,
+    residuals=WINDOW_RESIDUALS,
+    adapt=window_adapter,
     examples=_na_examples_2d,
 )
 def neighborhood_attention_2d(
@@ -297,7 +145,7 @@ def neighborhood_attention_2d(
     rel_bias: Array | None = None,
     rel_pos: Any = None,
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""2-D neighbourhood attention: each pixel attends to a ``K×K`` window of keys around it.
 
     Logit of query ``p`` and key ``n`` at offset ``(dy, dx) = n - p``::
@@ -396,16 +244,16 @@ def neighborhood_attention_2d(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": rel_bias, "rel_pos": rel},
-        {
-            "kind": "na",
-            "kernel_size": kernel,
-            "dilation": dil,
-            "boundary": boundary,
-            "causal": False,
-            "scale": _scale(scale, d),
-            "rel_pos_form": form,
-            "rel_keys": keys,
-        },
+        NaOptions(
+            one_d=False,
+            kernel_size=kernel,
+            dilation=dil,
+            boundary=boundary,
+            causal=False,
+            scale=_scale(scale, d),
+            rel_pos_form=form,
+            rel_keys=keys,
+        ),
     )
 
 
@@ -424,7 +272,9 @@ def _na_examples_1d(rng):
 
 @op(
     differentiable=("q", "k", "v", "rel_bias"),
-    reference=REFERENCE,
+    reference=WINDOW_REFERENCE,
+    residuals=WINDOW_RESIDUALS,
+    adapt=window_adapter,
     examples=_na_examples_1d,
 )
 def neighborhood_attention_1d(
@@ -438,7 +288,7 @@ def neighborhood_attention_1d(
     boundary: str = "clamp",
     rel_bias: Array | None = None,
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""1-D neighbourhood attention: each position attends to a window of ``K`` keys.
 
     Logit of query ``i`` and key ``n``: ``scale·q_i·k_n + rel_bias[..., (n-i)/dil + K-1]``;
@@ -513,16 +363,16 @@ def neighborhood_attention_1d(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": rel_bias, "rel_pos": None},
-        {
-            "kind": "na1d",
-            "kernel_size": kernel,
-            "dilation": dil,
-            "boundary": boundary,
-            "causal": causal,
-            "scale": _scale(scale, d),
-            "rel_pos_form": None,
-            "rel_keys": (),
-        },
+        NaOptions(
+            one_d=True,
+            kernel_size=kernel,
+            dilation=dil,
+            boundary=boundary,
+            causal=causal,
+            scale=_scale(scale, d),
+            rel_pos_form=None,
+            rel_keys=(),
+        ),
     )
 
 
@@ -544,7 +394,9 @@ def _halo_examples(rng):
 
 @op(
     differentiable=("q", "k", "v", "rel_pos"),
-    reference=REFERENCE,
+    reference=WINDOW_REFERENCE,
+    residuals=WINDOW_RESIDUALS,
+    adapt=window_adapter,
     examples=_halo_examples,
 )
 def halo_attention(
@@ -556,7 +408,7 @@ def halo_attention(
     halo_size: int,
     rel_pos: Any = None,
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""HaloNet blocked local self-attention (timm ``HaloAttn`` semantics).
 
     The image is cut into ``b×b`` query blocks; every query of block ``(I, J)`` attends to the
@@ -628,7 +480,7 @@ def halo_attention(
         )
     compact, timm = 2 * (b + h) - 1, 2 * (b + 2 * h) - 1
 
-    def rows_of(key, t):
+    def rows_of(key, t):  # numpydoc ignore=GL08
         n = t.shape[-2] if t.ndim >= 2 else -1
         if n not in (compact, timm):
             raise ValueError(
@@ -647,15 +499,14 @@ def halo_attention(
     return Call(
         xp,
         {"q": q, "k": k, "v": v, "rel_bias": None, "rel_pos": rel},
-        {
-            "kind": "halo",
-            "block_size": b,
-            "halo_size": h,
-            "tables": rows["r_h"] * 100000 + rows["r_w"],
-            "scale": _scale(scale, d),
-            "rel_pos_form": form,
-            "rel_keys": keys,
-        },
+        HaloOptions(
+            block_size=b,
+            halo_size=h,
+            tables=(rows["r_h"], rows["r_w"]),
+            scale=_scale(scale, d),
+            rel_pos_form=form,
+            rel_keys=keys,
+        ),
     )
 
 
@@ -713,7 +564,7 @@ def sasa_relative_tables(r_row: Array, r_col: Array, *, kernel_size: int | None 
     lead = tuple(r_row.shape[:-2])
     dr, dc = r_row.shape[-1], r_col.shape[-1]
 
-    def pad(t, before, after, ch_before, ch_after):
+    def pad(t, before, after, ch_before, ch_after):  # numpydoc ignore=GL08
         dev = device_of(t)
         parts = []
         width = t.shape[-1] + ch_before + ch_after
@@ -737,85 +588,6 @@ def sasa_relative_tables(r_row: Array, r_col: Array, *, kernel_size: int | None 
     return pad(r_row, before, after, 0, dc), pad(r_col, before, after, dr, 0)
 
 
-_SASA_WEIGHTS = ("w_q", "w_k", "w_v")
-_SASA_BIASES = ("b_q", "b_k", "b_v")
-
-
-def _to_heads(xp, y, n, h, w, heads):
-    """(N·H·W, C) channel rows -> (N, heads, H, W, dh)."""
-    c = y.shape[-1]
-    return xp.permute_dims(xp.reshape(y, (n, h, w, heads, c // heads)), (0, 3, 1, 2, 4))
-
-
-def _from_heads(xp, y):
-    """(N, heads, H, W, dh) -> (N·H·W, heads·dh)."""
-    n, heads, h, w, dh = y.shape
-    return xp.reshape(xp.permute_dims(y, (0, 2, 3, 1, 4)), (n * h * w, heads * dh))
-
-
-def _sasa_fwd(xp, arrays, static, save):
-    x, p = arrays["x"], arrays["params"]
-    n, c, h, w = x.shape
-    heads = static["num_heads"]
-    cdt = compute_dtype(xp, x.dtype)
-    rows = xp.reshape(xp.permute_dims(xp.astype(x, cdt, copy=False), (0, 2, 3, 1)), (n * h * w, c))
-    proj = []
-    for wn, bn in zip(_SASA_WEIGHTS, _SASA_BIASES, strict=True):
-        wt = xp.astype(xp.reshape(p[wn], (p[wn].shape[0], c)), cdt, copy=False)
-        y = xp.matmul(rows, xp.matrix_transpose(wt))
-        if bn in p:
-            y = y + xp.astype(p[bn], cdt, copy=False)
-        proj.append(_to_heads(xp, xp.astype(y, x.dtype), n, h, w, heads))
-    q, k, v = proj
-    rel = {key: p[name] for key, name in (("r_h", "rel_h"), ("r_w", "rel_w")) if name in p}
-    kwargs = {
-        "kernel_size": static["kernel_size"],
-        "dilation": static["dilation"],
-        "boundary": static["boundary"],
-        "scale": static["scale"],
-        "rel_pos": rel or None,
-    }
-    if save:
-        o, res = neighborhood_attention_2d.fwd(q, k, v, **kwargs)
-    else:
-        o, res = neighborhood_attention_2d(q, k, v, **kwargs), None
-    dv = o.shape[-1]
-    out = xp.reshape(xp.permute_dims(o, (0, 1, 4, 2, 3)), (n, heads * dv, h, w))
-    saved = {"x": x, **{wn: p[wn] for wn in _SASA_WEIGHTS}, "attn": res} if save else {}
-    return (out,), saved
-
-
-def _sasa_bwd(xp, saved, static, cotangents):
-    (dy,) = cotangents
-    x = saved["x"]
-    n, c, h, w = x.shape
-    heads = static["num_heads"]
-    dtype = x.dtype
-    cdt = compute_dtype(xp, dtype)
-    res = saved["attn"]
-    dvh = dy.shape[1] // heads
-    d_o = xp.permute_dims(xp.reshape(dy, (n, heads, dvh, h, w)), (0, 1, 3, 4, 2))
-    g = neighborhood_attention_2d.bwd(res, d_o)
-    rows = xp.reshape(xp.permute_dims(xp.astype(x, cdt, copy=False), (0, 2, 3, 1)), (n * h * w, c))
-    dx_rows = None
-    grads = {}
-    for wn, bn, gp in zip(_SASA_WEIGHTS, _SASA_BIASES, (g.q, g.k, g.v), strict=True):
-        gy = xp.astype(_from_heads(xp, gp), cdt, copy=False)  # (NHW, C_out)
-        wt = saved[wn]
-        w2 = xp.astype(xp.reshape(wt, (wt.shape[0], c)), cdt, copy=False)
-        term = xp.matmul(gy, w2)
-        dx_rows = term if dx_rows is None else dx_rows + term
-        grads[wn] = xp.astype(xp.reshape(xp.matmul(xp.matrix_transpose(gy), rows), wt.shape), dtype)
-        if bn in static["biases"]:
-            grads[bn] = xp.astype(xp.sum(gy, axis=0), dtype)
-    if g.rel_pos is not None:
-        for key, name in (("r_h", "rel_h"), ("r_w", "rel_w")):
-            if key in g.rel_pos:
-                grads[name] = g.rel_pos[key]
-    dx = xp.permute_dims(xp.reshape(dx_rows, (n, h, w, c)), (0, 3, 1, 2))
-    return {"x": xp.astype(dx, dtype), "params": grads}
-
-
 def _sasa_examples(rng):
     c, cout, heads, kernel = 3, 4, 2, 3
     params = {f"w_{s}": rng.standard_normal((cout, c, 1, 1)) / 2 for s in "qkv"}
@@ -828,9 +600,9 @@ def _sasa_examples(rng):
 
 @op(
     differentiable=("x", "params"),
-    reference=Kernel(_sasa_fwd, _sasa_bwd),
+    reference=SASA_REFERENCE,
+    residuals=SASA_RESIDUALS,
     examples=_sasa_examples,
-    composite=True,
 )
 def sasa_block(
     x: Array,
@@ -841,7 +613,7 @@ def sasa_block(
     dilation: int = 1,
     boundary: str = "zero",
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""The Stand-Alone Self-Attention layer (SASA, Ramachandran et al. 2019 §2.2) on an image.
 
     Replaces a ``K×K`` convolution: ``q, k, v`` are 1×1 convolutions of ``x`` (a matrix product
@@ -903,7 +675,7 @@ def sasa_block(
             " (neighborhood_attention_2d accepts even sizes)"
         )
     c = x.shape[1]
-    for key in _SASA_WEIGHTS:
+    for key in SASA_WEIGHTS:
         if params.get(key) is None:
             raise ValueError(f"params: missing required key {key!r}")
         if params[key].ndim != 4:
@@ -942,12 +714,12 @@ def sasa_block(
     return Call(
         xp,
         {"x": x, "params": clean},
-        {
-            "num_heads": heads,
-            "kernel_size": kernel,
-            "dilation": dil,
-            "boundary": boundary,
-            "scale": _scale(scale, dh),
-            "biases": tuple(sorted(b for b in _SASA_BIASES if b in clean)),
-        },
+        SasaOptions(
+            num_heads=heads,
+            kernel_size=kernel,
+            dilation=dil,
+            boundary=boundary,
+            scale=_scale(scale, dh),
+            biases=tuple(sorted(b for b in SASA_BIASES if b in clean)),
+        ),
     )

@@ -1,52 +1,21 @@
-"""Non-local neural network block (Wang, Girshick, Gupta, He; CVPR 2018, spec section 9)."""
+"""Non-local neural network block (Wang, Girshick, Gupta, He; CVPR 2018)."""
 
 from __future__ import annotations
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference import non_local as ref
+from ._glue.non_local import (
+    NON_LOCAL_REFERENCE,
+    NON_LOCAL_RESIDUALS,
+    NonLocalOptions,
+    example_params,
+)
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
 
 __all__ = ["non_local_block"]
 
 _MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
-
-
-def _fwd(xp, arrays, static, save):
-    z, saved = ref.nl_forward(
-        xp,
-        arrays["x"],
-        arrays["params"],
-        mode=static["mode"],
-        subsample=static["subsample"],
-        scale=static["scale"],
-        save=save,
-    )
-    return (z,), saved
-
-
-def _bwd(xp, saved, static, cts):
-    dx, dp = ref.nl_backward(
-        xp, saved, mode=static["mode"], subsample=static["subsample"], dz=cts[0]
-    )
-    return {"x": dx, "params": dp}
-
-
-def example_params(rng, c, ci, mode, bias=True):
-    """Random float64 parameters of a non-local block (also used by tests and benchmarks)."""
-    p = {
-        "w_g": rng.standard_normal((ci, c, 1, 1)) / c**0.5,
-        "w_z": rng.standard_normal((c, ci, 1, 1)) / ci**0.5,
-    }
-    if mode != "gaussian":
-        p["w_theta"] = rng.standard_normal((ci, c, 1, 1)) / c**0.5
-        p["w_phi"] = rng.standard_normal((ci, c, 1, 1)) / c**0.5
-    if mode == "concat":
-        p["w_f"] = rng.standard_normal((1, 2 * ci, 1, 1)) / ci**0.5
-    if bias:
-        for key in [k for k in p if k != "w_f"]:
-            p["b" + key[1:]] = 0.1 * rng.standard_normal(p[key].shape[0])
-    return p
 
 
 def _examples(rng):
@@ -72,7 +41,10 @@ def _examples(rng):
 
 
 @op(
-    differentiable=("x", "params"), reference=Kernel(_fwd, _bwd), examples=_examples, composite=True
+    differentiable=("x", "params"),
+    reference=NON_LOCAL_REFERENCE,
+    residuals=NON_LOCAL_RESIDUALS,
+    examples=_examples,
 )
 def non_local_block(
     x: Array,
@@ -81,7 +53,7 @@ def non_local_block(
     mode: str = "embedded_gaussian",
     subsample: bool = False,
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Non-local block (Wang et al., CVPR 2018, §3.2–3.3): ``z = W_z y + b_z + x``.
 
     ``y_i = (1/C(x)) Σ_j f(x_i, x_j) g(x_j)`` over all positions, with 1×1 convolutions
@@ -179,5 +151,5 @@ def non_local_block(
     else:
         scale = 1.0 if scale is None else checks.check_real("scale", scale)
     return Call(
-        xp, {"x": x, "params": clean}, {"mode": mode, "subsample": subsample, "scale": scale}
+        xp, {"x": x, "params": clean}, NonLocalOptions(mode=mode, subsample=subsample, scale=scale)
     )

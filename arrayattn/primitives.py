@@ -12,8 +12,42 @@ from __future__ import annotations
 import math
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference import primitives as ref
+from ._glue.primitives import (
+    ADAPTIVE_AVG_REFERENCE,
+    ADAPTIVE_AVG_RESIDUALS,
+    ADAPTIVE_MAX_REFERENCE,
+    ADAPTIVE_MAX_RESIDUALS,
+    AVG_POOL_REFERENCE,
+    AVG_POOL_RESIDUALS,
+    BILINEAR_REFERENCE,
+    CONV2D_REFERENCE,
+    CONV2D_RESIDUALS,
+    ELU_REFERENCE,
+    LAYER_NORM_REFERENCE,
+    LAYER_NORM_RESIDUALS,
+    LINEAR_REFERENCE,
+    LINEAR_RESIDUALS,
+    MAX_POOL_REFERENCE,
+    MAX_POOL_RESIDUALS,
+    NEAREST_REFERENCE,
+    RELU_REFERENCE,
+    RESIZE_RESIDUALS,
+    SIGMOID_REFERENCE,
+    TANH_REFERENCE,
+    UNARY_RESIDUALS,
+    AdaptivePoolOptions,
+    AvgPoolOptions,
+    BilinearOptions,
+    Conv2dOptions,
+    EluOptions,
+    LayerNormOptions,
+    LinearOptions,
+    MaxPoolOptions,
+    NearestOptions,
+    conv2d_output_size,
+)
+from ._kernel import Call, NoOptions
+from ._op import op
 from ._xp import Array
 
 __all__ = [
@@ -67,35 +101,6 @@ def _floating(**arrays):
 # -- conv2d ---------------------------------------------------------------------------------------
 
 
-def _conv_fwd(xp, arrays, static, save):
-    y = ref.conv2d_forward(
-        xp,
-        arrays["x"],
-        arrays["weight"],
-        arrays["bias"],
-        stride=static["stride"],
-        padding=static["padding"],
-        dilation=static["dilation"],
-        groups=static["groups"],
-    )
-    return (y,), ({"x": arrays["x"], "weight": arrays["weight"]} if save else {})
-
-
-def _conv_bwd(xp, saved, static, cts):
-    dx, dw, db = ref.conv2d_backward(
-        xp,
-        saved["x"],
-        saved["weight"],
-        cts[0],
-        stride=static["stride"],
-        padding=static["padding"],
-        dilation=static["dilation"],
-        groups=static["groups"],
-        with_bias=static["has_bias"],
-    )
-    return {"x": dx, "weight": dw, "bias": db}
-
-
 def _conv_examples(rng):
     x = rng.standard_normal((2, 4, 7, 6))
     return [
@@ -111,7 +116,8 @@ def _conv_examples(rng):
 
 @op(
     differentiable=("x", "weight", "bias"),
-    reference=Kernel(_conv_fwd, _conv_bwd),
+    reference=CONV2D_REFERENCE,
+    residuals=CONV2D_RESIDUALS,
     examples=_conv_examples,
 )
 def conv2d(
@@ -123,7 +129,7 @@ def conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
-) -> Call:
+) -> Call[Array]:
     r"""2-D convolution (cross-correlation) as ``torch.nn.functional.conv2d``.
 
     ``y[n, o] = bias[o] + Σ_{c ∈ group(o), i, j} weight[o, c, i, j] ·
@@ -187,7 +193,7 @@ def conv2d(
             raise ValueError(
                 f"bias: expected shape ({o},) (O from weight), got {tuple(bias.shape)}"
             )
-    ho, wo = ref.conv2d_output_size((h, w), (kh, kw), stride, padding, dilation)
+    ho, wo = conv2d_output_size((h, w), (kh, kw), stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(
             f"x: spatial size {(h, w)} is too small for kernel {(kh, kw)} with dilation {dilation} "
@@ -196,27 +202,17 @@ def conv2d(
     return Call(
         xp,
         {"x": x, "weight": weight, "bias": bias},
-        {
-            "stride": stride,
-            "padding": padding,
-            "dilation": dilation,
-            "groups": groups,
-            "has_bias": bias is not None,
-        },
+        Conv2dOptions(
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            has_bias=bias is not None,
+        ),
     )
 
 
 # -- linear ---------------------------------------------------------------------------------------
-
-
-def _linear_fwd(xp, arrays, static, save):
-    y = ref.linear_forward(xp, arrays["x"], arrays["weight"], arrays["bias"])
-    return (y,), ({"x": arrays["x"], "weight": arrays["weight"]} if save else {})
-
-
-def _linear_bwd(xp, saved, static, cts):
-    dx, dw, db = ref.linear_backward(xp, saved["x"], saved["weight"], cts[0], static["has_bias"])
-    return {"x": dx, "weight": dw, "bias": db}
 
 
 def _linear_examples(rng):
@@ -228,10 +224,11 @@ def _linear_examples(rng):
 
 @op(
     differentiable=("x", "weight", "bias"),
-    reference=Kernel(_linear_fwd, _linear_bwd),
+    reference=LINEAR_REFERENCE,
+    residuals=LINEAR_RESIDUALS,
     examples=_linear_examples,
 )
-def linear(x: Array, weight: Array, bias: Array | None = None) -> Call:
+def linear(x: Array, weight: Array, bias: Array | None = None) -> Call[Array]:
     r"""Affine map ``y = x weightᵀ + bias``, as ``torch.nn.functional.linear``.
 
     Parameters
@@ -270,27 +267,12 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> Call:
         raise ValueError(
             f"bias: expected shape ({weight.shape[0]},) (out from weight), got {tuple(bias.shape)}"
         )
-    return Call(xp, {"x": x, "weight": weight, "bias": bias}, {"has_bias": bias is not None})
+    return Call(
+        xp, {"x": x, "weight": weight, "bias": bias}, LinearOptions(has_bias=bias is not None)
+    )
 
 
 # -- layer norm -----------------------------------------------------------------------------------
-
-
-def _ln_fwd(xp, arrays, static, save):
-    y, mean, rstd = ref.layer_norm_forward(
-        xp, arrays["x"], arrays["weight"], arrays["bias"], static["eps"]
-    )
-    saved = (
-        {"x": arrays["x"], "weight": arrays["weight"], "mean": mean, "rstd": rstd} if save else {}
-    )
-    return (y,), saved
-
-
-def _ln_bwd(xp, saved, static, cts):
-    dx, dw, db = ref.layer_norm_backward(
-        xp, saved["x"], saved["weight"], saved["mean"], saved["rstd"], cts[0], static["has_bias"]
-    )
-    return {"x": dx, "weight": dw, "bias": db}
 
 
 def _ln_examples(rng):
@@ -302,12 +284,13 @@ def _ln_examples(rng):
 
 @op(
     differentiable=("x", "weight", "bias"),
-    reference=Kernel(_ln_fwd, _ln_bwd),
+    reference=LAYER_NORM_REFERENCE,
+    residuals=LAYER_NORM_RESIDUALS,
     examples=_ln_examples,
 )
 def layer_norm(
     x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
-) -> Call:
+) -> Call[Array]:
     r"""Layer normalisation over the last axis, as ``F.layer_norm(x, (d,), weight, bias, eps)``.
 
     ``y = (x - mean) / sqrt(var + eps) ⊙ weight + bias`` with the biased variance.
@@ -345,25 +328,13 @@ def layer_norm(
     if eps < 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     return Call(
-        xp, {"x": x, "weight": weight, "bias": bias}, {"eps": eps, "has_bias": bias is not None}
+        xp,
+        {"x": x, "weight": weight, "bias": bias},
+        LayerNormOptions(eps=eps, has_bias=bias is not None),
     )
 
 
 # -- activations ----------------------------------------------------------------------------------
-
-
-def _unary(name: str, save_output: bool, **kw):
-    fwd_fn = getattr(ref, f"{name}_forward")
-    bwd_fn = getattr(ref, f"{name}_backward")
-
-    def fwd(xp, arrays, static, save):
-        y = fwd_fn(xp, arrays["x"], **{k: static[k] for k in kw})
-        return (y,), ({"t": y if save_output else arrays["x"]} if save else {})
-
-    def bwd(xp, saved, static, cts):
-        return {"x": bwd_fn(xp, saved["t"], cts[0], **{k: static[k] for k in kw})}
-
-    return Kernel(fwd, bwd)
 
 
 def _act_examples(rng):
@@ -378,8 +349,13 @@ def _prepare_unary(x):
     return xp
 
 
-@op(differentiable=("x",), reference=_unary("sigmoid", True), examples=_act_examples)
-def sigmoid(x: Array) -> Call:
+@op(
+    differentiable=("x",),
+    reference=SIGMOID_REFERENCE,
+    residuals=UNARY_RESIDUALS,
+    examples=_act_examples,
+)
+def sigmoid(x: Array) -> Call[Array]:
     r"""Logistic sigmoid ``1 / (1 + exp(-x))``, computed without overflow for either sign.
 
     Parameters
@@ -400,11 +376,16 @@ def sigmoid(x: Array) -> Call:
     >>> aa.sigmoid(np.array([-800.0, 0.0, 800.0]))
     array([0. , 0.5, 1. ])
     """
-    return Call(_prepare_unary(x), {"x": x}, {})
+    return Call(_prepare_unary(x), {"x": x}, NoOptions())
 
 
-@op(differentiable=("x",), reference=_unary("relu", False), examples=_act_examples)
-def relu(x: Array) -> Call:
+@op(
+    differentiable=("x",),
+    reference=RELU_REFERENCE,
+    residuals=UNARY_RESIDUALS,
+    examples=_act_examples,
+)
+def relu(x: Array) -> Call[Array]:
     r"""Rectifier ``max(x, 0)``.
 
     Parameters
@@ -425,11 +406,16 @@ def relu(x: Array) -> Call:
     >>> aa.relu(np.array([-1.0, 0.5]))
     array([0. , 0.5])
     """
-    return Call(_prepare_unary(x), {"x": x}, {})
+    return Call(_prepare_unary(x), {"x": x}, NoOptions())
 
 
-@op(differentiable=("x",), reference=_unary("tanh", True), examples=_act_examples)
-def tanh(x: Array) -> Call:
+@op(
+    differentiable=("x",),
+    reference=TANH_REFERENCE,
+    residuals=UNARY_RESIDUALS,
+    examples=_act_examples,
+)
+def tanh(x: Array) -> Call[Array]:
     r"""Hyperbolic tangent.
 
     Parameters
@@ -450,11 +436,16 @@ def tanh(x: Array) -> Call:
     >>> aa.tanh(np.array([0.0]))
     array([0.])
     """
-    return Call(_prepare_unary(x), {"x": x}, {})
+    return Call(_prepare_unary(x), {"x": x}, NoOptions())
 
 
-@op(differentiable=("x",), reference=_unary("elu", False, alpha=None), examples=_act_examples)
-def elu(x: Array, *, alpha: float = 1.0) -> Call:
+@op(
+    differentiable=("x",),
+    reference=ELU_REFERENCE,
+    residuals=UNARY_RESIDUALS,
+    examples=_act_examples,
+)
+def elu(x: Array, *, alpha: float = 1.0) -> Call[Array]:
     r"""Exponential linear unit: ``x`` for x > 0, ``alpha (exp(x) - 1)`` otherwise.
 
     Parameters
@@ -476,7 +467,7 @@ def elu(x: Array, *, alpha: float = 1.0) -> Call:
     >>> aa.elu(np.array([-1.0, 2.0])).round(4)
     array([-0.6321,  2.    ])
     """
-    return Call(_prepare_unary(x), {"x": x}, {"alpha": checks.check_real("alpha", alpha)})
+    return Call(_prepare_unary(x), {"x": x}, EluOptions(alpha=checks.check_real("alpha", alpha)))
 
 
 # -- pooling --------------------------------------------------------------------------------------
@@ -493,38 +484,12 @@ def _pool_args(x, kernel_size, stride, padding, dilation=1):
                 f"padding: expected at most half the kernel size {kernel}, got {padding}"
             )
     h, w = x.shape[-2], x.shape[-1]
-    ho, wo = ref.conv2d_output_size((h, w), kernel, stride, padding, dilation)
+    ho, wo = conv2d_output_size((h, w), kernel, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(
             f"x: spatial size {(h, w)} is too small for kernel_size {kernel} and padding {padding}"
         )
     return kernel, stride, padding, dilation
-
-
-def _maxpool_fwd(xp, arrays, static, save):
-    y = ref.max_pool2d_forward(
-        xp,
-        arrays["x"],
-        static["kernel_size"],
-        static["stride"],
-        static["padding"],
-        static["dilation"],
-    )
-    return (y,), ({"x": arrays["x"], "y": y} if save else {})
-
-
-def _maxpool_bwd(xp, saved, static, cts):
-    dx = ref.max_pool2d_backward(
-        xp,
-        saved["x"],
-        saved["y"],
-        cts[0],
-        static["kernel_size"],
-        static["stride"],
-        static["padding"],
-        static["dilation"],
-    )
-    return {"x": dx}
 
 
 def _pool_examples(rng):
@@ -541,7 +506,12 @@ def _maxpool_examples(rng):
     ]
 
 
-@op(differentiable=("x",), reference=Kernel(_maxpool_fwd, _maxpool_bwd), examples=_maxpool_examples)
+@op(
+    differentiable=("x",),
+    reference=MAX_POOL_REFERENCE,
+    residuals=MAX_POOL_RESIDUALS,
+    examples=_maxpool_examples,
+)
 def max_pool2d(
     x: Array,
     kernel_size: int | tuple[int, int],
@@ -549,7 +519,7 @@ def max_pool2d(
     padding: int | tuple[int, int] = 0,
     *,
     dilation: int | tuple[int, int] = 1,
-) -> Call:
+) -> Call[Array]:
     r"""2-D max pooling as ``torch.nn.functional.max_pool2d`` (floor mode).
 
     Parameters
@@ -581,32 +551,7 @@ def max_pool2d(
     xp = _floating(x=x)
     _image("x", x, exact=False)
     k, s, p, d = _pool_args(x, kernel_size, stride, padding, dilation)
-    return Call(xp, {"x": x}, {"kernel_size": k, "stride": s, "padding": p, "dilation": d})
-
-
-def _avgpool_fwd(xp, arrays, static, save):
-    y = ref.avg_pool2d_forward(
-        xp,
-        arrays["x"],
-        static["kernel_size"],
-        static["stride"],
-        static["padding"],
-        static["count_include_pad"],
-    )
-    return (y,), ({"x": arrays["x"]} if save else {})
-
-
-def _avgpool_bwd(xp, saved, static, cts):
-    dx = ref.avg_pool2d_backward(
-        xp,
-        saved["x"],
-        cts[0],
-        static["kernel_size"],
-        static["stride"],
-        static["padding"],
-        static["count_include_pad"],
-    )
-    return {"x": dx}
+    return Call(xp, {"x": x}, MaxPoolOptions(kernel_size=k, stride=s, padding=p, dilation=d))
 
 
 def _avgpool_examples(rng):
@@ -614,7 +559,12 @@ def _avgpool_examples(rng):
     return _pool_examples(rng) + [((x, 3), {"stride": 2, "padding": 1, "count_include_pad": False})]
 
 
-@op(differentiable=("x",), reference=Kernel(_avgpool_fwd, _avgpool_bwd), examples=_avgpool_examples)
+@op(
+    differentiable=("x",),
+    reference=AVG_POOL_REFERENCE,
+    residuals=AVG_POOL_RESIDUALS,
+    examples=_avgpool_examples,
+)
 def avg_pool2d(
     x: Array,
     kernel_size: int | tuple[int, int],
@@ -622,7 +572,7 @@ def avg_pool2d(
     padding: int | tuple[int, int] = 0,
     *,
     count_include_pad: bool = True,
-) -> Call:
+) -> Call[Array]:
     r"""2-D average pooling as ``torch.nn.functional.avg_pool2d`` (floor mode).
 
     Parameters
@@ -661,7 +611,7 @@ def avg_pool2d(
     return Call(
         xp,
         {"x": x},
-        {"kernel_size": k, "stride": s, "padding": p, "count_include_pad": count_include_pad},
+        AvgPoolOptions(kernel_size=k, stride=s, padding=p, count_include_pad=count_include_pad),
     )
 
 
@@ -669,22 +619,18 @@ def _output_size(x, output_size):
     return _pair("output_size", output_size, minimum=1)
 
 
-def _aavg_fwd(xp, arrays, static, save):
-    y = ref.adaptive_avg_pool2d_forward(xp, arrays["x"], static["output_size"])
-    return (y,), ({"dummy": y[..., :0, :0]} if save else {})
-
-
-def _aavg_bwd(xp, saved, static, cts):
-    return {"x": ref.adaptive_avg_pool2d_backward(xp, static["shape"], cts[0])}
-
-
 def _adaptive_examples(rng):
     x = rng.standard_normal((2, 3, 7, 9))
     return [((x, 1), {}), ((x, (3, 4)), {}), ((x, 4), {})]
 
 
-@op(differentiable=("x",), reference=Kernel(_aavg_fwd, _aavg_bwd), examples=_adaptive_examples)
-def adaptive_avg_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call:
+@op(
+    differentiable=("x",),
+    reference=ADAPTIVE_AVG_REFERENCE,
+    residuals=ADAPTIVE_AVG_RESIDUALS,
+    examples=_adaptive_examples,
+)
+def adaptive_avg_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call[Array]:
     r"""Adaptive average pooling as ``torch.nn.functional.adaptive_avg_pool2d``.
 
     Output cell ``(i, j)`` averages rows ``[floor(i·H/oh), ceil((i+1)·H/oh))`` and the columns
@@ -714,20 +660,16 @@ def adaptive_avg_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call:
     xp = _floating(x=x)
     _image("x", x, exact=False)
     size = _output_size(x, output_size)
-    return Call(xp, {"x": x}, {"output_size": size, "shape": tuple(x.shape)})
+    return Call(xp, {"x": x}, AdaptivePoolOptions(output_size=size, shape=tuple(x.shape)))
 
 
-def _amax_fwd(xp, arrays, static, save):
-    y, index = ref.adaptive_max_pool2d_forward(xp, arrays["x"], static["output_size"])
-    return (y,), ({"index": index, "y": y[..., :0, :0]} if save else {})
-
-
-def _amax_bwd(xp, saved, static, cts):
-    return {"x": ref.adaptive_max_pool2d_backward(xp, static["shape"], saved["index"], cts[0])}
-
-
-@op(differentiable=("x",), reference=Kernel(_amax_fwd, _amax_bwd), examples=_adaptive_examples)
-def adaptive_max_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call:
+@op(
+    differentiable=("x",),
+    reference=ADAPTIVE_MAX_REFERENCE,
+    residuals=ADAPTIVE_MAX_RESIDUALS,
+    examples=_adaptive_examples,
+)
+def adaptive_max_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call[Array]:
     r"""Adaptive max pooling as ``torch.nn.functional.adaptive_max_pool2d`` (PyTorch's bin rule).
 
     Parameters
@@ -754,7 +696,7 @@ def adaptive_max_pool2d(x: Array, output_size: int | tuple[int, int]) -> Call:
     xp = _floating(x=x)
     _image("x", x, exact=False)
     size = _output_size(x, output_size)
-    return Call(xp, {"x": x}, {"output_size": size, "shape": tuple(x.shape)})
+    return Call(xp, {"x": x}, AdaptivePoolOptions(output_size=size, shape=tuple(x.shape)))
 
 
 # -- upsampling -----------------------------------------------------------------------------------
@@ -781,29 +723,23 @@ def _resize_args(x, size, scale_factor):
     return out, sf
 
 
-def _near_fwd(xp, arrays, static, save):
-    y = ref.upsample_nearest2d_forward(xp, arrays["x"], static["size"], static["scale_factor"])
-    return (y,), ({"y": y[..., :0, :0]} if save else {})
-
-
-def _near_bwd(xp, saved, static, cts):
-    return {
-        "x": ref.upsample_nearest2d_backward(xp, static["shape"], cts[0], static["scale_factor"])
-    }
-
-
 def _resize_examples(rng):
     x = rng.standard_normal((2, 3, 4, 5))
     return [((x, (8, 10)), {}), ((x, (7, 3)), {}), ((x,), {"scale_factor": 2})]
 
 
-@op(differentiable=("x",), reference=Kernel(_near_fwd, _near_bwd), examples=_resize_examples)
+@op(
+    differentiable=("x",),
+    reference=NEAREST_REFERENCE,
+    residuals=RESIZE_RESIDUALS,
+    examples=_resize_examples,
+)
 def upsample_nearest2d(
     x: Array,
     size: int | tuple[int, int] | None = None,
     *,
     scale_factor: float | tuple[float, float] | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Nearest-neighbour resize as ``F.interpolate(x, size, scale_factor, mode='nearest')``.
 
     Output row ``i`` copies input row ``min(floor(i·scale), H - 1)`` with ``scale = H/Ho`` (or
@@ -837,21 +773,7 @@ def upsample_nearest2d(
     xp = _floating(x=x)
     _image("x", x, exact=False)
     out, sf = _resize_args(x, size, scale_factor)
-    return Call(xp, {"x": x}, {"size": out, "scale_factor": sf, "shape": tuple(x.shape)})
-
-
-def _bil_fwd(xp, arrays, static, save):
-    y = ref.upsample_bilinear2d_forward(
-        xp, arrays["x"], static["size"], static["align_corners"], static["scale_factor"]
-    )
-    return (y,), ({"y": y[..., :0, :0]} if save else {})
-
-
-def _bil_bwd(xp, saved, static, cts):
-    dx = ref.upsample_bilinear2d_backward(
-        xp, static["shape"], cts[0], static["align_corners"], static["scale_factor"]
-    )
-    return {"x": dx}
+    return Call(xp, {"x": x}, NearestOptions(size=out, scale_factor=sf, shape=tuple(x.shape)))
 
 
 def _bil_examples(rng):
@@ -860,14 +782,19 @@ def _bil_examples(rng):
     ]
 
 
-@op(differentiable=("x",), reference=Kernel(_bil_fwd, _bil_bwd), examples=_bil_examples)
+@op(
+    differentiable=("x",),
+    reference=BILINEAR_REFERENCE,
+    residuals=RESIZE_RESIDUALS,
+    examples=_bil_examples,
+)
 def upsample_bilinear2d(
     x: Array,
     size: int | tuple[int, int] | None = None,
     *,
     scale_factor: float | tuple[float, float] | None = None,
     align_corners: bool = False,
-) -> Call:
+) -> Call[Array]:
     r"""Bilinear resize as ``F.interpolate(x, size, scale_factor, mode='bilinear', align_corners)``.
 
     With ``align_corners=False`` the source coordinate of output row ``i`` is
@@ -904,5 +831,7 @@ def upsample_bilinear2d(
     return Call(
         xp,
         {"x": x},
-        {"size": out, "scale_factor": sf, "align_corners": align_corners, "shape": tuple(x.shape)},
+        BilinearOptions(
+            size=out, scale_factor=sf, align_corners=align_corners, shape=tuple(x.shape)
+        ),
     )

@@ -1,6 +1,6 @@
-"""Set Transformer blocks (Lee et al., ICML 2019; spec section 8): MAB, SAB, ISAB, PMA.
+"""Set Transformer blocks (Lee et al., ICML 2019): MAB, SAB, ISAB, PMA.
 
-Two variants (spec Appendix C item 8):
+Two variants (a documented decision):
 
 ``variant='paper'`` (default), the paper's §3 equations::
 
@@ -17,26 +17,25 @@ prefix the keys of their inner blocks (``"mab0.w_q"``, ...).
 
 from __future__ import annotations
 
-import math
-
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.primitives import linear_backward, linear_forward
-from ._reference.set_transformer import (
-    merge_heads,
-    norm_backward,
-    norm_forward,
-    rff_backward,
-    rff_forward,
-    split_heads,
+from ._glue.set_transformer import (
+    ISAB_REFERENCE,
+    ISAB_RESIDUALS,
+    MAB_REFERENCE,
+    MAB_RESIDUALS,
+    PMA_REFERENCE,
+    PMA_RESIDUALS,
+    SAB_REFERENCE,
+    SAB_RESIDUALS,
+    SetOptions,
 )
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
-from .attention import multi_head_attention, scaled_dot_product_attention
 
 __all__ = ["isab", "mab", "pma", "sab"]
 
 _VARIANTS = ("paper", "code")
-_MHA = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 _LN = ("ln0_weight", "ln0_bias", "ln1_weight", "ln1_bias")
 
 
@@ -135,88 +134,7 @@ def _namespace(params, **arrays):
     return checks.namespace(**arrays, **checks.param_arrays(params))
 
 
-def _sub(params: dict, prefix: str) -> dict:
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-
-
 # -- the MAB kernel -------------------------------------------------------------------------------
-
-
-def _prefixed(prefix, d):
-    return {prefix + k: v for k, v in d.items()}
-
-
-def _mab_fwd(xp, arrays, static, save):
-    p = arrays["params"]
-    x, y = arrays["x"], arrays["y"]
-    heads, ln, eps = static["num_heads"], static["ln"], static["eps"]
-    saved = {}
-    if static["variant"] == "paper":
-        mha_p = {k: p[k] for k in _MHA if k in p}
-        if save:
-            att, saved["mha"] = multi_head_attention.fwd(x, y, mha_p, num_heads=heads)
-        else:
-            att = multi_head_attention(x, y, mha_p, num_heads=heads)
-        h0 = x + att
-    else:
-        qp = linear_forward(xp, x, p["w_q"], p.get("b_q"))
-        kp = linear_forward(xp, y, p["w_k"], p.get("b_k"))
-        vp = linear_forward(xp, y, p["w_v"], p.get("b_v"))
-        scale = 1.0 / math.sqrt(qp.shape[-1])  # the full width dim_V, as the official code
-        qh, kh, vh = (split_heads(xp, t, heads) for t in (qp, kp, vp))
-        if save:
-            att, saved["sdpa"] = scaled_dot_product_attention.fwd(qh, kh, vh, scale=scale)
-            saved.update(x=x, y=y)
-        else:
-            att = scaled_dot_product_attention(qh, kh, vh, scale=scale)
-        h0 = qp + merge_heads(xp, att)
-    h, s0 = norm_forward(xp, h0, p, "ln0", ln, eps)
-    f, sf = rff_forward(xp, h, p)
-    out, s1 = norm_forward(xp, h + f, p, "ln1", ln, eps)
-    if save:
-        saved.update({**_prefixed("ln0.", s0), **_prefixed("rff.", sf), **_prefixed("ln1.", s1)})
-        saved.update({f"p.{k}": v for k, v in p.items()})
-    return (out,), saved
-
-
-def _mab_bwd(xp, saved, static, cotangents):
-    (dout,) = cotangents
-    p = _sub(saved, "p.")
-    ln = static["ln"]
-    dtype = dout.dtype
-    grads = {}
-    do0, g = norm_backward(xp, _sub(saved, "ln1."), p, "ln1", ln, dout)
-    grads.update(g)
-    dh, g = rff_backward(xp, _sub(saved, "rff."), p, do0)
-    grads.update(g)
-    dh = dh + do0
-    dh0, g = norm_backward(xp, _sub(saved, "ln0."), p, "ln0", ln, dh)
-    grads.update(g)
-    if static["variant"] == "paper":
-        gm = multi_head_attention.bwd(saved["mha"], dh0)
-        dx = dh0 + gm.x_q
-        dy = gm.x_kv
-        grads.update(gm.params)
-    else:
-        heads = static["num_heads"]
-        gs = scaled_dot_product_attention.bwd(saved["sdpa"], split_heads(xp, dh0, heads))
-        dqp = dh0 + merge_heads(xp, gs.q)
-        x, y = saved["x"], saved["y"]
-        dx, grads["w_q"], db = linear_backward(xp, x, p["w_q"], dqp, "b_q" in p)
-        if db is not None:
-            grads["b_q"] = db
-        dy, grads["w_k"], db = linear_backward(xp, y, p["w_k"], merge_heads(xp, gs.k), "b_k" in p)
-        if db is not None:
-            grads["b_k"] = db
-        dyv, grads["w_v"], db = linear_backward(xp, y, p["w_v"], merge_heads(xp, gs.v), "b_v" in p)
-        if db is not None:
-            grads["b_v"] = db
-        dy = dy + dyv
-    return {
-        "x": xp.astype(dx, dtype),
-        "y": xp.astype(dy, dtype),
-        "params": {k: xp.astype(v, dtype) for k, v in grads.items()},
-    }
 
 
 def _mab_params(rng, dx, dy, e, heads, variant, ln, prefix=""):
@@ -260,7 +178,8 @@ def _mab_examples(rng):
 
 @op(
     differentiable=("x", "y", "params"),
-    reference=Kernel(_mab_fwd, _mab_bwd),
+    reference=MAB_REFERENCE,
+    residuals=MAB_RESIDUALS,
     examples=_mab_examples,
 )
 def mab(
@@ -272,7 +191,7 @@ def mab(
     variant: str = "paper",
     ln: bool | None = None,
     eps: float = 1e-5,
-) -> Call:
+) -> Call[Array]:
     r"""Multihead attention block ``MAB(X, Y)`` of the Set Transformer (Lee et al. 2019, §3.1).
 
     ``variant='paper'``: ``MAB(X, Y) = LN1(H + rFF(H))``, ``H = LN0(X + Multihead(X, Y, Y))``
@@ -351,33 +270,11 @@ def mab(
     return Call(
         xp,
         {"x": x, "y": y, "params": clean},
-        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+        SetOptions(num_heads=heads, variant=variant, ln=ln, eps=eps),
     )
 
 
 # -- SAB ------------------------------------------------------------------------------------------
-
-
-def _opts(static):
-    return {
-        "num_heads": static["num_heads"],
-        "variant": static["variant"],
-        "ln": static["ln"],
-        "eps": static["eps"],
-    }
-
-
-def _sab_fwd(xp, arrays, static, save):
-    x, p = arrays["x"], arrays["params"]
-    if save:
-        out, res = mab.fwd(x, x, p, **_opts(static))
-        return (out,), {"mab": res}
-    return (mab(x, x, p, **_opts(static)),), {}
-
-
-def _sab_bwd(xp, saved, static, cotangents):
-    g = mab.bwd(saved["mab"], cotangents[0])
-    return {"x": g.x + g.y, "params": g.params}
 
 
 def _sab_examples(rng):
@@ -391,7 +288,12 @@ def _sab_examples(rng):
     ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_sab_fwd, _sab_bwd), examples=_sab_examples)
+@op(
+    differentiable=("x", "params"),
+    reference=SAB_REFERENCE,
+    residuals=SAB_RESIDUALS,
+    examples=_sab_examples,
+)
 def sab(
     x: Array,
     params: dict[str, Array],
@@ -400,7 +302,7 @@ def sab(
     variant: str = "paper",
     ln: bool | None = None,
     eps: float = 1e-5,
-) -> Call:
+) -> Call[Array]:
     r"""Set attention block ``SAB(X) = MAB(X, X)`` (Lee et al. 2019, §3.2).
 
     Parameters
@@ -438,36 +340,11 @@ def sab(
     return Call(
         xp,
         {"x": x, "params": clean},
-        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+        SetOptions(num_heads=heads, variant=variant, ln=ln, eps=eps),
     )
 
 
 # -- ISAB -----------------------------------------------------------------------------------------
-
-
-def _batch(xp, s, n):
-    """Learned points (k, d) repeated over the batch: (N, k, d) (a broadcast, never written)."""
-    return xp.broadcast_to(s[None, ...], (n,) + tuple(s.shape))
-
-
-def _isab_fwd(xp, arrays, static, save):
-    x, p = arrays["x"], arrays["params"]
-    ind = _batch(xp, p["I"], x.shape[0])
-    if save:
-        h, r0 = mab.fwd(ind, x, _sub(p, "mab0."), **_opts(static))
-        out, r1 = mab.fwd(x, h, _sub(p, "mab1."), **_opts(static))
-        return (out,), {"mab0": r0, "mab1": r1}
-    h = mab(ind, x, _sub(p, "mab0."), **_opts(static))
-    return (mab(x, h, _sub(p, "mab1."), **_opts(static)),), {}
-
-
-def _isab_bwd(xp, saved, static, cotangents):
-    g1 = mab.bwd(saved["mab1"], cotangents[0])
-    g0 = mab.bwd(saved["mab0"], g1.y)
-    params = {"I": xp.sum(g0.x, axis=0)}
-    params.update(_prefixed("mab0.", g0.params))
-    params.update(_prefixed("mab1.", g1.params))
-    return {"x": g1.x + g0.y, "params": params}
 
 
 def _isab_params(rng, d_in, d_ind, m, e, variant, ln):
@@ -489,7 +366,12 @@ def _isab_examples(rng):
     ]
 
 
-@op(differentiable=("x", "params"), reference=Kernel(_isab_fwd, _isab_bwd), examples=_isab_examples)
+@op(
+    differentiable=("x", "params"),
+    reference=ISAB_REFERENCE,
+    residuals=ISAB_RESIDUALS,
+    examples=_isab_examples,
+)
 def isab(
     x: Array,
     params: dict[str, Array],
@@ -498,7 +380,7 @@ def isab(
     variant: str = "paper",
     ln: bool | None = None,
     eps: float = 1e-5,
-) -> Call:
+) -> Call[Array]:
     r"""Induced set attention block ``ISAB_m(X) = MAB(X, H)``, ``H = MAB(I, X)`` (Lee et al. §3.2).
 
     ``m`` learned inducing points ``I`` attend to the set, then the set attends to the ``m``
@@ -551,7 +433,7 @@ def isab(
     return Call(
         xp,
         {"x": x, "params": clean},
-        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+        SetOptions(num_heads=heads, variant=variant, ln=ln, eps=eps),
     )
 
 
@@ -568,34 +450,6 @@ def _check_prefixes(params, plain, prefixes):
 # -- PMA ------------------------------------------------------------------------------------------
 
 
-def _pma_fwd(xp, arrays, static, save):
-    z, p = arrays["z"], arrays["params"]
-    seeds = _batch(xp, p["S"], z.shape[0])
-    saved = {}
-    if "rff.w_ff" in p:
-        zz, sf = rff_forward(xp, z, p, "rff.")
-        if save:
-            saved.update(_prefixed("pre.", sf))
-            saved.update({f"p.{k}": v for k, v in p.items() if k.startswith("rff.")})
-    else:
-        zz = z
-    if save:
-        out, saved["mab"] = mab.fwd(seeds, zz, _sub(p, "mab."), **_opts(static))
-        return (out,), saved
-    return (mab(seeds, zz, _sub(p, "mab."), **_opts(static)),), saved
-
-
-def _pma_bwd(xp, saved, static, cotangents):
-    g = mab.bwd(saved["mab"], cotangents[0])
-    params = {"S": xp.sum(g.x, axis=0), **_prefixed("mab.", g.params)}
-    dz = g.y
-    p = _sub(saved, "p.")
-    if p:
-        dz, gr = rff_backward(xp, _sub(saved, "pre."), p, dz, "rff.")
-        params.update(gr)
-    return {"z": dz, "params": params}
-
-
 def _pma_examples(rng):
     z = rng.standard_normal((2, 6, 5))
     paper = {"S": rng.standard_normal((2, 5))}
@@ -609,7 +463,12 @@ def _pma_examples(rng):
     ]
 
 
-@op(differentiable=("z", "params"), reference=Kernel(_pma_fwd, _pma_bwd), examples=_pma_examples)
+@op(
+    differentiable=("z", "params"),
+    reference=PMA_REFERENCE,
+    residuals=PMA_RESIDUALS,
+    examples=_pma_examples,
+)
 def pma(
     z: Array,
     params: dict[str, Array],
@@ -618,7 +477,7 @@ def pma(
     variant: str = "paper",
     ln: bool | None = None,
     eps: float = 1e-5,
-) -> Call:
+) -> Call[Array]:
     r"""Pooling by multihead attention ``PMA_k(Z) = MAB(S, rFF(Z))`` (Lee et al. 2019, §3.2).
 
     ``k`` learned seed vectors ``S`` attend to the set: ``k`` outputs whatever the set size.
@@ -677,5 +536,5 @@ def pma(
     return Call(
         xp,
         {"z": z, "params": clean},
-        {"num_heads": heads, "variant": variant, "ln": ln, "eps": eps},
+        SetOptions(num_heads=heads, variant=variant, ln=ln, eps=eps),
     )

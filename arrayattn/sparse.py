@@ -1,4 +1,4 @@
-"""Sparse Transformer factorised attention (Child et al. 2019), spec section 7."""
+"""Sparse Transformer factorised attention (Child et al. 2019): the public ops."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import math
 from typing import Any
 
 from . import _checks as checks
-from ._op import Call, Kernel, op
-from ._reference.sparse import head_parts, sparse_backward, sparse_forward
+from ._glue.sparse import (
+    SPARSE_REFERENCE,
+    SPARSE_RESIDUALS,
+    SparseOptions,
+    head_parts,
+)
+from ._kernel import Call
+from ._op import op
 from ._xp import Array
 
 __all__ = ["sparse_attention", "sparse_attention_mask"]
@@ -156,38 +162,17 @@ def sparse_attention_mask(
         return _paper_sets(xp, i, j, *args, "merged")
     if combine == "interleaved":
         return _paper_sets(xp, i, j, *args, layer % 2 + 1)
+    assert num_heads is not None  # 'multihead' requires it (checked above)
+    sels: list[Any]
     if pattern == "strided":
         sels = [h % 2 + 1 for h in range(num_heads)]
     else:
+        assert summary is not None
         sels = [("sub", h % (stride // summary)) for h in range(num_heads)]
     return xp.stack([_paper_sets(xp, i, j, *args, s) for s in sels])
 
 
 # -- sparse attention ---------------------------------------------------------------------------
-
-
-def _sparse_ref_fwd(xp, arrays, static, save):
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    out, lse = sparse_forward(
-        xp, q, k, v, heads=list(static["heads"]), stride=static["stride"], scale=static["scale"]
-    )
-    return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
-
-
-def _sparse_ref_bwd(xp, saved, static, cotangents):
-    dq, dk, dv = sparse_backward(
-        xp,
-        saved["q"],
-        saved["k"],
-        saved["v"],
-        saved["out"],
-        saved["lse"],
-        cotangents[0],
-        heads=list(static["heads"]),
-        stride=static["stride"],
-        scale=static["scale"],
-    )
-    return {"q": dq, "k": dk, "v": dv}
 
 
 def _sparse_examples(rng):
@@ -208,7 +193,8 @@ def _sparse_examples(rng):
 
 @op(
     differentiable=("q", "k", "v"),
-    reference=Kernel(_sparse_ref_fwd, _sparse_ref_bwd),
+    reference=SPARSE_REFERENCE,
+    residuals=SPARSE_RESIDUALS,
     examples=_sparse_examples,
 )
 def sparse_attention(
@@ -223,7 +209,7 @@ def sparse_attention(
     combine: str = "merged",
     layer: int = 0,
     scale: float | None = None,
-) -> Call:
+) -> Call[Array]:
     r"""Sparse Transformer factorised self-attention, executed block-sparsely.
 
     Equal to ``scaled_dot_product_attention(q, k, v, mask=sparse_attention_mask(L, ...))`` but
@@ -306,4 +292,6 @@ def sparse_attention(
     else:
         scale = checks.check_real("scale", scale)
     heads = tuple(head_parts(pattern, stride, summary, local_width, combine, layer, num_heads))
-    return Call(xp, {"q": q, "k": k, "v": v}, {"heads": heads, "stride": stride, "scale": scale})
+    return Call(
+        xp, {"q": q, "k": k, "v": v}, SparseOptions(heads=heads, stride=stride, scale=scale)
+    )

@@ -65,13 +65,12 @@ import torch
 
 from . import _op, _registry
 from ._adapt import call_arguments, generated_module
-from ._config import get_backend, use_backend
+from ._config import use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
 
 _NAMESPACE = "arrayattn"
-_BACKEND_NAMES = tuple(_registry._BACKENDS)
-_SETTINGS = ("auto", *_BACKEND_NAMES)
+_BACKEND_NAMES = _registry.backend_names()
 
 
 # -- the static part of a call: JSON with tuples, lists and dicts kept apart ----------------------
@@ -204,8 +203,9 @@ def _layout(
 ) -> tuple[tuple[tuple[str, str, int], ...], list]:
     """Where each residual array lives: ("input", i), ("output", j), ("saved", s) or ("none", -1);
     and the list of the saved (extra) arrays."""
-    entries, saved = [], []
-    for key, a in res.arrays.items():
+    entries: list[tuple[str, str, int]] = []
+    saved: list[Any] = []
+    for key, a in sorted(res.arrays.items()):  # canonical order: backends may save in any
         if a is None:
             entries.append((key, "none", -1))
         elif any(a is x for x in leaves):
@@ -228,53 +228,32 @@ def _outputs_spec(outputs: tuple) -> tuple:
     )
 
 
-def _static_spec(static: tuple) -> tuple:
-    """The static part with nested records' backends dropped and dtypes named (comparable)."""
-    out = []
-    for key, value in static:
-        if key.endswith(_op._NEST):
-            op, _, inner, outputs = value
-            value = (op, None, _static_spec(inner), _outputs_spec(outputs))
-        out.append((key, value))
-    return tuple(out)
+def _skeleton_spec(sk: _op.Skeleton) -> _op.Skeleton:
+    """The skeleton with every backend dropped and dtypes named: comparable across namespaces."""
+    return sk._replace(
+        backend="",
+        nested=tuple((key, _skeleton_spec(inner)) for key, inner in sk.nested),
+        outputs=_outputs_spec(sk.outputs),
+    )
 
 
-def _backends(static: tuple) -> list[str]:
-    """The backends of the nested records, depth first."""
-    found = []
-    for key, value in static:
-        if key.endswith(_op._NEST):
-            found.append(value[1])
-            found.extend(_backends(value[2]))
-    return found
+def _restore_skeleton(spec: _op.Skeleton, backends: list[str]) -> _op.Skeleton:
+    def dtypes(sk):
+        return sk._replace(
+            nested=tuple((key, dtypes(inner)) for key, inner in sk.nested),
+            outputs=tuple((name, shape, np.dtype(dt)) for name, shape, dt in sk.outputs),
+        )
 
-
-def _restore_static(spec: tuple, backends: list[str]) -> tuple:
-    out = []
-    for key, value in spec:
-        if key.endswith(_op._NEST):
-            op, _, inner, outputs = value
-            backend = backends.pop(0)
-            value = (op, backend, _restore_static(inner, backends), _restore_outputs(outputs))
-        out.append((key, value))
-    return tuple(out)
-
-
-def _restore_outputs(outputs: tuple) -> tuple:
-    return tuple((name, shape, np.dtype(dt)) for name, shape, dt in outputs)
+    return dtypes(spec).with_backends(backends)
 
 
 class _Plan:
     """The reference's residual record for one call signature, computed on meta tensors."""
 
-    def __init__(self, layout, static, outputs, saved_meta):
-        self.layout, self.static, self.outputs, self.saved_meta = (
-            layout,
-            static,
-            outputs,
-            saved_meta,
-        )
-        self.n_nested = len(_backends(static))
+    def __init__(self, layout, skeleton, saved_meta):
+        self.layout, self.skeleton, self.saved_meta = layout, skeleton, saved_meta
+        self.outputs = skeleton.outputs
+        self.n_records = len(skeleton.backends())
 
 
 def _run_reference(op: _op.Op, spec: str, tensors: list) -> tuple[tuple, _op.Residuals]:
@@ -292,8 +271,7 @@ def _plan(name: str, spec: str, metas: tuple) -> _Plan:
     layout, saved = _layout(res, tensors, outs)
     return _Plan(
         layout,
-        _static_spec(res.static),
-        _outputs_spec(res.outputs),
+        _skeleton_spec(res.skeleton),
         tuple((tuple(a.shape), _dtype_name(a.dtype)) for a in saved),
     )
 
@@ -325,22 +303,19 @@ def _custom_ops(name: str):
         layout, saved = _layout(res, xs, outs)
         plan = _plan(name, spec, _metas(arrays))
         device = arrays[0].device if arrays else torch.device("cpu")
-        if (layout, _static_spec(res.static), _metas(saved)) == (
-            plan.layout,
-            plan.static,
-            plan.saved_meta,
-        ):
-            codes = [_BACKEND_NAMES.index(b) for b in [res.backend, *_backends(res.static)]]
-        else:
-            # This backend keeps another residual record than the reference, whose layout the
-            # traced graph was built for: keep none (zero placeholders of the planned shapes) and
-            # let backward run the forward again under the same setting.
-            codes = [-1 - _SETTINGS.index(get_backend())] + [0] * plan.n_nested
-            saved = [
-                _to_array(torch.zeros(shape, dtype=getattr(torch, dt), device=device))
-                for shape, dt in plan.saved_meta
-            ]
-        codes = torch.tensor(codes, dtype=torch.int64, device=device)
+        got = (layout, _skeleton_spec(res.skeleton), _metas(saved))
+        if got != (plan.layout, plan.skeleton, plan.saved_meta):
+            # Every backend fills in the op's residual schema with the reference's shapes and
+            # dtypes (tests/test_kernels.py checks it): a difference is a kernel bug.
+            raise AssertionError(
+                f"{name}[{res.backend}]: the residual record differs from the reference's, "
+                f"which the traced graph was built for:\n{got}\n{(plan.layout, plan.skeleton)}"
+            )
+        codes = torch.tensor(
+            [_BACKEND_NAMES.index(b) for b in res.skeleton.backends()],
+            dtype=torch.int64,
+            device=device,
+        )
         tensors = _export(list(outs) + saved, xs)
         return tensors[: len(outs)], tensors[len(outs) :], codes
 
@@ -357,7 +332,7 @@ def _custom_ops(name: str):
         return (
             [empty(shape, dt) for _, shape, dt in plan.outputs],
             [empty(shape, dt) for shape, dt in plan.saved_meta],
-            empty((1 + plan.n_nested,), "int64"),
+            empty((plan.n_records,), "int64"),
         )
 
     @torch.library.custom_op(f"{_NAMESPACE}::{name}_bwd", mutates_args=())
@@ -373,24 +348,12 @@ def _custom_ops(name: str):
         outs = [_to_array(t) for t in outputs]
         kept = [_to_array(t) for t in saved]
         cts = [_to_array(t) for t in cotangents]
-        codes = codes.tolist()
-        if codes[0] < 0:  # the forward kept no residuals: recompute them
-            args, kwargs = _call_arguments(op, spec, xs)
-            with use_backend(_SETTINGS[-1 - codes[0]]):
-                _, res = op.fwd(*args, **kwargs)
-        else:
-            plan = _plan(name, spec, _metas(arrays))
-            source = {"input": xs, "output": outs, "saved": kept}
-            res = _op.Residuals(
-                op=name,
-                backend=_BACKEND_NAMES[codes[0]],
-                arrays={
-                    key: (None if kind == "none" else source[kind][i])
-                    for key, kind, i in plan.layout
-                },
-                static=_restore_static(plan.static, [_BACKEND_NAMES[c] for c in codes[1:]]),
-                outputs=_restore_outputs(plan.outputs),
-            )
+        plan = _plan(name, spec, _metas(arrays))
+        source = {"input": xs, "output": outs, "saved": kept}
+        res = _op.Residuals.from_skeleton(
+            _restore_skeleton(plan.skeleton, [_BACKEND_NAMES[c] for c in codes.tolist()]),
+            {key: (None if kind == "none" else source[kind][i]) for key, kind, i in plan.layout},
+        )
         grads = op.bwd(res, tuple(cts) if len(cts) > 1 else cts[0])
         leaves, _ = _parse_spec(spec)
         result = []
@@ -488,7 +451,9 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
 
     wrapper.__name__ = wrapper.__qualname__ = op.name
     wrapper.__module__ = __name__
-    wrapper.__signature__ = sig.replace(return_annotation=inspect.Signature.empty)
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        return_annotation=inspect.Signature.empty
+    )
     wrapper.__doc__ = (
         f"PyTorch version of :func:`arrayattn.{op.name}`: the same arguments, with torch "
         "tensors.\n\n"

@@ -37,8 +37,7 @@ html_theme = "alabaster"
 html_static_path: list[str] = []
 html_title = f"arrayattn {release}"
 
-# -- autodoc / numpydoc
-# -----------------------------------------------------------------------------
+# -- autodoc / numpydoc ----------------------------------------------------------------------------
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
@@ -47,8 +46,7 @@ numpydoc_show_class_members = False  # members are listed explicitly with :membe
 numpydoc_class_members_toctree = False
 numpydoc_attributes_as_param_list = False
 
-# -- sphinx-gallery
-# ---------------------------------------------------------------------------------
+# -- sphinx-gallery --------------------------------------------------------------------------------
 
 sphinx_gallery_conf = {
     "examples_dirs": "examples",
@@ -73,8 +71,7 @@ sphinx_gallery_conf = {
 }
 
 
-# -- public ops: callable Op objects documented as functions
-# ----------------------------------------
+# -- public ops: callable Op objects documented as functions ---------------------------------------
 #
 # A public op (``arrayattn.scaled_dot_product_attention``) is an :class:`arrayattn.Op` instance
 # that ``functools.update_wrapper`` gave its *prepare* function's ``__doc__``, ``__name__``,
@@ -100,6 +97,27 @@ def _process_signature(app, what, name, obj, options, signature, return_annotati
     return fix(signature), fix(return_annotation)
 
 
+# -- the op x backend support table of docs/backends.rst, from the kernels' declarations -----------
+
+
+def _write_support_table(app):
+    from arrayattn import _registry
+
+    header, rows = _registry.support_table()
+    out = os.path.join(app.srcdir, "api", "generated", "support_table.rst")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: auto", ""]
+    for row in [header, *rows]:
+        cells = [f"``{row[0]}``" if row is not header else row[0], *row[1:]]
+        lines.append("   * - " + cells[0])
+        lines.extend(f"     - {cell}" for cell in cells[1:])
+    text = "\n".join(lines) + "\n"
+    if not os.path.exists(out) or open(out).read() != text:  # unchanged: keep the cached build
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def setup(app):
     app.connect("autodoc-process-signature", _process_signature)
+    app.connect("builder-inited", _write_support_table)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

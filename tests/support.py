@@ -78,7 +78,7 @@ def require_kernel(op, backend: str) -> None:
 RTOL = {np.float64: 1e-10, np.float32: 2e-5}
 
 
-# -- dense float64 oracles for scaled dot-product attention (spec section 1.2 / 1.3) -------------
+# -- dense float64 oracles for scaled dot-product attention (docs/derivations/attention.rst) -----
 
 
 def causal_keep(lq: int, lk: int, causal) -> np.ndarray | None:
@@ -136,7 +136,8 @@ def sdpa_oracle(q, k, v, *, dtype=np.float64, **options):
 def sdpa_oracle_grads(
     q, k, v, dout, dlse=None, *, dtype=np.float64, bias=None, enable_gqa=False, **options
 ):
-    """Dense backward (spec 1.3) from the materialised probabilities: (dq, dk, dv, dbias)."""
+    """Dense backward (derivation: docs/derivations/attention.rst) from the materialised
+    probabilities: (dq, dk, dv, dbias)."""
     q_, k_ = np.asarray(q).astype(dtype), np.asarray(k).astype(dtype)
     p, ke, ve, _, scale = sdpa_probs(
         q, k, v, bias=bias, enable_gqa=enable_gqa, dtype=dtype, **options

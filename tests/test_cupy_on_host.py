@@ -156,17 +156,21 @@ def host_cupy(host_libs, monkeypatch):
         )
     monkeypatch.setattr(backend.attention, "_current_device", lambda: (90, 227 * 1024))  # an H100
     resolve, kernel_for = _registry.resolve, _registry.kernel_for
+    ops = aa.registered_ops()
+    kernels = {
+        name: ops[name].adapt(kernel) for name, kernel in _registry._backend_kernels("cupy").items()
+    }
 
-    def host_resolve(op, call):  # "array_api" stays the reference; any other setting: cupy
-        if aa.get_backend() == "array_api":
-            return resolve(op, call)
-        return "cupy", backend.KERNELS[op.name]
+    def host_resolve(op, call, setting):  # "array_api" stays the reference; any other: cupy
+        if setting == "array_api":
+            return resolve(op, call, setting)
+        return "cupy", kernels[op.name]
 
     monkeypatch.setattr(_registry, "resolve", host_resolve)
     monkeypatch.setattr(
         _registry,
         "kernel_for",
-        lambda op, name: backend.KERNELS[op.name] if name == "cupy" else kernel_for(op, name),
+        lambda op, name: kernels[op.name] if name == "cupy" else kernel_for(op, name),
     )
     LAUNCHED.clear()
     return LAUNCHED
@@ -246,8 +250,7 @@ def _compare(op, args, kwargs, dtype, rng, half_criterion=False):
             assert _max_err(got, want) <= tol * scale
 
 
-# -- scaled dot-product attention
-# -------------------------------------------------------------------
+# -- scaled dot-product attention ------------------------------------------------------------------
 
 
 def _sdpa_everything(rng):
@@ -357,8 +360,7 @@ def test_shared_memory_fits_sm80():
             assert size <= 163 * 1024
 
 
-# -- criss-cross and neighbourhood attention
-# --------------------------------------------------------
+# -- criss-cross and neighbourhood attention -------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])

@@ -1,4 +1,4 @@
-"""Tests of DANet's position (PAM) and channel (CAM) attention modules (spec 10.3)."""
+"""Tests of DANet's position (PAM) and channel (CAM) attention modules."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import arrayattn as aa
+from arrayattn._glue.danet import example_pam_params
 from arrayattn._gradcheck import numerical_gradient
 from arrayattn._xp import namespace_name
-from arrayattn.danet import example_pam_params
 from support import assert_close_rel, directional_check, to_numpy, to_xp
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""fused_attention (spec section 12).
+"""fused_attention (derivation: docs/derivations/fused.rst).
 
 Oracle: the spec's column convention written out literally (K (d×L), Q (d×M), S = KᵀQ/√d, column
 softmax, row mean / row max + renormalise, Y = g(Vα)); plus the identity "mean fuse = mean of the

@@ -1,4 +1,4 @@
-"""hard_attention, gumbel_softmax, hard_concrete_gate (spec section 13).
+"""hard_attention, gumbel_softmax, hard_concrete_gate.
 
 Oracles are the spec formulas in NumPy float64 with the same uniforms; gumbel_softmax is also
 compared with ``torch.nn.functional.gumbel_softmax`` itself, its exponential noise replaced by
@@ -26,8 +26,7 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-# -- hard attention
-# ---------------------------------------------------------------------------------
+# -- hard attention --------------------------------------------------------------------------------
 
 
 def ha_oracle(a, e, u, mask=None):
@@ -182,8 +181,7 @@ def test_hard_attention_bad_inputs(rng):
         HA(a, e, np.ones(u.shape, int))
 
 
-# -- Gumbel-softmax
-# -----------------------------------------------------------------------------------
+# -- Gumbel-softmax --------------------------------------------------------------------------------
 
 
 def gumbel_oracle(logits, u, tau, axis=-1):
@@ -271,8 +269,7 @@ def test_gumbel_bad_inputs(rng):
         GS(logits, u, hard=1)
 
 
-# -- hard-concrete gates
-# ----------------------------------------------------------------------------
+# -- hard-concrete gates ---------------------------------------------------------------------------
 
 
 def hc_oracle(log_alpha, u, beta=2 / 3, gamma=-0.1, zeta=1.1, eps=1e-6, training=True):

@@ -1,4 +1,5 @@
-"""efficient_attention (Shen et al.) and linear_attention (Katharopoulos et al.), spec section 6.
+"""efficient_attention (Shen et al.) and linear_attention (Katharopoulos et al.) (derivation:
+docs/derivations/linear_attention.rst).
 
 Oracles: dense float64 NumPy from the spec formulas (the efficient-attention softmaxes written out
 with explicit axes; linear attention as the masked (L × Lk) kernel matrix, and its causal form

@@ -1,4 +1,4 @@
-"""Luong global/local and Bahdanau attention (spec section 2)."""
+"""Luong global/local and Bahdanau attention."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import arrayattn as aa
 from arrayattn._gradcheck import directional_errors, numerical_gradient
 from support import RTOL, assert_close_rel, require_kernel, to_numpy, to_xp
 
-# -- dense float64 oracle, written loop by loop from the spec formulas
-# ------------------------------
+# -- dense float64 oracle, written loop by loop from the spec formulas -----------------------------
 
 
 def _sigmoid(x):
@@ -203,8 +202,7 @@ def test_local_equals_global_when_window_covers(rng):
         np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-15)
 
 
-# -- gradients against finite differences
-# -----------------------------------------------------------
+# -- gradients against finite differences ----------------------------------------------------------
 
 
 def _loss_fd_check(op, args, kwargs, rng, rtol=1e-6):
@@ -411,8 +409,7 @@ def test_read_only_inputs_unchanged(backend, rng):
     assert not np.shares_memory(g.h_t, h_t)
 
 
-# -- independent PyTorch re-implementation (OpenNMT-py GlobalAttention semantics)
-# -------------------
+# -- independent PyTorch re-implementation (OpenNMT-py GlobalAttention semantics) ------------------
 
 
 @pytest.mark.parametrize("kind", ["dot", "general", "mlp"])

@@ -34,7 +34,7 @@ def attn_backend(request):
 
 def core_backend(res):
     """The backend that ran the nested attention core of an MHA residual."""
-    return dict(res.static)["attn/"][1]
+    return dict(res.nested)["attn"].backend
 
 
 def make_params(rng, e, ekv, heads, dh, dv, eo, biases=True, scale=0.5):
@@ -346,7 +346,7 @@ def test_residuals_nest_the_attention_record_and_rebuild(rng):
     y, res = MHA.fwd(x_q, x_kv, p, num_heads=heads, causal=True)
     assert {"attn/q", "attn/k", "attn/v", "attn/out", "attn/lse"} <= set(res.arrays)
     assert all("/" not in key or key.startswith("attn/") for key in res.arrays)
-    assert "attn/" in dict(res.static)
+    assert "attn" in dict(res.nested)
     dy = rng.standard_normal(y.shape)
     g = MHA.bwd(res, dy)
     # What a framework adapter does: save the arrays, rebuild the record from its own copies.

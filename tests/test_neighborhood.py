@@ -153,8 +153,7 @@ def _qkv(rng, shape, dv=None):
     return q, k, v
 
 
-# -- forward against the dense oracle
-# ----------------------------------------------------------------
+# -- forward against the dense oracle --------------------------------------------------------------
 
 CONFIGS_2D = [
     # (H, W, K, dilation, boundary)
@@ -287,8 +286,7 @@ def test_sasa_relative_tables_match_split_embedding(rng):
     assert_close_rel(out, expected, 1e-12)
 
 
-# -- gradients
-# --------------------------------------------------------------------------------------
+# -- gradients -------------------------------------------------------------------------------------
 
 
 def _pairing_grad_check(op, args, kwargs, rng, names):
@@ -374,8 +372,7 @@ def test_rel_pos_tuple_form_returns_tuple(rng):
     assert g.rel_pos[0].shape == (5, 2)
 
 
-# -- backends
-# ----------------------------------------------------------------------------------------
+# -- backends --------------------------------------------------------------------------------------
 
 
 def _all_grads(g):
@@ -550,8 +547,7 @@ def test_errors(rng):
         NA2(q, torch.asarray(k), v, kernel_size=3)
 
 
-# -- SASA block
-# -------------------------------------------------------------------------------------
+# -- SASA block ------------------------------------------------------------------------------------
 
 
 def _sasa_params(rng, c, cout, heads, kernel, per_head=False):

@@ -1,4 +1,5 @@
-"""Tests of the non-local block (spec section 9): four pairwise functions, max-pool subsampling."""
+"""Tests of the non-local block (derivation: docs/derivations/non_local.rst): four pairwise
+functions, max-pool subsampling."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 import arrayattn as aa
+from arrayattn._glue.non_local import example_params
 from arrayattn._gradcheck import numerical_gradient
-from arrayattn.non_local import example_params
 from support import assert_close_rel, directional_check, to_numpy, to_xp
 
 torch = pytest.importorskip("torch")
@@ -61,8 +62,7 @@ def nl_oracle(x, p, mode="embedded_gaussian", subsample=False, scale=1.0):
     return z.reshape(x.shape)
 
 
-# -- PyTorch re-implementation of AlexHex7/Non-local_pytorch (lib/non_local_*.py), BN omitted
-# -------
+# -- PyTorch re-implementation of AlexHex7/Non-local_pytorch (lib/non_local_*.py), BN omitted ------
 
 
 class TorchNonLocal(torch.nn.Module):
@@ -179,8 +179,7 @@ def test_zero_w_z_is_identity(rng):
     np.testing.assert_array_equal(NL(x, p), x)
 
 
-# -- against AlexHex7/Non-local_pytorch semantics (same weights)
-# -------------------------------------
+# -- against AlexHex7/Non-local_pytorch semantics (same weights) -----------------------------------
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -250,7 +249,7 @@ def test_backends_agree(rng):
         with aa.use_backend(b):
             z, res = NL.fwd(x, p, subsample=True)
             g = NL.bwd(res, dy)
-        assert dict(res.static)["attn/"][1] == b  # the core ran on that backend
+        assert dict(res.nested)["attn"].backend == b  # the core ran on that backend
         out[b] = (z, g.x, g.params["w_theta"], g.params["w_g"])
     for a, b in zip(out["array_api"], out["numba"], strict=True):
         assert_close_rel(b, a, 1e-10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -191,14 +192,8 @@ def test_auto_picks_numba_for_numpy_float(rng):
 def test_numba_unavailable_falls_back(monkeypatch, rng):
     """Without numba, auto uses array_api and numba reports why it is unavailable."""
     reason = "numba cannot be imported (simulated); install the 'numba' extra"
-    backend = _registry._BACKENDS["numba"]
-    monkeypatch.setitem(
-        _registry._BACKENDS,
-        "numba",
-        _registry._Backend(
-            backend.name, backend.description, backend.module, backend.namespaces, lambda: reason
-        ),
-    )
+    specs = _registry._specs()
+    monkeypatch.setitem(specs, "numba", dataclasses.replace(specs["numba"], probe=lambda: reason))
     _registry._unavailable.cache_clear()
     try:
         q = rng.standard_normal((2, 5, 4)).astype(np.float32)

@@ -145,11 +145,11 @@ def test_residuals_record(qkv, rng):
     for key, val in res.arrays.items():
         assert "/" not in key
         assert val is None or hasattr(val, "shape")
-    hash(res.static)
+    hash(res.skeleton)
     opts = res.options
-    assert opts["scale"] == 0.3
-    assert opts["causal"] == "top_left"
-    assert opts["return_lse"] is False
+    assert opts.scale == 0.3
+    assert opts.causal == "top_left"
+    assert opts.return_lse is False
     assert res.outputs == (("out", out.shape, out.dtype),)
     # never the Lq x Lk probabilities: only the caller's mask reaches that size
     big = [
@@ -202,10 +202,10 @@ def test_mha_nested_residuals_round_trip(mha_call, rng):
     y, res = MHA.fwd(*args, **kw, causal=True)
     inner = {key for key in res.arrays if key.startswith("attn/")}
     assert {"attn/q", "attn/k", "attn/v", "attn/out", "attn/lse", "attn/mask", "attn/bias"} <= inner
-    static = dict(res.static)
-    op_name, backend, inner_static, inner_outputs = static["attn/"]
-    assert op_name == "scaled_dot_product_attention"
-    assert dict(inner_static)["causal"] == "top_left"
+    inner_record = dict(res.nested)["attn"]
+    assert inner_record.op == "scaled_dot_product_attention"
+    assert inner_record.options.causal == "top_left"
+    assert res.inner("attn").arrays.keys() == {key[len("attn/") :] for key in inner}
     dy = rng.standard_normal(y.shape)
     g = MHA.bwd(res, dy)
     copies = {key: None if a is None else np.array(a, copy=True) for key, a in res.arrays.items()}

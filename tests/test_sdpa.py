@@ -235,8 +235,7 @@ def test_dot_product_identity(rng):
     assert max(errors.values()) < 1e-6, errors
 
 
-# -- tiled == untiled (the reference's online softmax)
-# ----------------------------------------------
+# -- tiled == untiled (the reference's online softmax) ---------------------------------------------
 
 TILE_CASES = {
     "plain": dict(),
@@ -367,8 +366,7 @@ def test_all_rows_masked_public(backend, rng):
     assert np.all(np.isfinite(lse[:, 2]))
 
 
-# -- edge cases
-# -------------------------------------------------------------------------------------
+# -- edge cases ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -472,8 +470,7 @@ def test_inf_in_values_propagates(rng):
     assert np.isfinite(out[0, :, 1]).all()
 
 
-# -- array namespaces
-# -------------------------------------------------------------------------------
+# -- array namespaces ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", ["gqa_mask_bias_br", "empty_rows"])
@@ -499,8 +496,7 @@ def test_array_api_namespaces(xp, case, rng):
             assert_close_rel(to_numpy(got), want, 1e-11, name, floor=1.0)
 
 
-# -- low precision: FlashAttention's criterion
-# ------------------------------------------------------
+# -- low precision: FlashAttention's criterion -----------------------------------------------------
 
 
 def _fa_criterion(got, ref64, naive, what, eps):
@@ -583,8 +579,7 @@ def test_torch_low_precision(dtype_name, case):
         _fa_criterion(got.float().numpy(), r, nv_.grad.float().numpy(), f"d{name}", 1e-3)
 
 
-# -- property tests
-# ----------------------------------------------------------------------------------
+# -- property tests --------------------------------------------------------------------------------
 
 
 @st.composite
@@ -667,8 +662,7 @@ def test_property_any_tiling_is_exact(call, bq, bk):
             assert_close_rel(got, exp, 1e-10, name, floor=1.0)
 
 
-# -- input validation
-# ----------------------------------------------------------------------------------
+# -- input validation ------------------------------------------------------------------------------
 
 
 def _qkv(rng, dtype=np.float64):
@@ -834,8 +828,7 @@ def test_mixed_namespaces_are_a_type_error(rng):
         SDPA(q, k, v, bias=torch.ones((3, 5), dtype=torch.float64))
 
 
-# -- memory contract and determinism
-# ------------------------------------------------------------------
+# -- memory contract and determinism ---------------------------------------------------------------
 
 
 def test_readonly_inputs_unchanged_and_outputs_do_not_alias(backend, rng):

@@ -1,7 +1,8 @@
-"""Set Transformer blocks mab / sab / isab / pma (spec section 8).
+"""Set Transformer blocks mab / sab / isab / pma (derivation: docs/derivations/set_transformer.rst).
 
 Oracles: the paper's equations (§8.1) written in NumPy float64; the official module semantics
-(``juho-lee/set_transformer modules.py``, spec §8.2) re-implemented in torch below with the same
+(``juho-lee/set_transformer modules.py``, docs/derivations/set_transformer.rst) re-implemented in
+torch below with the same
 weights, for the ``variant='code'`` blocks.
 """
 
@@ -19,8 +20,7 @@ from support import RTOL, assert_close_rel, directional_check, to_xp
 LN_KEYS = ("ln0_weight", "ln0_bias", "ln1_weight", "ln1_bias")
 
 
-# -- NumPy oracle of the paper equations
-# ------------------------------------------------------------
+# -- NumPy oracle of the paper equations -----------------------------------------------------------
 
 
 def np_softmax(x):
@@ -150,7 +150,8 @@ def test_sab_isab_pma_paper_oracle(rng):
     assert_close_rel(aa.pma(x, pp2, num_heads=2), paper_mab(seeds, x, sub(pp2, "mab."), 2), 1e-12)
 
 
-# -- torch re-implementation of juho-lee/set_transformer modules.py (spec §8.2) --------------------
+# -- torch re-implementation of juho-lee/set_transformer modules.py (derivation:
+# docs/derivations/set_transformer.rst) --------------------
 
 
 def torch_modules():
@@ -304,8 +305,7 @@ def to_params_like(module, grads):
     return out
 
 
-# -- gradients, namespaces, edge cases, errors
-# -------------------------------------------------------
+# -- gradients, namespaces, edge cases, errors -----------------------------------------------------
 
 
 def test_mab_gradients_elementwise(rng):

@@ -1,4 +1,5 @@
-"""sparse_attention and sparse_attention_mask (Sparse Transformer, spec section 7).
+"""sparse_attention and sparse_attention_mask (Sparse Transformer (derivation:
+docs/derivations/sparse.rst)).
 
 The masks are checked against index sets listed by hand from the paper's definitions (§4.3);
 sparse_attention against the dense float64 oracle with that mask and against arrayattn's

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from .._table import table
 from .cases import CASES
 
 __all__ = ["Worker", "add_arguments", "compare", "main", "parse_params"]
@@ -32,18 +33,21 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self._expect("ready")
 
     def _expect(self, word: str) -> str:
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line.startswith(word):
             self.close()
             raise RuntimeError(f"bench worker {self.spec} failed (said {line!r})")
         return line[len(word) :].strip()
 
     def ask(self, command: str) -> str:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
+        self.stdin.write(command + "\n")
+        self.stdin.flush()
         return self._expect("ok")
 
     def time(self) -> float:
@@ -52,8 +56,8 @@ class Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write("quit\n")
-                self.proc.stdin.flush()
+                self.stdin.write("quit\n")
+                self.stdin.flush()
             except BrokenPipeError:
                 pass
             self.proc.wait(timeout=30)
@@ -188,14 +192,12 @@ def main(args: argparse.Namespace) -> int:
                         ratio,
                     ]
                 )
-    from ..__main__ import _table
-
     print(
         f"{args.dtype}; sgemm rate here: {rate:.0f} GFLOP/s; medians of {args.repeat} alternating "
         "calls"
     )
     print(
-        _table(
+        table(
             rows,
             ["case", "size", "mode", "impl", "median ms", "GFLOP/s", "of sgemm", "time / torch"],
         )

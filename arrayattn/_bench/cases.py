@@ -1,31 +1,20 @@
 """Every benchmark case, by name: asv and ``python -m arrayattn bench`` share these definitions.
 
-Each mechanism family keeps its cases in ``cases_<family>.py`` (a ``CASES`` dict) listed here.
+Each mechanism family keeps its cases in ``cases_<family>.py`` (a ``CASES`` dict), found here by
+name.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import sys
 
 from .case import Case
 
 __all__ = ["CASES", "Case"]
 
-_FAMILIES: tuple[str, ...] = (
-    "attention",
-    "criss_cross",
-    "channel",
-    "neighborhood",
-    "luong",
-    "linear_attention",
-    "sparse",
-    "non_local",
-    "danet",
-    "co_attention",
-    "fused",
-    "set_transformer",
-)
-
 CASES: dict[str, Case] = {}
-for _family in _FAMILIES:
-    CASES.update(importlib.import_module(f"{__package__}.cases_{_family}").CASES)
+for _info in sorted(pkgutil.iter_modules(sys.modules[__package__].__path__), key=lambda m: m.name):
+    if _info.name.startswith("cases_"):
+        CASES.update(importlib.import_module(f"{__package__}.{_info.name}").CASES)

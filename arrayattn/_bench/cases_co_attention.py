@@ -29,11 +29,13 @@ def _coda_flops(p: dict, mode: str) -> float:
 
 
 def _coda_inputs(p: dict, dtype: str):
-    from arrayattn.co_attention import example_coda_params
+    from arrayattn._glue.co_attention import example_coda_params
 
     rng = np.random.default_rng(0)
     n, la, lb, d = p["N"], p["La"], p["Lb"], p["d"]
-    f = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(dtype)  # noqa: E731
+    def f(*shape: int) -> np.ndarray:
+        return np.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
+
     params = {key: v.astype(dtype) for key, v in example_coda_params(rng, d, p["k"]).items()}
     # ‖F_N(a_i) − F_N(b_j)‖₁ grows like k; β ~ 1/k keeps N = −β·dist of order 1. With β ~ 0.5 and
     # k = 150, σ(N) ≈ e^(−85) would be subnormal in float32 for a fifth of the pairs, and
@@ -66,7 +68,7 @@ def _cosnet_flops(p: dict, mode: str) -> float:
 
 
 def _cosnet_inputs(p: dict, dtype: str):
-    from arrayattn.co_attention import example_coattn_params
+    from arrayattn._glue.co_attention import example_coattn_params
 
     rng = np.random.default_rng(0)
     shape = (p["N"], p["C"], p["H"], p["W"])

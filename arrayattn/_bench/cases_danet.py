@@ -7,6 +7,8 @@ forward + ``autograd.grad`` for x and every parameter.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .case import Case, torch_runner
@@ -50,6 +52,7 @@ def _arrayattn(name: str):
         import arrayattn as aa
 
         x, params, dy = _inputs(p, dtype)
+        op: Any
         if name == "pam":
             op, args, kw = aa.position_attention, (x, params), {}
         else:

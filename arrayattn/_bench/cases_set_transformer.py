@@ -68,7 +68,7 @@ def _isab_torch(p: dict, dtype: str, mode: str):
     import torch
     import torch.nn.functional as F
 
-    x, params, dy = (None if a is None else a for a in _isab_inputs(p, dtype))
+    x, params, dy = _isab_inputs(p, dtype)
     t = {k: torch.from_numpy(v) for k, v in params.items()}
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
     heads = p["heads"]

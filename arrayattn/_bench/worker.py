@@ -33,6 +33,7 @@ def _runner(spec: dict):
 
     case = CASES[spec["case"]]
     if spec["impl"] == "torch":
+        assert case.torch is not None, f"case {case.name} has no PyTorch side"
         return case.torch(spec["params"], spec["dtype"], spec["mode"])
     import arrayattn as aa
 

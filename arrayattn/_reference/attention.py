@@ -1,8 +1,9 @@
 """Array-API reference of scaled dot-product attention: FlashAttention-2 forward and backward.
 
 Plain ``xp.*`` code, no in-place writes, so it runs on numpy, cupy, torch, jax and array_api_strict.
-Queries and keys are processed in tiles with an online softmax (spec section 1.4), so the extra
-memory is a few (batch, block_q, block_k) tiles plus O(L·d) accumulators, never Lq×Lk.
+Queries and keys are processed in tiles with an online softmax (docs/derivations/attention.rst),
+so the extra memory is a few (batch, block_q, block_k) tiles plus O(L·d) accumulators, never
+Lq×Lk.
 
 Notation follows the spec: ``s = scale·q kᵀ + bias`` (``-inf`` where masked), ``p = exp(s - lse)``,
 ``D = rowsum(dO ⊙ O)``, ``ds = p ⊙ (dp - D + dlse)``.

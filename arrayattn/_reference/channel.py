@@ -71,7 +71,7 @@ def _gate(xp, s):
     return s[:, :, None, None]
 
 
-# -- squeeze-and-excitation (spec 10.1) -----------------------------------------------------------
+# -- squeeze-and-excitation ------------------------------------------------------------------------
 
 
 def se_forward(xp: Any, x: Array, params: dict) -> tuple[Array, dict]:
@@ -98,7 +98,7 @@ def se_backward(xp: Any, x: Array, params: dict, saved: dict, dy: Array) -> tupl
     return xp.astype(dx, x.dtype), _cast_grads(xp, grads, params)
 
 
-# -- CBAM (spec 10.2) -----------------------------------------------------------------------------
+# -- CBAM ------------------------------------------------------------------------------------------
 
 
 def _first_max(xp, flat):
@@ -186,7 +186,7 @@ def cbam_backward(
     return xp.astype(dx, x.dtype), _cast_grads(xp, grads, params)
 
 
-# -- SPANet (spec 14.4) ---------------------------------------------------------------------------
+# -- SPANet ----------------------------------------------------------------------------------------
 
 
 def spa_forward(
@@ -224,7 +224,7 @@ def spa_backward(
     return xp.astype(dx, x.dtype), _cast_grads(xp, grads, params)
 
 
-# -- attention condenser (spec 11) ----------------------------------------------------------------
+# -- attention condenser ---------------------------------------------------------------------------
 
 
 def _embed_forward(xp, q, params, cdt):

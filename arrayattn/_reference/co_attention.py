@@ -1,4 +1,4 @@
-"""Array-API reference of COSNet co-attention, CoDA and CAN cross attention (spec 14.1–14.3).
+"""Array-API reference of COSNet co-attention, CoDA and CAN cross attention.
 
 Plain ``xp.*`` code, no in-place writes. Conventions: images ``(N, C, H, W)`` flattened to
 ``(N, C, P)``; sequences ``(..., L, d)``.
@@ -78,9 +78,8 @@ def _gate_bwd(xp, z, gate, wg, dout):
 
 
 def coattn_forward(
-    xp: Any, a: Array, b: Array, p: dict[str, Array], second_softmax: str, save: bool
+    xp: Any, a: Array, b: Array, p: dict[str, Array], second_softmax: str, save: bool, *, sdpa: Any
 ) -> tuple[tuple[Array, Array], dict[str, Any]]:
-    from ..attention import scaled_dot_product_attention as sdpa
 
     dtype = a.dtype
     cdt = compute_dtype(xp, dtype)
@@ -126,9 +125,8 @@ def coattn_forward(
 
 
 def coattn_backward(
-    xp: Any, saved: dict[str, Any], second_softmax: str, douta: Array, doutb: Array
+    xp: Any, saved: dict[str, Any], second_softmax: str, douta: Array, doutb: Array, *, sdpa: Any
 ) -> tuple[Array, Array, dict[str, Array]]:
-    from ..attention import scaled_dot_product_attention as sdpa
 
     a, b = saved["a"], saved["b"]
     p = {k[2:]: v for k, v in saved.items() if k.startswith("p_") and v is not None}
@@ -295,8 +293,7 @@ def coda_backward(
     )
 
 
-# -- CAN cross attention
-# ----------------------------------------------------------------------------
+# -- CAN cross attention ---------------------------------------------------------------------------
 
 _EPS = 1e-12  # F.normalize's eps in the official code
 

@@ -1,4 +1,4 @@
-"""Array-API reference of criss-cross attention (CCNet, spec section 5).
+"""Array-API reference of criss-cross attention (CCNet).
 
 Pixel ``u = (y, x)`` attends jointly to the ``W`` keys of its row and the ``H - 1`` other keys of
 its column (the self key is counted once: it belongs to the row part and is excluded from the
@@ -60,7 +60,8 @@ def criss_cross_forward(xp: Any, q: Array, k: Array, v: Array, *, scale: float):
 def criss_cross_backward(
     xp: Any, q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *, scale: float
 ):
-    """Returns ``(dq, dk, dv)`` in the input dtypes (spec section 5.4)."""
+    """Returns ``(dq, dk, dv)`` in the input dtypes (derivation:
+    docs/derivations/criss_cross.rst)."""
     cdt = compute_dtype(xp, q.dtype)
     qc, kc, vc = (xp.astype(a, cdt, copy=False) for a in (q, k, v))
     doc = xp.astype(dout, cdt, copy=False)

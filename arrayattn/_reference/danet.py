@@ -1,4 +1,4 @@
-"""Array-API reference forward/backward of DANet's position and channel attention (spec 10.3).
+"""Array-API reference forward/backward of DANet's position and channel attention.
 
 Both modules are one softmax-attention core plus 1×1 convolutions and a ``γ``-scaled residual; the
 core runs through :func:`arrayattn.scaled_dot_product_attention` (tiled, on the active backend)
@@ -28,9 +28,10 @@ def _gamma_scalar(xp: Any, gamma: Array, cdt: Any) -> Array:
     return xp.reshape(_c(xp, gamma, cdt), ())
 
 
-def pam_forward(xp: Any, x: Array, p: dict[str, Array], save: bool) -> tuple[Array, dict[str, Any]]:
+def pam_forward(
+    xp: Any, x: Array, p: dict[str, Array], save: bool, *, sdpa: Any
+) -> tuple[Array, dict[str, Any]]:
     """``E = γ · (D softmax(BᵀC)ᵀ) + A``; returns (E, saved)."""
-    from ..attention import scaled_dot_product_attention as sdpa
 
     n, c, h, w = x.shape
     dtype = x.dtype
@@ -54,8 +55,9 @@ def pam_forward(xp: Any, x: Array, p: dict[str, Array], save: bool) -> tuple[Arr
     return y, saved
 
 
-def pam_backward(xp: Any, saved: dict[str, Any], dy: Array) -> tuple[Array, dict[str, Array]]:
-    from ..attention import scaled_dot_product_attention as sdpa
+def pam_backward(
+    xp: Any, saved: dict[str, Any], dy: Array, *, sdpa: Any
+) -> tuple[Array, dict[str, Array]]:
 
     x = saved["x"]
     p = {k[2:]: v for k, v in saved.items() if k.startswith("p_") and v is not None}
@@ -82,10 +84,9 @@ def pam_backward(xp: Any, saved: dict[str, Any], dy: Array) -> tuple[Array, dict
 
 
 def cam_forward(
-    xp: Any, x: Array, gamma: Array, logits: str, save: bool
+    xp: Any, x: Array, gamma: Array, logits: str, save: bool, *, sdpa: Any
 ) -> tuple[Array, dict[str, Any]]:
     """``E = γ · softmax(±AAᵀ) A + A``; returns (E, saved)."""
-    from ..attention import scaled_dot_product_attention as sdpa
 
     n, c, h, w = x.shape
     dtype = x.dtype
@@ -101,8 +102,9 @@ def cam_forward(
     return y, ({"gamma": gamma, "attn": attn} if save else {})
 
 
-def cam_backward(xp: Any, saved: dict[str, Any], logits: str, dy: Array) -> tuple[Array, Array]:
-    from ..attention import scaled_dot_product_attention as sdpa
+def cam_backward(
+    xp: Any, saved: dict[str, Any], logits: str, dy: Array, *, sdpa: Any
+) -> tuple[Array, Array]:
 
     attn, gamma = saved["attn"], saved["gamma"]
     a = attn.arrays["q"]

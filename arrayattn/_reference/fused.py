@@ -1,4 +1,4 @@
-"""Array-API reference of fused attention (single-output attention pooling), spec section 12.
+"""Array-API reference of fused attention (single-output attention pooling).
 
 Row-major notation (the spec's column convention transposed): ``S = scale · q kᵀ`` (..., M, L),
 ``P = softmax over the L keys`` of every query row (the spec's column-wise softmax of ``Kᵀ Q``),

@@ -1,4 +1,4 @@
-"""Array-API reference of the stochastic / discrete attention ops, spec section 13.
+"""Array-API reference of the stochastic / discrete attention ops.
 
 All randomness comes in as arrays of uniforms, so every function here is deterministic:
 
@@ -122,8 +122,7 @@ def hard_attention_backward(
     return xp.astype(da, a_dtype), xp.astype(de, e_dtype)
 
 
-# -- Gumbel-softmax
-# ---------------------------------------------------------------------------------
+# -- Gumbel-softmax --------------------------------------------------------------------------------
 
 
 def gumbel_forward(
@@ -149,8 +148,7 @@ def gumbel_backward(
     return xp.astype(y_soft * (dyc - inner) / tau, dtype)
 
 
-# -- hard-concrete gates
-# ------------------------------------------------------------------------------
+# -- hard-concrete gates ---------------------------------------------------------------------------
 
 
 def _sigmoid(xp: Any, x: Array) -> Array:

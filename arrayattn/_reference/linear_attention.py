@@ -1,5 +1,4 @@
-"""Array-API reference of efficient attention (Shen et al.) and linear attention (Katharopoulos et
-al.), spec section 6.
+"""Array-API reference of efficient attention (Shen et al.) and linear attention (Katharopoulos).
 
 Both are ``Q̂ (K̂ᵀ V)``: the (d × dv) context is formed first, so time and memory are linear in the
 sequence length. The causal linear attention runs chunk by chunk: inside a chunk of ``C``
@@ -45,7 +44,8 @@ def efficient_forward(xp: Any, q: Array, k: Array, v: Array):
 
 
 def efficient_backward(xp: Any, qs: Array, ks: Array, g: Array, v: Array, dout: Array, dtype):
-    """Returns ``(dq, dk, dv)`` (spec 6.1) from the saved ``q̃, k̃, g`` and ``v``."""
+    """Returns ``(dq, dk, dv)`` (derivation: docs/derivations/linear_attention.rst) from the saved
+    ``q̃, k̃, g`` and ``v``."""
     cdt = qs.dtype
     doc = xp.astype(dout, cdt, copy=False)
     vc = xp.astype(v, cdt, copy=False)
@@ -127,7 +127,8 @@ def linear_backward(
     causal: bool,
     chunk: int | None = None,
 ):
-    """Returns ``(dq, dk, dv)`` (spec 6.2) in the input dtypes."""
+    """Returns ``(dq, dk, dv)`` (derivation: docs/derivations/linear_attention.rst) in the input
+    dtypes."""
     chunk = chunk or CHUNK
     cdt = compute_dtype(xp, q.dtype)
     qc, kc, vc = (xp.astype(a, cdt, copy=False) for a in (q, k, v))

@@ -1,4 +1,4 @@
-"""Array-API reference of Luong (global, local) and Bahdanau attention (spec section 2).
+"""Array-API reference of Luong (global, local) and Bahdanau attention.
 
 Plain ``xp.*`` code, no in-place writes. Everything is computed in the compute dtype (float32 for
 float16/bfloat16 inputs). Notation (one batch slice): target states ``h_t (T, d_t)``, source
@@ -274,6 +274,7 @@ def attention_backward(
     dh_t, dh_s, grads = _scores_backward(xp, kind, ht, hs, p, saved.get("aux", {}), dz)
     dh_s = dh_s + dh_s_ctx
     if dpos is not None:
+        assert local is not None  # dpos exists for predictive local attention only
         scale = s_len if local["p_scale"] == "S" else s_len - 1
         sig, hidden = saved["local"]["sig"], saved["local"]["hidden"]
         dw = dpos * (scale * sig * (1 - sig))  # p_t = scale·σ(w) - base

@@ -17,9 +17,9 @@ Out-of-image slots (``valid`` false) are zero vectors that take part in the soft
 
 The forward gathers keys and values plane by plane with ``xp.take`` (one slot at a time: no
 ``K²``-times copy of the keys is ever held), keeping the ``(..., H, W, K²)`` logits. The backward
-(spec section 3.3) recomputes the probabilities from the saved logsumexp and scatter-adds
-``dk``, ``dv`` through one-hot matrices of the index maps (``Oᵀ @ c`` is the adjoint of the
-gather ``O @ k``), so it is deterministic and needs no in-place writes.
+(docs/derivations/neighborhood.rst) recomputes the probabilities from the saved logsumexp and
+scatter-adds ``dk``, ``dv`` through one-hot matrices of the index maps (``Oᵀ @ c`` is the adjoint
+of the gather ``O @ k``), so it is deterministic and needs no in-place writes.
 """
 
 from __future__ import annotations
@@ -113,8 +113,7 @@ def inverse_windows(win: AxisWindows) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return ptr, i[order].astype(np.int64), w[order].astype(np.int64)
 
 
-# -- helpers
-# ----------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 class _Tables:
@@ -344,6 +343,7 @@ def window_attention_backward(
             t = xp.sum(xp.expand_dims(dl_a, axis=-1) * qc, axis=-2)  # (..., H, d)
             term = xp.matmul(ty.rel_onehot(a), t)  # (..., T, d)
             acc = term if acc is None else acc + term
+        assert r_h is not None
         drh = xp.astype(sum_to_shape(xp, acc, r_h.shape), r_h.dtype)
     if rw is not None:
         acc = None
@@ -356,6 +356,7 @@ def window_attention_backward(
             t = xp.sum(xp.expand_dims(dl_b, axis=-1) * qc, axis=-3)  # (..., W, d)
             term = xp.matmul(tx.rel_onehot(b), t)
             acc = term if acc is None else acc + term
+        assert r_w is not None
         drw = xp.astype(sum_to_shape(xp, acc, r_w.shape), r_w.dtype)
     if bias is not None:
         acc = None
@@ -366,5 +367,6 @@ def window_attention_backward(
                 row = term if row is None else row + term
             term = xp.matmul(ty.rel_onehot(a), row)  # (..., Ty, Tx)
             acc = term if acc is None else acc + term
+        assert rel_bias is not None
         dbias = xp.astype(sum_to_shape(xp, acc, rel_bias.shape), rel_bias.dtype)
     return (xp.astype(dq, q.dtype), xp.astype(dk, k.dtype), xp.astype(dv, v.dtype), dbias, drh, drw)

@@ -1,4 +1,4 @@
-"""Array-API reference forward/backward of the non-local block (spec section 9).
+"""Array-API reference forward/backward of the non-local block.
 
 Plain ``xp.*`` code, no in-place writes. Images are ``(N, C, H, W)``; inside, feature maps are
 flattened to ``(N, C, P)`` with ``P = H·W`` positions and every 1×1 convolution is a matrix product
@@ -93,11 +93,18 @@ def _pool_bwd(xp: Any, a: Array, pooled: Array, dpooled: Array, hw: tuple[int, i
 
 
 def nl_forward(
-    xp: Any, x: Array, p: dict[str, Array], *, mode: str, subsample: bool, scale: float, save: bool
+    xp: Any,
+    x: Array,
+    p: dict[str, Array],
+    *,
+    mode: str,
+    subsample: bool,
+    scale: float,
+    save: bool,
+    sdpa: Any,
 ) -> tuple[Array, dict[str, Any]]:
     """``z = W_z y + b_z + x`` with ``y_i = (1/C(x)) Σ_j f(x_i, x_j) g(x_j)``; returns (z,
     saved)."""
-    from ..attention import scaled_dot_product_attention as sdpa
 
     n, c, h, w = x.shape
     dtype = x.dtype
@@ -151,10 +158,9 @@ def nl_forward(
 
 
 def nl_backward(
-    xp: Any, saved: dict[str, Any], *, mode: str, subsample: bool, dz: Array
+    xp: Any, saved: dict[str, Any], *, mode: str, subsample: bool, dz: Array, sdpa: Any
 ) -> tuple[Array, dict[str, Array]]:
     """Gradients of :func:`nl_forward`: ``(dx, dparams)`` (dparams keyed like ``params``)."""
-    from ..attention import scaled_dot_product_attention as sdpa
 
     x = saved["x"]
     p = {k[2:]: v for k, v in saved.items() if k.startswith("p_") and v is not None}

@@ -144,10 +144,8 @@ def conv2d_output_size(
     size: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
 ) -> Pair:
     """PyTorch's output size ``floor((H + 2p - d(k-1) - 1) / s) + 1`` per axis."""
-    return tuple(
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
-    )
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = size, kernel, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
 # -- linear ---------------------------------------------------------------------------------------
@@ -438,7 +436,7 @@ def max_pool2d_backward(
     xpad = pad2d(xp, x, padding[0], padding[0], padding[1], padding[1], -math.inf)
     zero = xp.zeros((), dtype=dy.dtype, device=device_of(dy))
     taken = xp.zeros(y.shape, dtype=xp.bool, device=device_of(x))
-    dxp = None
+    dxp: Any = None
     for i, j, s in _window_slices(xpad, kernel_size, stride, dilation, out):
         hit = xp.logical_and(s == y, xp.logical_not(taken))
         taken = xp.logical_or(taken, hit)
@@ -502,7 +500,7 @@ def avg_pool2d_backward(
     g = _cast(xp, dy, cdt) / _avg_divisor(
         xp, x, kernel_size, stride, padding, count_include_pad, out
     )
-    dxp = None
+    dxp: Any = None
     for i in range(kernel_size[0]):
         for j in range(kernel_size[1]):
             part = _place(xp, g, i, j, stride, hp, wp)

@@ -1,5 +1,5 @@
-"""Array-API pieces of the Set Transformer blocks (spec section 8): the row-wise feed-forward layer,
-optional layer norm, head split/merge. The blocks themselves (``arrayattn/set_transformer.py``)
+"""Array-API pieces of the Set Transformer blocks: the row-wise feed-forward layer, optional layer
+norm, head split/merge. The blocks themselves (``arrayattn/set_transformer.py``)
 compose these with the attention ops.
 
 Parameter keys (PyTorch ``Linear`` layouts), with an optional prefix:

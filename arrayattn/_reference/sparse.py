@@ -1,4 +1,4 @@
-"""Array-API reference of the Sparse Transformer factorised attention (spec section 7).
+"""Array-API reference of the Sparse Transformer factorised attention.
 
 Block-sparse execution: a pattern is split into disjoint *parts*, each of which is a dense
 attention on a regular rearrangement of the sequence, run with the tiled FlashAttention reference
@@ -70,6 +70,7 @@ def head_parts(
         return [which(layer % 2 + 1)] * num_heads
     if pattern == "strided":  # multihead: heads alternate between A^(1) and A^(2)
         return [which(h % 2 + 1) for h in range(num_heads)]
+    assert summary is not None  # 'fixed' patterns always have one (validated by the op)
     return [which(("sub", h % (ell // summary))) for h in range(num_heads)]
 
 

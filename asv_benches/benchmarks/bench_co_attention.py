@@ -19,7 +19,7 @@ from ._common import CPU_BACKENDS, _CaseBenchmark, require_backend
 
 def _make(op_name: str, size: str):
     import arrayattn as aa
-    from arrayattn.co_attention import example_can_params, example_coattn_params
+    from arrayattn._glue.co_attention import example_can_params, example_coattn_params
 
     rng = np.random.default_rng(0)
 

@@ -191,7 +191,7 @@ class GPUNeighborhood(_GPUBench):
         return (q, k, v), {"kernel_size": self.kernel, "rel_bias": bias}, flops
 
     def _torch_fn(self, torch, arrays, mode):
-        from arrayattn.neighborhood import call_windows
+        from arrayattn._glue.neighborhood import na_windows
 
         q, k, v = (
             torch.as_tensor(a, device="cuda").requires_grad_(mode == "fwd_bwd") for a in arrays[:3]
@@ -204,7 +204,7 @@ class GPUNeighborhood(_GPUBench):
             dtype=q.dtype,
             requires_grad=mode == "fwd_bwd",
         )
-        wy, wx = call_windows("na", h, w, kk, 1, 0, "clamp", False)
+        wy, wx = na_windows(h, w, kk, 1, "clamp", False, False)
         iy, ix = (torch.as_tensor(t.idx.T, device="cuda") for t in (wy, wx))  # (L, K)
         ry, rx = (torch.as_tensor(t.rel.T, device="cuda") for t in (wy, wx))
         flat = (iy[:, None, :, None] * w + ix[None, :, None, :]).reshape(h, w, kk * kk)

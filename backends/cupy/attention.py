@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from arrayattn.attention import sdpa_kernel
+from arrayattn._kernel import Kernel, requirement
 
 from ._module import function
 
@@ -156,7 +156,7 @@ def _wmma_dp(name, d, dv, itemsize):
 
 def _plan(cp, a, batch, rows, cols, dtype):
     """(flat data, per-head offsets, row stride, col stride, data) of a broadcast mask/bias."""
-    from arrayattn.backends.numba_cuda._common import broadcast_plan
+    from .._cuda import broadcast_plan
 
     return broadcast_plan(cp, a, batch, rows, cols, dtype=dtype)
 
@@ -342,14 +342,20 @@ def sdpa_backward(
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), dbias
 
 
-def _supports(call):
+@requirement(f"head widths d, dv <= {DMAXES[-1]}")
+def _head_widths(call):
     q, v = call.arrays["q"], call.arrays["v"]
-    name = np.dtype(q.dtype).name
-    if name not in _CTYPES:
-        return f"takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}"
     if _dmax(q.shape[-1], v.shape[-1]) is None:
         return f"head widths up to {DMAXES[-1]}, got d={q.shape[-1]}, dv={v.shape[-1]}"
     return None
 
 
-KERNELS = {"scaled_dot_product_attention": sdpa_kernel(sdpa_forward, sdpa_backward, _supports)}
+# The kernel runs in the SDPA convention of arrayattn._glue.attention (the op adapts it).
+KERNELS = {
+    "scaled_dot_product_attention": Kernel(
+        sdpa_forward,
+        sdpa_backward,
+        dtypes=tuple(_CTYPES),
+        requires=(_head_widths,),
+    )
+}

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from arrayattn.criss_cross import criss_cross_kernel
+from arrayattn._kernel import Kernel, requirement
 
 from ._module import function
 
@@ -111,17 +111,17 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     return dq, dk, dvv
 
 
-def _supports(call):
+@requirement(f"channel widths dk, dv <= {DMAXES[-1]}")
+def _widths(call):
     q, v = call.arrays["q"], call.arrays["v"]
-    if np.dtype(q.dtype).name not in _CTYPES:
-        return f"takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}"
     if _dmax(max(q.shape[-1], v.shape[-1])) is None:
         return f"channel widths up to {DMAXES[-1]}, got dk={q.shape[-1]}, dv={v.shape[-1]}"
     return None
 
 
+# The kernel runs in the criss-cross convention of arrayattn._glue.criss_cross (the op adapts it).
 KERNELS = {
-    "criss_cross_attention": criss_cross_kernel(
-        criss_cross_forward, criss_cross_backward, _supports
+    "criss_cross_attention": Kernel(
+        criss_cross_forward, criss_cross_backward, dtypes=tuple(_CTYPES), requires=(_widths,)
     )
 }

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from arrayattn.neighborhood import window_kernel
+from arrayattn._kernel import Kernel, requirement
 
 from ._module import function
 
@@ -69,9 +69,9 @@ def _names(dtype):
 
 
 def _tables(cp, win):
-    from arrayattn.backends.numba_cuda.neighborhood import _device_tables
+    from .._cuda import device_tables
 
-    return _device_tables(cp, win)
+    return device_tables(cp, win)
 
 
 def _plan(cp, a, batch, rows, cols, dtype):
@@ -79,7 +79,7 @@ def _plan(cp, a, batch, rows, cols, dtype):
     i64 = np.int64
     if a is None:
         return (cp.zeros(1, dtype), cp.zeros(1, i64), i64(0), i64(0), np.int32(0)), None
-    from arrayattn.backends.numba_cuda._common import broadcast_plan
+    from .._cuda import broadcast_plan
 
     flat, offs, rs, cs, data = broadcast_plan(cp, a, batch, rows, cols, dtype=dtype)
     return (flat, offs, i64(rs), i64(cs), np.int32(1)), data
@@ -98,7 +98,7 @@ def _c4(cp, x, nb, dtype):
 
 
 def window_attention_forward(
-    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
 ):
     """``(out, lse)`` like the reference ``window_attention_forward``, on CuPy arrays."""
     import cupy as cp
@@ -142,7 +142,21 @@ def window_attention_forward(
 
 
 def window_attention_backward(
-    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    wy,
+    wx,
+    *,
+    boundary,
+    scale,
+    rel_bias=None,
+    r_h=None,
+    r_w=None,
+    block=None,
 ):
     """``(dq, dk, dv, drel_bias, dr_h, dr_w)`` like the reference ``window_attention_backward``."""
     import cupy as cp
@@ -277,16 +291,21 @@ def window_attention_backward(
 # -- Kernel ---------------------------------------------------------------------------------------
 
 
-def _supports(call):
+@requirement(f"channel widths d, dv <= {DMAXES[-1]}")
+def _widths(call):
     q, v = call.arrays["q"], call.arrays["v"]
-    if np.dtype(q.dtype).name not in _CTYPES:
-        return f"takes float16, bfloat16, float32 or float64 inputs, got {q.dtype}"
     if _dmax(max(q.shape[-1], v.shape[-1])) is None:
         return f"channel widths up to {DMAXES[-1]}, got d={q.shape[-1]}, dv={v.shape[-1]}"
     return None
 
 
-_KERNEL = window_kernel(window_attention_forward, window_attention_backward, _supports)
+# The kernels run in the window convention of arrayattn._glue.neighborhood (the op adapts them).
+_KERNEL = Kernel(
+    window_attention_forward,
+    window_attention_backward,
+    dtypes=tuple(_CTYPES),
+    requires=(_widths,),
+)
 
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,

@@ -1,23 +1,25 @@
-"""The ``numba`` backend: ``KERNELS`` maps op names to :class:`arrayattn._op.Kernel`.
+"""The ``numba`` backend: fused parallel CPU kernels (``@njit``) for NumPy arrays.
 
-Kernels live in one module per mechanism family (as in ``arrayattn/``); each defines its own
-``KERNELS`` and is listed in ``_FAMILIES``.
+Kernels live in one module per mechanism family (as in ``arrayattn/``), each with a ``KERNELS``
+table; the registry finds the modules itself. Importing this package imports nothing heavy: numba
+is imported by the probe and by the kernel modules, when a call could run here.
 """
 
-import importlib
+from arrayattn._registry import BackendSpec
 
-_FAMILIES: tuple[str, ...] = (
-    "attention",
-    "channel",
-    "co_attention",
-    "criss_cross",
-    "halo",
-    "luong",
-    "neighborhood",
-    "primitives",
-    "sparse",
+
+def _probe() -> str | None:
+    try:
+        import numba  # noqa: F401
+    except Exception as exc:  # ImportError, or a numba/numpy version mismatch
+        return f"numba cannot be imported ({exc}); install the 'numba' extra"
+    return None
+
+
+BACKEND = BackendSpec(
+    "numba",
+    "fused parallel CPU kernels (@njit) for NumPy arrays",
+    namespaces=("numpy",),
+    probe=_probe,
+    priority=10,
 )
-
-KERNELS: dict = {}
-for _family in _FAMILIES:
-    KERNELS.update(importlib.import_module(f"{__name__}.{_family}").KERNELS)

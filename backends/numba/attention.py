@@ -1,11 +1,11 @@
 """Numba kernels of scaled dot-product attention: FlashAttention-2 forward and backward on CPU.
 
 Forward: ``prange`` over (batch·heads, query tiles); each work item walks the key tiles with an
-online softmax (spec section 1.4). Backward (FA2 Alg. 2): ``prange`` over (group of heads, chunk of
-key tiles); each work item owns the dK/dV rows of its key tiles (and every dbias element it touches)
-and accumulates dQ of its chunk into a buffer of its own; the chunks' dQ buffers are added in a
-fixed
-order afterwards, so results are bitwise deterministic whatever the thread scheduling.
+online softmax (docs/derivations/attention.rst). Backward (FA2 Alg. 2): ``prange`` over (group of
+heads, chunk of key tiles); each work item owns the dK/dV rows of its key tiles (and every dbias
+element it touches) and accumulates dQ of its chunk into a buffer of its own; the chunks' dQ
+buffers are added in a fixed order afterwards, so results are bitwise deterministic whatever the
+thread scheduling.
 
 Tile products go through the CBLAS ``sgemm``/``dgemm`` of the OpenBLAS that NumPy ships (called
 from compiled code as an external symbol, so ``cache=True`` works), kept single-threaded while the
@@ -19,21 +19,14 @@ key tiles past the causal diagonal and tiles whose boolean mask is all False are
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import math
-import os
-import threading
-from contextlib import contextmanager
 
-import llvmlite.binding as llvm
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from arrayattn.attention import sdpa_kernel
+from arrayattn._kernel import Kernel
 
+from ._blas import BLAS, gemm, single_threaded_blas
 from ._exp import LOG2E, exp2, row_max
 
 __all__ = ["KERNELS", "sdpa_backward", "sdpa_forward"]
@@ -46,160 +39,6 @@ BWD_BLOCKS = (128, 128)
 #: until there are at least this many work items; a function of the shapes only, not of the thread
 #: count, so the summation order (and the result) never depends on the machine.
 MIN_BWD_ITEMS = 4
-
-
-# -- BLAS ------------------------------------------------------------------------------------------
-
-
-def _find_openblas():
-    """NumPy's bundled OpenBLAS: (library, symbol prefix, symbol suffix), or None."""
-    libdir = os.path.dirname(np.__file__) + ".libs"
-    for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for suffix in ("64_", ""):
-            if hasattr(lib, f"scipy_cblas_sgemm{suffix}") and hasattr(
-                lib, f"scipy_openblas_set_num_threads{suffix}"
-            ):
-                return lib, suffix
-    return None
-
-
-_BLAS = _find_openblas()
-_BLAS_REASON = (
-    None
-    if _BLAS is not None
-    else (
-        "no CBLAS found: the numba attention kernels call the OpenBLAS bundled with NumPy wheels "
-        "(numpy.libs/libscipy_openblas*), which this NumPy does not have"
-    )
-)
-
-_i32, _i64 = types.int32, types.int64
-_BLAS_INT = _i64 if (_BLAS is not None and _BLAS[1] == "64_") else _i32
-_sgemm = types.ExternalFunction(
-    "arrayattn_cblas_sgemm",
-    types.void(
-        _i32,
-        _i32,
-        _i32,
-        _BLAS_INT,
-        _BLAS_INT,
-        _BLAS_INT,
-        types.float32,
-        _i64,
-        _BLAS_INT,
-        _i64,
-        _BLAS_INT,
-        types.float32,
-        _i64,
-        _BLAS_INT,
-    ),
-)
-_dgemm = types.ExternalFunction(
-    "arrayattn_cblas_dgemm",
-    types.void(
-        _i32,
-        _i32,
-        _i32,
-        _BLAS_INT,
-        _BLAS_INT,
-        _BLAS_INT,
-        types.float64,
-        _i64,
-        _BLAS_INT,
-        _i64,
-        _BLAS_INT,
-        types.float64,
-        _i64,
-        _BLAS_INT,
-    ),
-)
-if _BLAS is not None:
-    _lib, _sfx = _BLAS
-    for _name, _sym in (
-        ("sgemm", f"scipy_cblas_sgemm{_sfx}"),
-        ("dgemm", f"scipy_cblas_dgemm{_sfx}"),
-    ):
-        llvm.add_symbol(
-            f"arrayattn_cblas_{_name}", ctypes.cast(getattr(_lib, _sym), ctypes.c_void_p).value
-        )
-    _get_threads = getattr(_lib, f"scipy_openblas_get_num_threads{_sfx}")
-    _get_threads.restype = ctypes.c_int
-    _set_threads = getattr(_lib, f"scipy_openblas_set_num_threads{_sfx}")
-    _set_threads.argtypes = [ctypes.c_int]
-
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_saved = 1
-
-
-@contextmanager
-def _single_threaded_blas():
-    """OpenBLAS runs single-threaded inside our parallel region (restored afterwards)."""
-    global _blas_users, _blas_saved
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_saved = _get_threads()
-            if _blas_saved != 1:
-                _set_threads(1)
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0 and _blas_saved != 1:
-                _set_threads(_blas_saved)
-
-
-def _blas_threads(parallel):
-    """For kernels with serial twins: a call too small for the parallel twin keeps OpenBLAS
-    single-threaded too, since its products take well under a millisecond, less than waking the
-    BLAS thread pool costs on a busy machine; a parallel call leaves BLAS as it is."""
-    if parallel or _BLAS_REASON is not None:
-        return contextlib.nullcontext()
-    return _single_threaded_blas()
-
-
-_ROW, _NT, _T = 101, 111, 112  # CblasRowMajor, CblasNoTrans, CblasTrans
-
-
-def _gemm(ta, tb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc):
-    """Row-major ``C = alpha·op(A)·op(B) + beta·C`` on arrays + element offsets (Numba only)."""
-    raise NotImplementedError
-
-
-@overload(_gemm)
-def _gemm_overload(ta, tb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc):
-    if a.dtype == types.float32:
-        fn, cast, size = _sgemm, np.float32, 4
-    elif a.dtype == types.float64:
-        fn, cast, size = _dgemm, np.float64, 8
-    else:
-        return None
-
-    def impl(ta, tb, m, n, k, alpha, a, aoff, lda, b, boff, ldb, beta, c, coff, ldc):
-        fn(
-            _ROW,
-            _T if ta else _NT,
-            _T if tb else _NT,
-            m,
-            n,
-            k,
-            cast(alpha),
-            np.int64(a.ctypes.data) + aoff * size,
-            max(lda, 1),
-            np.int64(b.ctypes.data) + boff * size,
-            max(ldb, 1),
-            cast(beta),
-            np.int64(c.ctypes.data) + coff * size,
-            max(ldc, 1),
-        )
-
-    return impl
 
 
 # -- fused row passes ------------------------------------------------------------------------------
@@ -335,7 +174,7 @@ def _fwd_kernel(
             if has_mask and _tile_all_masked(mflat, moff, mrs, mcs, i0, i1, j0, j1):
                 continue
             cross = causal and j1 - 1 > i0 + coff
-            _gemm(
+            gemm(
                 False,
                 True,
                 ni,
@@ -386,7 +225,7 @@ def _fwd_kernel(
                     arow = acc[r]
                     for c in range(dv):
                         arow[c] *= corr
-            _gemm(
+            gemm(
                 False, False, ni, dv, nk, 1.0, s, 0, bk, v, (kv * lk + j0) * dv, dv, 1.0, acc, 0, dv
             )
         ln2 = one / log2e
@@ -476,7 +315,7 @@ def _bwd_kernel(
                     if has_mask and _tile_all_masked(mflat, moff, mrs, mcs, i0, i1, j0, j1):
                         continue
                     cross = causal and j1 - 1 > i0 + coff
-                    _gemm(
+                    gemm(
                         False,
                         True,
                         ni,
@@ -518,7 +357,7 @@ def _bwd_kernel(
                         )
                         _row_exp2(prow, nk, lse2[bh, i0 + r])
                     # dP = dO_i V_jᵀ, then dS = P ⊙ (dP − D_i) in place
-                    _gemm(
+                    gemm(
                         False,
                         True,
                         ni,
@@ -547,7 +386,7 @@ def _bwd_kernel(
                             for c in range(nk):
                                 dbflat[base + c * bcs] += srow[c]
                     # dV_j += Pᵀ dO_i ; dK_j += scale dSᵀ Q_i ; dQ_i += scale dS K_j
-                    _gemm(
+                    gemm(
                         True,
                         False,
                         nk,
@@ -565,7 +404,7 @@ def _bwd_kernel(
                         (kv * lk + j0) * dv,
                         dv,
                     )
-                    _gemm(
+                    gemm(
                         True,
                         False,
                         nk,
@@ -583,7 +422,7 @@ def _bwd_kernel(
                         (kv * lk + j0) * d,
                         d,
                     )
-                    _gemm(
+                    gemm(
                         False,
                         False,
                         ni,
@@ -631,13 +470,11 @@ _NO_MASK = np.zeros(1, dtype=np.bool_)
 _NO_OFFS = np.zeros(1, dtype=np.int64)
 
 
-def _options(arrays, static, q, k):
+def _plans(mask, bias, causal, q, k):
     batch = tuple(q.shape[:-2])
     lq, lk = q.shape[-2], k.shape[-2]
     cdt = q.dtype
-    causal = static["causal"]
     coff = 0 if causal is None or causal == "top_left" else lk - lq
-    mask, bias = arrays.get("mask"), arrays.get("bias")
     if mask is not None:
         mflat, moffs, mrs, mcs, _ = _broadcast_plan(
             mask.astype(np.bool_, copy=False), batch, lq, lk
@@ -663,7 +500,7 @@ def _options(arrays, static, q, k):
 
 def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1, blocks=None):
     """(out, lse) like the reference ``sdpa_forward`` for float32/float64 NumPy inputs."""
-    o = _options({"mask": mask, "bias": bias}, {"causal": causal}, q, k)
+    o = _plans(mask, bias, causal, q, k)
     cdt = o["cdt"].type
     nb = math.prod(o["batch"])
     lq, dv = o["lq"], v.shape[-1]
@@ -674,7 +511,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     lse = np.empty((nb, lq), dtype=cdt)
     bq, bk = blocks or FWD_BLOCKS
     if nb and lq:
-        with _single_threaded_blas():
+        with single_threaded_blas():
             _fwd_kernel(
                 q3,
                 k3,
@@ -742,7 +579,7 @@ def sdpa_backward(
     blocks=None,
 ):
     """(dq, dk, dv, dbias) like the reference ``sdpa_backward``."""
-    o = _options({"mask": mask, "bias": bias}, {"causal": causal}, q, k)
+    o = _plans(mask, bias, causal, q, k)
     cdt = o["cdt"].type
     nb = math.prod(o["batch"])
     nkv = nb // gqa_groups if nb else 0
@@ -771,7 +608,7 @@ def sdpa_backward(
     dbias_data = np.zeros(o["bdata"].shape, dtype=cdt) if has_bias else None
     dbflat = dbias_data.reshape(-1) if has_bias else np.zeros(1, cdt)
     if nb and lq and lk:
-        with _single_threaded_blas():
+        with single_threaded_blas():
             _bwd_kernel(
                 q3,
                 k3,
@@ -820,13 +657,7 @@ def sdpa_backward(
 # -- Kernel ----------------------------------------------------------------------------------------
 
 
-def _supports(call):
-    if _BLAS_REASON is not None:
-        return _BLAS_REASON
-    q = call.arrays["q"]
-    if q.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64 inputs, got {q.dtype} (array_api handles it)"
-    return None
-
-
-KERNELS = {"scaled_dot_product_attention": sdpa_kernel(sdpa_forward, sdpa_backward, _supports)}
+# The kernel runs in the SDPA convention of arrayattn._glue.attention (the op adapts it).
+KERNELS = {
+    "scaled_dot_product_attention": Kernel(sdpa_forward, sdpa_backward, requires=(BLAS,)),
+}

@@ -26,9 +26,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 
-from .attention import _single_threaded_blas
+from ._blas import single_threaded_blas
 
 __all__ = ["KERNELS", "PARALLEL_MIN_WORK"]
 
@@ -524,13 +524,6 @@ def _cbam_bwd_ser(
 # -- Python side -----------------------------------------------------------------------------------
 
 
-def _supports(call):
-    dtype = call.arrays["x"].dtype
-    if dtype not in (np.float32, np.float64):
-        return f"numba kernels take float32 or float64, got {dtype}"
-    return None
-
-
 def _parallel(x) -> bool:
     return x.shape[0] > 1 and x.size >= PARALLEL_MIN_WORK
 
@@ -558,7 +551,7 @@ def _cast_grads(grads, params):
     }
 
 
-def _se_fwd(xp, arrays, static, save):
+def _se_fwd(xp, arrays, options, save):
     x, params = arrays["x"], arrays["params"]
     dt = x.dtype
     n, c, hgt, wid = x.shape
@@ -587,7 +580,7 @@ def _se_fwd(xp, arrays, static, save):
     return (y,), saved
 
 
-def _se_bwd(xp, saved, static, cts):
+def _se_bwd(xp, saved, options, cts):
     x, params = saved["x"], _params_back(saved)
     dt = x.dtype
     n, c, hgt, wid = x.shape
@@ -609,13 +602,13 @@ def _se_bwd(xp, saved, static, cts):
     return {"x": dx.reshape(x.shape), "params": _cast_grads(grads, params)}
 
 
-def _cbam_fwd(xp, arrays, static, save):
+def _cbam_fwd(xp, arrays, options, save):
     x, params = arrays["x"], arrays["params"]
     dt = x.dtype
     n, c, hgt, wid = x.shape
     w1 = _p(params, "w1", dt)
     cr = w1.shape[0]
-    i_avg = 0 if static["pool_order"] == "avg_max" else 1
+    i_avg = 0 if options.pool_order == "avg_max" else 1
     xc = np.ascontiguousarray(x)
     avg, mc = np.empty((n, c), dt), np.empty((n, c), dt)
     h_avg, h_max = np.empty((n, cr), dt), np.empty((n, cr), dt)
@@ -667,13 +660,13 @@ def _cbam_fwd(xp, arrays, static, save):
     return (y,), saved
 
 
-def _cbam_bwd(xp, saved, static, cts):
+def _cbam_bwd(xp, saved, options, cts):
     x, params = saved["x"], _params_back(saved)
     dt = x.dtype
     n, c, hgt, wid = x.shape
     w1, w2, ws = _p(params, "w1", dt), _p(params, "w2", dt), _p(params, "w_spatial", dt)
     cr, k = w1.shape[0], ws.shape[-1]
-    i_avg = 0 if static["pool_order"] == "avg_max" else 1
+    i_avg = 0 if options.pool_order == "avg_max" else 1
     xc = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(cts[0], dtype=dt)
     h_avg, h_max = saved["h_avg"], saved["h_max"]
@@ -733,13 +726,13 @@ def _blas_quiet(fn):
 
     @functools.wraps(fn)
     def wrapper(*args):
-        with _single_threaded_blas():
+        with single_threaded_blas():
             return fn(*args)
 
     return wrapper
 
 
 KERNELS = {
-    "squeeze_excitation": Kernel(_blas_quiet(_se_fwd), _blas_quiet(_se_bwd), _supports),
-    "cbam": Kernel(_blas_quiet(_cbam_fwd), _blas_quiet(_cbam_bwd), _supports),
+    "squeeze_excitation": Kernel(_blas_quiet(_se_fwd), _blas_quiet(_se_bwd)),
+    "cbam": Kernel(_blas_quiet(_cbam_fwd), _blas_quiet(_cbam_bwd)),
 }

@@ -1,9 +1,9 @@
-"""Numba kernel of CoDA (compositional de-attention, spec 14.2).
+"""Numba kernel of CoDA (compositional de-attention, docs/derivations/co_attention.rst).
 
 Two paths, chosen by the shapes alone (so a result never depends on the thread count):
 
 * **Several items** (batch size ≥ 2, no empty axis): one fused pass per item, the items spread over
-  threads. Each item does its products with single-threaded BLAS (``attention._gemm``) and its
+  threads. Each item does its products with single-threaded BLAS (``_blas.gemm``) and its
   elementwise work in vectorized loops: projections, ``E``, the L1 distances (reduced over the
   contiguous k axis, no (La, Lb, k) tensor), ``tanh``/``sigmoid``, ``A' = M B``, ``B' = Mᵀ A``;
   backward the same way, with ``dga_i = Σ_j ddist_ij sign(ga_i − gb_j)`` and ``dgb_j`` as row
@@ -28,12 +28,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 from arrayattn._reference.co_attention import coda_backward, coda_forward
 from arrayattn._xp import flat_rows
 
+from ._blas import HAS_BLAS, blas_threads, gemm, single_threaded_blas
 from ._exp import LOG2E, exp2, tanh
-from .attention import _BLAS_REASON, _blas_threads, _gemm, _single_threaded_blas
 
 __all__ = ["KERNELS"]
 
@@ -132,7 +132,7 @@ def _dist_bwd_ser(ga, gb, ddist, ddist_t, dga, dgb):
 def _project(x, n, w, bias, y):
     """``y[n] = x[n] wᵀ + bias`` for one item."""
     rows, d, k = x.shape[1], x.shape[2], w.shape[0]
-    _gemm(False, True, rows, k, d, 1.0, x, n * rows * d, d, w, 0, d, 0.0, y, n * rows * k, k)
+    gemm(False, True, rows, k, d, 1.0, x, n * rows * d, d, w, 0, d, 0.0, y, n * rows * k, k)
     for r in range(rows):
         yr = y[n, r]
         for c in range(k):
@@ -169,7 +169,7 @@ def _fwd_item(
     _project(b, n, w_e, b_e, fb)
     _project(a, n, w_n, b_n, ga)
     _project(b, n, w_n, b_n, gb)
-    _gemm(
+    gemm(
         False, True, la, lb, k, 1.0, fa, n * la * k, k, fb, n * lb * k, k, 0.0, sim, n * la * lb, lb
     )
     for i in range(la):
@@ -191,8 +191,8 @@ def _fwd_item(
             t[n, i, j] = th
             sg[n, i, j] = s
             m[i, j] = th * s
-    _gemm(False, False, la, d, lb, 1.0, m, 0, lb, b, n * lb * d, d, 0.0, oa, n * la * d, d)
-    _gemm(True, False, lb, d, la, 1.0, m, 0, lb, a, n * la * d, d, 0.0, ob, n * lb * d, d)
+    gemm(False, False, la, d, lb, 1.0, m, 0, lb, b, n * lb * d, d, 0.0, oa, n * la * d, d)
+    gemm(True, False, lb, d, la, 1.0, m, 0, lb, a, n * la * d, d, 0.0, ob, n * lb * d, d)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
@@ -327,13 +327,13 @@ def _bwd_item(
     one = alpha - alpha + 1
     dm = np.empty((la, lb), dtype=a.dtype)  # dM, then dN, then d dist
     m = np.empty((la, lb), dtype=a.dtype)  # M, then dE, then d sim
-    _gemm(False, True, la, lb, d, 1.0, doa, n * la * d, d, b, n * lb * d, d, 0.0, dm, 0, lb)
-    _gemm(False, True, la, lb, d, 1.0, a, n * la * d, d, dob, n * lb * d, d, 1.0, dm, 0, lb)
+    gemm(False, True, la, lb, d, 1.0, doa, n * la * d, d, b, n * lb * d, d, 0.0, dm, 0, lb)
+    gemm(False, True, la, lb, d, 1.0, a, n * la * d, d, dob, n * lb * d, d, 1.0, dm, 0, lb)
     for i in range(la):
         for j in range(lb):
             m[i, j] = t[n, i, j] * sg[n, i, j]
-    _gemm(False, False, la, d, lb, 1.0, m, 0, lb, dob, n * lb * d, d, 0.0, da, n * la * d, d)
-    _gemm(True, False, lb, d, la, 1.0, m, 0, lb, doa, n * la * d, d, 0.0, db, n * lb * d, d)
+    gemm(False, False, la, d, lb, 1.0, m, 0, lb, dob, n * lb * d, d, 0.0, da, n * la * d, d)
+    gemm(True, False, lb, d, la, 1.0, m, 0, lb, doa, n * la * d, d, 0.0, db, n * lb * d, d)
     mean = 0.0
     for i in range(la):
         for j in range(lb):
@@ -352,14 +352,14 @@ def _bwd_item(
             m[i, j] = alpha * de
             dm[i, j] = -beta * dn
     dalpha[n], dbeta[n] = acc_alpha, acc_beta
-    _gemm(False, False, la, k, lb, 1.0, m, 0, lb, fb, n * lb * k, k, 0.0, dfa, n * la * k, k)
-    _gemm(True, False, lb, k, la, 1.0, m, 0, lb, fa, n * la * k, k, 0.0, dfb, n * lb * k, k)
+    gemm(False, False, la, k, lb, 1.0, m, 0, lb, fb, n * lb * k, k, 0.0, dfa, n * la * k, k)
+    gemm(True, False, lb, k, la, 1.0, m, 0, lb, fa, n * la * k, k, 0.0, dfb, n * lb * k, k)
     for i in range(la):
         _signed_sums_pair(ga[n, i], gb[n], dm[i], dga[n, i], dgb[n])
-    _gemm(False, False, la, d, k, 1.0, dfa, n * la * k, k, w_e, 0, d, 1.0, da, n * la * d, d)
-    _gemm(False, False, la, d, kn, 1.0, dga, n * la * kn, kn, w_n, 0, d, 1.0, da, n * la * d, d)
-    _gemm(False, False, lb, d, k, 1.0, dfb, n * lb * k, k, w_e, 0, d, 1.0, db, n * lb * d, d)
-    _gemm(False, False, lb, d, kn, 1.0, dgb, n * lb * kn, kn, w_n, 0, d, 1.0, db, n * lb * d, d)
+    gemm(False, False, la, d, k, 1.0, dfa, n * la * k, k, w_e, 0, d, 1.0, da, n * la * d, d)
+    gemm(False, False, la, d, kn, 1.0, dga, n * la * kn, kn, w_n, 0, d, 1.0, da, n * la * d, d)
+    gemm(False, False, lb, d, k, 1.0, dfb, n * lb * k, k, w_e, 0, d, 1.0, db, n * lb * d, d)
+    gemm(False, False, lb, d, kn, 1.0, dgb, n * lb * kn, kn, w_n, 0, d, 1.0, db, n * lb * d, d)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
@@ -492,8 +492,8 @@ def _weight_rows(dxa, xa, dxb, xb, dw, c):
     k, d = dw.shape
     r0 = c * WEIGHT_ROWS
     rows = min(WEIGHT_ROWS, k - r0)
-    _gemm(True, False, rows, d, dxa.shape[0], 1.0, dxa, r0, k, xa, 0, d, 0.0, dw, r0 * d, d)
-    _gemm(True, False, rows, d, dxb.shape[0], 1.0, dxb, r0, k, xb, 0, d, 1.0, dw, r0 * d, d)
+    gemm(True, False, rows, d, dxa.shape[0], 1.0, dxa, r0, k, xa, 0, d, 0.0, dw, r0 * d, d)
+    gemm(True, False, rows, d, dxb.shape[0], 1.0, dxb, r0, k, xb, 0, d, 1.0, dw, r0 * d, d)
 
 
 @njit(parallel=True, cache=True)
@@ -524,7 +524,7 @@ def _parallel(a, b, k) -> bool:
 def _fused(a, b, params) -> bool:
     """Whether a call takes the per-item path (a function of the shapes only)."""
     shapes = (a.shape, b.shape, params["w_e"].shape, params["w_n"].shape)
-    return _BLAS_REASON is None and math.prod(a.shape[:-2]) >= 2 and 0 not in sum(shapes, ())
+    return HAS_BLAS and math.prod(a.shape[:-2]) >= 2 and 0 not in sum(shapes, ())
 
 
 def _l1_distances(xp, ga, gb):
@@ -567,7 +567,7 @@ def _fused_fwd(a, b, p, centering, save):
     sim, dist, t, sg = (np.empty((nb, la, lb), dtype) for _ in range(4))
     oa, ob = np.empty_like(a3), np.empty_like(b3)
     kernel = _fwd_par if _parallel(a, b, k) else _fwd_ser
-    with _single_threaded_blas():
+    with single_threaded_blas():
         kernel(
             a3,
             b3,
@@ -625,7 +625,7 @@ def _fused_bwd(saved, centering, doa, dob):
     grads = {"w_e": np.empty_like(w_e), "w_n": np.empty_like(w_n)}
     # The weight gradients are products over all items, split by rows of the gradient, in a
     # parallel region as well: threaded NumPy products right after one made both pools spin.
-    with _single_threaded_blas():
+    with single_threaded_blas():
         (_bwd_par if parallel else _bwd_ser)(
             a3,
             b3,
@@ -668,30 +668,23 @@ def _fused_bwd(saved, centering, doa, dob):
     return da.reshape(a.shape), db.reshape(b.shape), grads
 
 
-def _fwd(xp, arrays, static, save):
+def _fwd(xp, arrays, options, save):
     a, b, p = arrays["a"], arrays["b"], arrays["params"]
     if _fused(a, b, p):
-        return _fused_fwd(a, b, p, static["centering"], save)
-    with _blas_threads(_parallel(a, b, p["w_n"].shape[0])):
-        return coda_forward(xp, a, b, p, static["centering"], save, l1=_L1)
+        return _fused_fwd(a, b, p, options.centering, save)
+    with blas_threads(_parallel(a, b, p["w_n"].shape[0])):
+        return coda_forward(xp, a, b, p, options.centering, save, l1=_L1)
 
 
-def _bwd(xp, saved, static, cts):
+def _bwd(xp, saved, options, cts):
     a, b = saved["a"], saved["b"]
     p = {"w_e": saved["p_w_e"], "w_n": saved["p_w_n"]}
     if _fused(a, b, p):
-        da, db, dp = _fused_bwd(saved, static["centering"], cts[0], cts[1])
+        da, db, dp = _fused_bwd(saved, options.centering, cts[0], cts[1])
     else:
-        with _blas_threads(_parallel(a, b, p["w_n"].shape[0])):
-            da, db, dp = coda_backward(xp, saved, static["centering"], cts[0], cts[1], l1=_L1)
+        with blas_threads(_parallel(a, b, p["w_n"].shape[0])):
+            da, db, dp = coda_backward(xp, saved, options.centering, cts[0], cts[1], l1=_L1)
     return {"a": da, "b": db, "params": dp}
 
 
-def _supports(call):
-    dtype = call.arrays["a"].dtype
-    if dtype not in (np.float32, np.float64):
-        return f"numba kernels take float32 or float64, got {dtype}"
-    return None
-
-
-KERNELS = {"coda": Kernel(_fwd, _bwd, _supports)}
+KERNELS = {"coda": Kernel(_fwd, _bwd)}

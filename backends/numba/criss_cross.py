@@ -1,4 +1,4 @@
-"""Numba kernels of criss-cross attention (CCNet, spec section 5).
+"""Numba kernels of criss-cross attention (CCNet).
 
 Every pass is split by the axis it runs along, so that each parallel task owns what it writes and
 keeps its operands in cache:
@@ -17,13 +17,15 @@ backward
     that they vectorize.
 
 No scatter crosses tasks and no atomics are used: results are bitwise reproducible. The residuals
-are ``q, k, v``, the output and ``p`` (the backward pass needs no exponential).
+are ``q, k, v``, the output and the per-pixel logsumexp ``lse`` (as every backend saves them:
+O(HW), not the O(HW(H + W)) map); backward recomputes ``p = exp(s - lse)`` with the forward's
+logits pass, then runs the passes above.
 
 Two implementations of these passes, the same split and the same ownership:
 
 GEMM path (``USE_BLAS``, the default where NumPy's OpenBLAS is found)
-    every product is a strided single-threaded BLAS GEMM (``attention._gemm`` inside
-    ``attention._single_threaded_blas``) read straight from the ``(B, H, W, c)`` arrays — a row
+    every product is a strided single-threaded BLAS GEMM (``_blas.gemm`` inside
+    ``_blas.single_threaded_blas``) read straight from the ``(B, H, W, c)`` arrays — a row
     is a ``(W, c)`` block, a column an ``(H, c)`` block with leading dimension ``W·c``, so the
     column pass needs no transposed copy: forward = column logits ``Q_col K_colᵀ`` (one pass),
     then per row the row logits ``Q_row K_rowᵀ``, the softmax over the ``W + H`` slots and
@@ -44,16 +46,16 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 
+from ._blas import HAS_BLAS, gemm, single_threaded_blas
 from ._exp import LOG2E, exp2, row_max
-from .attention import _BLAS, _gemm, _single_threaded_blas
 
-__all__ = ["KERNELS"]
+__all__ = ["KERNELS", "criss_cross_backward", "criss_cross_forward"]
 
-#: Run the products as single-threaded BLAS GEMMs (NumPy's OpenBLAS, through ``attention._gemm``);
+#: Run the products as single-threaded BLAS GEMMs (NumPy's OpenBLAS, through ``_blas.gemm``);
 #: False (or no BLAS found) selects the loop kernels. A module attribute so tests cover both paths.
-USE_BLAS = _BLAS is not None
+USE_BLAS = HAS_BLAS
 
 # fast-math without "no NaNs / no infs" (the running maximum starts at -inf)
 _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -96,11 +98,62 @@ def _softmax_fast32(px, bits, m, nk):
     return total
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _pixel_logits(qx, kr, kc, scale, px, w, h, y):
+    """The ``W + H`` logits of pixel ``(y, ·)`` into ``px`` (the self slot of the column part at
+    ``-inf``); returns their maximum."""
+    nk = w + h
+    for n in range(nk):
+        px[n] = 0
+    for c in range(qx.shape[0]):
+        qc = qx[c] * scale
+        for x2 in range(w):
+            px[x2] += qc * kr[c, x2]
+        for y2 in range(h):
+            px[w + y2] += qc * kc[c, y2]
+    m = -np.inf
+    for n in range(w):
+        m = max(m, px[n])
+    for y2 in range(h):
+        if y2 != y:
+            m = max(m, px[w + y2])
+    px[w + y] = -np.inf  # the self key is counted once, in the row part
+    return m
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _exp_shifted(px, bits, shift, nk, fast):
+    """px[:nk] <- exp(px - shift); returns the sum."""
+    if fast:
+        return _softmax_fast32(px, bits, shift, nk)
+    ell = px.dtype.type(0.0)
+    for n in range(nk):
+        e = math.exp(px[n] - shift)
+        px[n] = e
+        ell += e
+    return ell
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _fwd_rows(q, k_rows, k_cols, v, scale, out, p, fast):
+def _p_rows(q, k_rows, k_cols, scale, lse, p, fast):
+    # backward's probabilities from the saved logsumexp: p = exp(s - lse)
+    nb, h, w, _ = q.shape
+    nk = w + h
+    for t in prange(nb * h):
+        b = t // h
+        y = t % h
+        bits = np.empty(nk, dtype=np.int32)
+        for x in range(w):
+            px = p[b, y, x]
+            _pixel_logits(q[b, y, x], k_rows[b, y], k_cols[b, x], scale, px, w, h, y)
+            _exp_shifted(px, bits, lse[b, y, x], nk, fast)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _fwd_rows(q, k_rows, k_cols, v, scale, out, p, lse, fast):
     # k_rows (B, H, dk, W) and k_cols (B, W, dk, H): keys transposed so that the logits are
     # accumulated over the keys (vectorized) one feature at a time
-    nb, h, w, dk = q.shape
+    nb, h, w, _ = q.shape
     dv = v.shape[3]
     nk = w + h
     for t in prange(nb * h):
@@ -109,32 +162,10 @@ def _fwd_rows(q, k_rows, k_cols, v, scale, out, p, fast):
         bits = np.empty(nk, dtype=np.int32)
         kr = k_rows[b, y]
         for x in range(w):
-            qx = q[b, y, x]
             px = p[b, y, x]
-            kc = k_cols[b, x]
-            for n in range(nk):
-                px[n] = 0
-            for c in range(dk):
-                qc = qx[c] * scale
-                for x2 in range(w):
-                    px[x2] += qc * kr[c, x2]
-                for y2 in range(h):
-                    px[w + y2] += qc * kc[c, y2]
-            m = -np.inf
-            for n in range(w):
-                m = max(m, px[n])
-            for y2 in range(h):
-                if y2 != y:
-                    m = max(m, px[w + y2])
-            px[w + y] = -np.inf  # the self key is counted once, in the row part
-            if fast:
-                ell = _softmax_fast32(px, bits, m, nk)
-            else:
-                ell = q.dtype.type(0.0)
-                for n in range(nk):
-                    e = math.exp(px[n] - m)
-                    px[n] = e
-                    ell += e
+            m = _pixel_logits(q[b, y, x], kr, k_cols[b, x], scale, px, w, h, y)
+            ell = _exp_shifted(px, bits, m, nk, fast)
+            lse[b, y, x] = m + math.log(ell)
             inv = 1 / ell
             for n in range(nk):
                 px[n] *= inv
@@ -262,7 +293,7 @@ def _gemm_fwd_col_logits(q, k, scale, p):
         b = t // w
         x = t % w
         off = b * h * w + x
-        _gemm(
+        gemm(
             False,
             True,
             h,
@@ -283,7 +314,29 @@ def _gemm_fwd_col_logits(q, k, scale, p):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _gemm_fwd_rows(q, k, v, scale2, out, p):
+def _gemm_p_rows(q, k, scale2, lse2, p):
+    # backward's probabilities from the saved base-2 logsumexp: p = exp2(s2 - lse2) (the column
+    # logits were written by _gemm_fwd_col_logits)
+    nb, h, w, nd = q.shape
+    nk = w + h
+    ninf = q.dtype.type(-np.inf)
+    for t in prange(nb * h):
+        b = t // h
+        y = t % h
+        base = (b * h + y) * w
+        gemm(
+            False, True, w, w, nd, scale2, q, base * nd, nd, k, base * nd, nd, 0.0, p, base * nk, nk
+        )
+        for x in range(w):
+            px = p[b, y, x]
+            px[w + y] = ninf
+            shift = lse2[b, y, x]
+            for n in range(nk):
+                px[n] = exp2(px[n] - shift)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gemm_fwd_rows(q, k, v, scale2, out, p, lse2):
     # the logits are carried in base 2 (scale2 = scale·log2 e; the column part was written so by
     # _gemm_fwd_col_logits): p = exp2(s2 - max) / sum, with the vectorizable exp2 and row_max
     nb, h, w, nd = q.shape
@@ -295,7 +348,7 @@ def _gemm_fwd_rows(q, k, v, scale2, out, p):
         b = t // h
         y = t % h
         base = (b * h + y) * w
-        _gemm(
+        gemm(
             False, True, w, w, nd, scale2, q, base * nd, nd, k, base * nd, nd, 0.0, p, base * nk, nk
         )
         for x in range(w):
@@ -307,10 +360,11 @@ def _gemm_fwd_rows(q, k, v, scale2, out, p):
                 e = exp2(px[n] - m)  # exactly 0 for the -inf self slot
                 px[n] = e
                 ell += e
+            lse2[b, y, x] = m + math.log2(ell)
             inv = one / ell
             for n in range(nk):
                 px[n] *= inv
-        _gemm(
+        gemm(
             False, False, w, dv, w, 1.0, p, base * nk, nk, v, base * dv, dv, 0.0, out, base * dv, dv
         )
 
@@ -323,7 +377,7 @@ def _gemm_fwd_cols(v, p, out):
         b = t // w
         x = t % w
         off = b * h * w + x
-        _gemm(
+        gemm(
             False,
             False,
             h,
@@ -353,7 +407,7 @@ def _gemm_bwd_rows(q, k, v, out, p, dout, scale, dq, dk, dv, delta):
         y = t % h
         base = (b * h + y) * w
         ds = np.empty((w, w), dtype=q.dtype)
-        _gemm(False, True, w, w, nv, 1.0, dout, base * nv, nv, v, base * nv, nv, 0.0, ds, 0, w)
+        gemm(False, True, w, w, nv, 1.0, dout, base * nv, nv, v, base * nv, nv, 0.0, ds, 0, w)
         for x in range(w):
             do = dout[b, y, x]
             ox = out[b, y, x]
@@ -365,9 +419,9 @@ def _gemm_bwd_rows(q, k, v, out, p, dout, scale, dq, dk, dv, delta):
             dsx = ds[x]
             for x2 in range(w):
                 dsx[x2] = px[x2] * (dsx[x2] - dd) * scale
-        _gemm(False, False, w, nd, w, 1.0, ds, 0, w, k, base * nd, nd, 0.0, dq, base * nd, nd)
-        _gemm(True, False, w, nd, w, 1.0, ds, 0, w, q, base * nd, nd, 0.0, dk, base * nd, nd)
-        _gemm(
+        gemm(False, False, w, nd, w, 1.0, ds, 0, w, k, base * nd, nd, 0.0, dq, base * nd, nd)
+        gemm(True, False, w, nd, w, 1.0, ds, 0, w, q, base * nd, nd, 0.0, dk, base * nd, nd)
+        gemm(
             True,
             False,
             w,
@@ -397,18 +451,16 @@ def _gemm_bwd_cols(q, k, v, p, dout, delta, scale, dq, dk, dv):
         x = t % w
         off = b * h * w + x
         ds = np.empty((h, h), dtype=q.dtype)
-        _gemm(
-            False, True, h, h, nv, 1.0, dout, off * nv, w * nv, v, off * nv, w * nv, 0.0, ds, 0, h
-        )
+        gemm(False, True, h, h, nv, 1.0, dout, off * nv, w * nv, v, off * nv, w * nv, 0.0, ds, 0, h)
         for y in range(h):
             dd = delta[b, y, x]
             px = p[b, y, x]
             dsy = ds[y]
             for y2 in range(h):
                 dsy[y2] = px[w + y2] * (dsy[y2] - dd) * scale  # p = 0 on the self slot
-        _gemm(False, False, h, nd, h, 1.0, ds, 0, h, k, off * nd, w * nd, 1.0, dq, off * nd, w * nd)
-        _gemm(True, False, h, nd, h, 1.0, ds, 0, h, q, off * nd, w * nd, 1.0, dk, off * nd, w * nd)
-        _gemm(
+        gemm(False, False, h, nd, h, 1.0, ds, 0, h, k, off * nd, w * nd, 1.0, dq, off * nd, w * nd)
+        gemm(True, False, h, nd, h, 1.0, ds, 0, h, q, off * nd, w * nd, 1.0, dk, off * nd, w * nd)
+        gemm(
             True,
             False,
             h,
@@ -434,64 +486,59 @@ def _flat(a):
     return np.ascontiguousarray(a.reshape((math.prod(a.shape[:-3]),) + a.shape[-3:]))
 
 
-def _fwd_kernel(xp, arrays, static, save):
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+def criss_cross_forward(q, k, v, *, scale):
+    """``(out, lse)`` like the reference's, for float32/float64 NumPy arrays."""
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     nb, h, w, _ = qf.shape
-    gemm = bool(nb and h and w and USE_BLAS)  # every output element is written with beta = 0
-    out = (np.empty if gemm else np.zeros)(vf.shape, dtype=q.dtype)
+    use_gemm = bool(nb and h and w and USE_BLAS)  # every output element is written with beta = 0
+    out = (np.empty if use_gemm else np.zeros)(vf.shape, dtype=q.dtype)
+    lse = np.full((nb, h, w), np.inf, dtype=q.dtype)  # +inf: no key (only where H = W = 0)
     p = np.empty((nb, h, w, w + h), dtype=q.dtype)
-    if gemm:
-        scale2 = q.dtype.type(static["scale"] * LOG2E)  # base-2 logits
-        with _single_threaded_blas():
+    if use_gemm:
+        scale2 = q.dtype.type(scale * LOG2E)  # base-2 logits
+        with single_threaded_blas():
             _gemm_fwd_col_logits(qf, kf, scale2, p)
-            _gemm_fwd_rows(qf, kf, vf, scale2, out, p)
+            _gemm_fwd_rows(qf, kf, vf, scale2, out, p, lse)
             _gemm_fwd_cols(vf, p, out)
+        lse /= q.dtype.type(LOG2E)  # base 2 -> natural
     elif nb and h and w:
         # float32: the vectorizable exponential (numba's exp is a scalar libm call here)
         k_rows = np.ascontiguousarray(kf.transpose(0, 1, 3, 2))
         k_cols = np.ascontiguousarray(kf.transpose(0, 2, 3, 1))
-        _fwd_rows(
-            qf, k_rows, k_cols, vf, q.dtype.type(static["scale"]), out, p, q.dtype == np.float32
-        )
+        _fwd_rows(qf, k_rows, k_cols, vf, q.dtype.type(scale), out, p, lse, q.dtype == np.float32)
         if vf.shape[3]:
             _fwd_cols(vf, p, out)
-    out = out.reshape(v.shape)
-    saved = {"q": q, "k": k, "v": v, "out": out, "p": p} if save else {}
-    return (out,), saved
+    return out.reshape(v.shape), lse.reshape(q.shape[:-1])
 
 
-def _bwd_kernel(xp, saved, static, cotangents):
-    q, k, v, out, p = (saved[n] for n in ("q", "k", "v", "out", "p"))
-    (dout,) = cotangents
+def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
+    """``(dq, dk, dv)`` like the reference's; the probabilities are recomputed from ``lse``."""
     qf, kf, vf, of = (_flat(a) for a in (q, k, v, out))
     df = _flat(np.asarray(dout, dtype=q.dtype))
     nb, h, w, _ = qf.shape
-    scale = q.dtype.type(static["scale"])
-    gemm = bool(nb and h and w and USE_BLAS)  # the rows pass writes dq, dk, dv with beta = 0
-    alloc = np.empty if gemm else np.zeros
+    lse3 = np.ascontiguousarray(lse, dtype=q.dtype).reshape((nb, h, w))
+    use_gemm = bool(nb and h and w and USE_BLAS)  # the rows pass writes dq, dk, dv with beta = 0
+    alloc = np.empty if use_gemm else np.zeros
     dq, dk, dv = alloc(qf.shape, q.dtype), alloc(qf.shape, q.dtype), alloc(vf.shape, q.dtype)
-    if gemm:
+    p = np.empty((nb, h, w, w + h), dtype=q.dtype)
+    scale_t = q.dtype.type(scale)
+    if use_gemm:
+        scale2 = q.dtype.type(scale * LOG2E)
         delta = np.empty((nb, h, w), dtype=q.dtype)
-        with _single_threaded_blas():
-            _gemm_bwd_rows(qf, kf, vf, of, p, df, scale, dq, dk, dv, delta)
-            _gemm_bwd_cols(qf, kf, vf, p, df, delta, scale, dq, dk, dv)
+        with single_threaded_blas():
+            _gemm_fwd_col_logits(qf, kf, scale2, p)
+            _gemm_p_rows(qf, kf, scale2, lse3 * q.dtype.type(LOG2E), p)
+            _gemm_bwd_rows(qf, kf, vf, of, p, df, scale_t, dq, dk, dv, delta)
+            _gemm_bwd_cols(qf, kf, vf, p, df, delta, scale_t, dq, dk, dv)
     elif nb and h and w:
         delta = np.empty((nb, h, w), dtype=q.dtype)
         k_rows = np.ascontiguousarray(kf.transpose(0, 1, 3, 2))
         k_cols = np.ascontiguousarray(kf.transpose(0, 2, 3, 1))
-        _bwd_rows(qf, k_rows, vf, of, p, df, scale, dq, dk, dv, delta)
-        _bwd_cols(qf, k_cols, vf, p, df, delta, scale, dq, dk, dv)
-    return {"q": dq.reshape(q.shape), "k": dk.reshape(k.shape), "v": dv.reshape(v.shape)}
+        _p_rows(qf, k_rows, k_cols, scale_t, lse3, p, q.dtype == np.float32)
+        _bwd_rows(qf, k_rows, vf, of, p, df, scale_t, dq, dk, dv, delta)
+        _bwd_cols(qf, k_cols, vf, p, df, delta, scale_t, dq, dk, dv)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-def _supports(call):
-    q = call.arrays["q"]
-    if q.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64, got {q.dtype}"
-    return None
-
-
-KERNELS = {
-    "criss_cross_attention": Kernel(_fwd_kernel, _bwd_kernel, _supports),
-}
+# The kernel runs in the criss-cross convention of arrayattn._glue.criss_cross (the op adapts it).
+KERNELS = {"criss_cross_attention": Kernel(criss_cross_forward, criss_cross_backward)}

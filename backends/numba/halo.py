@@ -8,8 +8,9 @@ relative term alone, as in timm and the reference), the logits are one GEMM
 against each table, then a gather-add per slot), the softmax uses the vectorizable ``exp2`` of
 :mod:`._exp`, and the output is one GEMM ``P V_win``.
 
-Backward (spec section 3.3): ``P`` is recomputed from the saved logsumexp, ``dV_win = Pᵀ dO``,
-``dP = dO V_winᵀ``, ``dS = P ⊙ (dP − D)``, ``dQ = scale·dS K_win`` (+ relative terms),
+Backward (docs/derivations/neighborhood.rst): ``P`` is recomputed from the saved logsumexp,
+``dV_win = Pᵀ dO``, ``dP = dO V_winᵀ``, ``dS = P ⊙ (dP − D)``, ``dQ = scale·dS K_win``
+(+ relative terms),
 ``dK_win = scale·dSᵀ Q``. The window gradients of neighbouring blocks overlap; they are added to
 ``dk``/``dv`` in phases: blocks ``(I, J)`` with the same ``(I mod S, J mod S)``,
 ``S = 1 + ceil(2h/b)``, have disjoint windows and run in parallel, and the ``S²`` phases run in a
@@ -23,12 +24,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
+from arrayattn._xp import sum_to_shape
 
+from ._blas import BLAS, gemm, single_threaded_blas
 from ._exp import LOG2E, exp2, row_max
-from .attention import _BLAS_REASON, _gemm, _single_threaded_blas
-from .neighborhood import _KERNEL as _WINDOW
-from .neighborhood import _flat, _prepare, _tables
+from .neighborhood import (
+    _flat,
+    _prepare,
+    _tables,
+    window_attention_backward,
+    window_attention_forward,
+)
 
 __all__ = ["KERNELS", "halo_backward", "halo_forward"]
 
@@ -73,10 +80,10 @@ def _logits(
     d = q.shape[3]
     _gather_block(q, bh, i0, j0, b, qb)
     _gather(k, bh, i0 - hl, j0 - hl, win, q.shape[1], q.shape[2], kw)
-    _gemm(False, True, nq, nk, d, alpha2, qb, 0, d, kw, 0, d, 0.0, s, 0, nk)
+    gemm(False, True, nq, nk, d, alpha2, qb, 0, d, kw, 0, d, 0.0, s, 0, nk)
     if has_rh:
         th = rh.shape[1]
-        _gemm(False, True, nq, th, d, log2e, qb, 0, d, rh, bh * th * d, d, 0.0, qrh, 0, th)
+        gemm(False, True, nq, th, d, log2e, qb, 0, d, rh, bh * th * d, d, 0.0, qrh, 0, th)
         for p in range(nq):
             i = i0 + p // b
             srow = s[p]
@@ -88,7 +95,7 @@ def _logits(
                     srow[base + c] += val
     if has_rw:
         tw = rw.shape[1]
-        _gemm(False, True, nq, tw, d, log2e, qb, 0, d, rw, bh * tw * d, d, 0.0, qrw, 0, tw)
+        gemm(False, True, nq, tw, d, log2e, qb, 0, d, rw, bh * tw * d, d, 0.0, qrw, 0, tw)
         for p in range(nq):
             j = j0 + p % b
             srow = s[p]
@@ -159,7 +166,7 @@ def _forward(q, k, v, rh, rw, ry, rx, has_rh, has_rw, b, hl, alpha2, log2e, out,
                 acc += e
             ls[p] = acc
             ms[p] = m
-        _gemm(False, False, nq, dv, nk, 1.0, s, 0, nk, vw, 0, dv, 0.0, ob, 0, dv)
+        gemm(False, False, nq, dv, nk, 1.0, s, 0, nk, vw, 0, dv, 0.0, ob, 0, dv)
         for p in range(nq):
             i = i0 + p // b
             j = j0 + p % b
@@ -260,8 +267,8 @@ def _backward(
                 for c in range(nk):
                     prow[c] = exp2(prow[c] - shift)
             # dV_win = Pᵀ dO ; dP = dO V_winᵀ ; dS = P ⊙ (dP − D)
-            _gemm(True, False, nk, dvw, nq, 1.0, p, 0, nk, dob, 0, dvw, 0.0, dvwin, 0, dvw)
-            _gemm(False, True, nq, nk, dvw, 1.0, dob, 0, dvw, vw, 0, dvw, 0.0, ds, 0, nk)
+            gemm(True, False, nk, dvw, nq, 1.0, p, 0, nk, dob, 0, dvw, 0.0, dvwin, 0, dvw)
+            gemm(False, True, nq, nk, dvw, 1.0, dob, 0, dvw, vw, 0, dvw, 0.0, ds, 0, nk)
             for r in range(nq):
                 dl = delta[bh, i0 + r // b, j0 + r % b]
                 prow = p[r]
@@ -269,8 +276,8 @@ def _backward(
                 for c in range(nk):
                     srow[c] = prow[c] * (srow[c] - dl)
             # dQ = scale dS K_win ; dK_win = scale dSᵀ Q
-            _gemm(False, False, nq, d, nk, scale, ds, 0, nk, kw, 0, d, 0.0, dqb, 0, d)
-            _gemm(True, False, nk, d, nq, scale, ds, 0, nk, qb, 0, d, 0.0, dkw, 0, d)
+            gemm(False, False, nq, d, nk, scale, ds, 0, nk, kw, 0, d, 0.0, dqb, 0, d)
+            gemm(True, False, nk, d, nq, scale, ds, 0, nk, qb, 0, d, 0.0, dkw, 0, d)
             if has_rh:
                 # dqrh[p, row] = Σ over the slots of p reading table row 'row' of dS
                 for r in range(nq):
@@ -284,8 +291,8 @@ def _backward(
                         for c in range(1, win):
                             acc += srow[a * win + c]
                         hrow[ry[a, i]] += acc
-                _gemm(False, False, nq, d, th, 1.0, qrh, 0, th, rh, bh * th * d, d, 1.0, dqb, 0, d)
-                _gemm(
+                gemm(False, False, nq, d, th, 1.0, qrh, 0, th, rh, bh * th * d, d, 1.0, dqb, 0, d)
+                gemm(
                     True,
                     False,
                     th,
@@ -315,8 +322,8 @@ def _backward(
                         for a in range(1, win):
                             acc += srow[a * win + c]
                         wrow[rx[c, j]] += acc
-                _gemm(False, False, nq, d, tw, 1.0, qrw, 0, tw, rw, bh * tw * d, d, 1.0, dqb, 0, d)
-                _gemm(
+                gemm(False, False, nq, d, tw, 1.0, qrw, 0, tw, rw, bh * tw * d, d, 1.0, dqb, 0, d)
+                gemm(
                     True,
                     False,
                     tw,
@@ -359,81 +366,54 @@ def _backward(
                         gv[e] += sv[e]
 
 
-# -- glue
-# -------------------------------------------------------------------------------------------
+# -- glue ------------------------------------------------------------------------------------------
 
 
-def _geometry(static):
-    return static["block_size"], static["halo_size"]
+def _empty(q, v):
+    return 0 in q.shape or 0 in v.shape
 
 
-def _empty(arrays):
-    return 0 in arrays["q"].shape or 0 in arrays["v"].shape
-
-
-def halo_forward(xp, arrays, static, save):
-    if _empty(arrays):  # nothing to block: the generic window kernel handles empty arrays
-        return _WINDOW.fwd(xp, arrays, static, save)
-    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
-    q = a["q"]
+def halo_forward(
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
+):
+    """``(out, lse)`` of halo attention in the window convention; ``block = (b, halo)``."""
+    if _empty(q, v):  # nothing to block: the generic window kernel handles empty arrays
+        return window_attention_forward(
+            q, k, v, wy, wx, boundary=boundary, scale=scale, rel_bias=rel_bias, r_h=r_h, r_w=r_w
+        )
+    batch, flags, tabs = _prepare(q, v, wy, wx, boundary, rel_bias, r_h, r_w)
     dtype = q.dtype
     cdt = dtype.type
-    b, hl = _geometry(static)
-    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
+    b, hl = block
+    qf, kf, vf = _flat(q, dtype), _flat(k, dtype), _flat(v, dtype)
     out = np.empty(vf.shape, dtype=dtype)
     lse = np.empty(qf.shape[:-1], dtype=dtype)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _forward(
-            qf,
-            kf,
-            vf,
-            tabs["rh"],
-            tabs["rw"],
-            _tables(wy)[2],
-            _tables(wx)[2],
-            bool(flags[1]),
-            bool(flags[2]),
-            b,
-            hl,
-            cdt(static["scale"] * LOG2E),
-            cdt(LOG2E),
-            out,
-            lse,
-        )
-    out = out.reshape(tuple(batch) + out.shape[1:])
-    lse = lse.reshape(tuple(batch) + lse.shape[1:])
-    saved = {}
-    if save:
-        saved = {
-            "q": arrays["q"],
-            "k": arrays["k"],
-            "v": arrays["v"],
-            "out": out,
-            "lse": lse,
-            "rel_bias": None,
-            "r_h": r_h,
-            "r_w": r_w,
-        }
-    return (out,), saved
+            qf, kf, vf, tabs["rh"], tabs["rw"], _tables(wy)[2], _tables(wx)[2], bool(flags[1]),
+            bool(flags[2]), b, hl, cdt(scale * LOG2E), cdt(LOG2E), out, lse,
+        )  # fmt: skip
+    return out.reshape(tuple(batch) + out.shape[1:]), lse.reshape(tuple(batch) + lse.shape[1:])
 
 
-def halo_backward(xp, saved, static, cotangents):
-    from arrayattn._xp import sum_to_shape
-    from arrayattn.neighborhood import _pack_rel_grads
-
-    if _empty(saved):
-        return _WINDOW.bwd(xp, saved, static, cotangents)
-    (dout,) = cotangents
-    arrays = dict(saved, dout=dout)
-    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
-    q = a["q"]
+def halo_backward(
+    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None,
+    block=None,
+):  # fmt: skip
+    """``(dq, dk, dv, None, dr_h, dr_w)`` of halo attention in the window convention."""
+    if _empty(q, v):
+        return window_attention_backward(
+            q, k, v, out, lse, dout, wy, wx, boundary=boundary, scale=scale, rel_bias=rel_bias,
+            r_h=r_h, r_w=r_w,
+        )  # fmt: skip
+    batch, flags, tabs = _prepare(q, v, wy, wx, boundary, rel_bias, r_h, r_w)
     dtype = q.dtype
     cdt = dtype.type
-    b, hl = _geometry(static)
-    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
-    of, dof = _flat(a["out"], dtype), _flat(a["dout"], dtype)
+    b, hl = block
+    qf, kf, vf = _flat(q, dtype), _flat(k, dtype), _flat(v, dtype)
+    of, dof = _flat(out, dtype), _flat(dout, dtype)
     nbh, hh, ww, d = qf.shape
-    lse2 = np.ascontiguousarray(a["lse"].reshape(qf.shape[:-1]), dtype=dtype) * cdt(LOG2E)
+    lse2 = np.ascontiguousarray(lse.reshape(qf.shape[:-1]), dtype=dtype) * cdt(LOG2E)
     delta = np.einsum("bijc,bijc->bij", dof, of)
     has_rh, has_rw = bool(flags[1]), bool(flags[2])
     nblocks = nbh * (hh // b) * (ww // b)
@@ -444,7 +424,7 @@ def halo_backward(xp, saved, static, cotangents):
     dk = np.zeros_like(kf)
     dv = np.zeros_like(vf)
     stride = 1 + -(-2 * hl // b)
-    with _single_threaded_blas():
+    with single_threaded_blas():
         _backward(
             qf,
             kf,
@@ -460,8 +440,8 @@ def halo_backward(xp, saved, static, cotangents):
             has_rw,
             b,
             hl,
-            cdt(static["scale"] * LOG2E),
-            cdt(static["scale"]),
+            cdt(scale * LOG2E),
+            cdt(scale),
             cdt(LOG2E),
             stride,
             dq,
@@ -478,22 +458,8 @@ def halo_backward(xp, saved, static, cotangents):
 
     drh = reduce(drh_blocks, (th, d), r_h) if has_rh else None
     drw = reduce(drw_blocks, (tw, d), r_w) if has_rw else None
-    return {
-        "q": dq.reshape(q.shape),
-        "k": dk.reshape(a["k"].shape),
-        "v": dv.reshape(a["v"].shape),
-        "rel_bias": None,
-        "rel_pos": _pack_rel_grads(static, drh, drw),
-    }
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, drh, drw
 
 
-def _supports(call):
-    if _BLAS_REASON is not None:
-        return _BLAS_REASON
-    q = call.arrays["q"]
-    if q.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64 arrays, got {q.dtype}"
-    return None
-
-
-KERNELS = {"halo_attention": Kernel(halo_forward, halo_backward, _supports)}
+# The kernel runs in the window convention of arrayattn._glue.neighborhood (the op adapts it).
+KERNELS = {"halo_attention": Kernel(halo_forward, halo_backward, requires=(BLAS,))}

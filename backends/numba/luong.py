@@ -24,10 +24,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel, requirement
 
+from ._blas import blas_threads
 from ._exp import LOG2E, exp2, tanh
-from .attention import _blas_threads
 
 __all__ = ["KERNELS"]
 
@@ -572,26 +572,24 @@ def _local_bwd_k_ser(
         )
 
 
-def _parallel(static, h_t, h_s, p):
+def _parallel(options, h_t, h_s, p):
     """Whether a call is large enough for the parallel kernels (and multi-threaded BLAS): its
     score-loop length N·T·S·(d_a or d_s), S capped at the window 2D+1 for local attention."""
     nb = math.prod(h_t.shape[:-2])
     nt, ns = h_t.shape[-2], h_s.shape[-2]
-    width = p["v_a"].shape[0] if static["score"] in ("concat", "additive") else h_s.shape[-1]
-    if static.get("mode") is not None:
-        ns = min(ns, 2 * static["window"] + 1)
+    width = p["v_a"].shape[0] if options.score in ("concat", "additive") else h_s.shape[-1]
+    if options.mode is not None:
+        ns = min(ns, 2 * options.window + 1)
     return nb * nt * ns * width >= PARALLEL_MIN_WORK
 
 
 # -- Python side ----------------------------------------------------------------------------------
 
 
-def _supports(call):
-    dtype = call.arrays["h_t"].dtype
-    if dtype not in (np.float32, np.float64):
-        return f"numba kernels take float32 or float64, got {dtype}"
-    score = call.static["score"]
-    if call.static.get("mode") is None and score not in ("concat", "additive"):
+@requirement("additive scores ('concat', Bahdanau) or local attention")
+def _fused_scores(call):
+    score = call.options.score
+    if call.options.mode is None and score not in ("concat", "additive"):
         return (
             f"score={score!r} is a pair of BLAS products; the numba kernel fuses only the "
             "additive 'concat' scores (and Bahdanau), the array_api reference runs this one"
@@ -626,13 +624,28 @@ def _outer(dy, x):
     return _rows(dy).T @ _rows(x)
 
 
-def _fwd(xp, arrays, static, save):
-    parallel = _parallel(static, arrays["h_t"], arrays["h_s"], arrays["params"] or {})
-    with _blas_threads(parallel):
-        return _fwd_body(arrays, static, save, parallel)
+#: Residuals saved with their leading dims unflattened (the kernels run on flat (B, ...) views).
+_FLAT = ("align", "q", "qa", "kb", "pos", "hidden", "sig")
 
 
-def _fwd_body(arrays, static, save, parallel):
+def _window(pos, predictive, center, radius, ns):
+    """The [lo, hi) key window of each query around its centre (the forward's and backward's)."""
+    centre = pos
+    if predictive:
+        centre = np.floor(pos) if center == "floor" else np.floor(pos + 0.5)
+    return (
+        np.clip(centre - radius, 0, ns).astype(np.int64),
+        np.clip(centre + radius + 1, 0, ns).astype(np.int64),
+    )
+
+
+def _fwd(xp, arrays, options, save):
+    parallel = _parallel(options, arrays["h_t"], arrays["h_s"], arrays["params"] or {})
+    with blas_threads(parallel):
+        return _fwd_body(arrays, options, save, parallel)
+
+
+def _fwd_body(arrays, options, save, parallel):
     h_t, h_s, p, mask = arrays["h_t"], arrays["h_s"], arrays["params"], arrays["mask"]
     dtype = h_t.dtype
     lead, nt, ns = tuple(h_t.shape[:-2]), h_t.shape[-2], h_s.shape[-2]
@@ -640,7 +653,7 @@ def _fwd_body(arrays, static, save, parallel):
     ht, hs = _flat(h_t, (nt, d_t)), _flat(h_s, (ns, d_s))
     nb = ht.shape[0]
     keep = _keep(mask, lead, nt, ns)
-    score = static["score"]
+    score = options.score
     additive = score in ("concat", "additive")
     empty = np.zeros((1, 1, 1), dtype)
     q, qa, kb, v = ht, empty, empty, np.zeros(1, dtype)
@@ -655,26 +668,23 @@ def _fwd_body(arrays, static, save, parallel):
         q = np.ascontiguousarray(ht @ p["w_a"].T)
     align = np.zeros((nb, nt, ns), dtype)
     saved = {}
-    if static.get("mode") is None:
+    if options.mode is None:
         _additive_forward(qa, kb, v, keep, align, parallel)
         weights = align.copy() if save else align  # the residual must not alias the output
         context = align @ hs
     else:
-        radius = static["window"]
-        predictive = static["mode"] == "predictive"
+        radius = options.window
+        predictive = options.mode == "predictive"
         if predictive:
             hidden = np.tanh(ht @ p["w_p"].T)
             sig = 1 / (1 + np.exp(-(hidden @ p["v_p"])))
-            scale = ns if static["p_scale"] == "S" else ns - 1
-            pos = scale * sig - static["index_base"]
-            centre = np.floor(pos) if static["center"] == "floor" else np.floor(pos + 0.5)
+            scale = ns if options.p_scale == "S" else ns - 1
+            pos = scale * sig - options.index_base
             saved.update(hidden=hidden, sig=sig)
         else:
-            pos = np.broadcast_to(np.arange(nt, dtype=dtype) + static["offset"], (nb, nt))
-            centre = pos
+            pos = np.broadcast_to(np.arange(nt, dtype=dtype) + options.offset, (nb, nt))
         pos = np.ascontiguousarray(pos, dtype)
-        lo = np.clip(centre - radius, 0, ns).astype(np.int64)
-        hi = np.clip(centre + radius + 1, 0, ns).astype(np.int64)
+        lo, hi = _window(pos, predictive, options.center, radius, ns)
         weights = np.zeros((nb, nt, ns), dtype)
         context = np.zeros((nb, nt, d_s), dtype)
         kernel = _local_fwd_par if parallel else _local_fwd_ser
@@ -697,31 +707,30 @@ def _fwd_body(arrays, static, save, parallel):
             weights,
             context,
         )
-        saved.update(pos=pos, lo=lo, hi=hi)
+        saved.update(pos=pos)
     context = context.astype(dtype, copy=False).reshape(lead + (nt, d_s))
     weights = weights.reshape(lead + (nt, ns))
     if not save:
         return (context, weights), {}
-    saved.update(
-        h_t=h_t,
-        h_s=h_s,
-        align=align,
-        q=q if score == "general" else None,
-        qa=qa if additive else None,
-        kb=kb if additive else None,
-    )
-    saved.update({f"params.{k}": a for k, a in p.items()})
-    return (context, weights), saved
+    # The residual record of every backend (arrayattn._glue.luong): unflattened leading dims.
+    saved["align"] = align
+    if score == "general":
+        saved["q"] = q
+    if additive:
+        saved.update(qa=qa, kb=kb)
+    record = {key: a.reshape(lead + a.shape[1:]) for key, a in saved.items()}
+    record.update(h_t=h_t, h_s=h_s, **{f"params.{k}": a for k, a in p.items()})
+    return (context, weights), record
 
 
-def _bwd(xp, saved, static, cotangents):
+def _bwd(xp, saved, options, cotangents):
     p = {k[len("params.") :]: a for k, a in saved.items() if k.startswith("params.")}
-    parallel = _parallel(static, saved["h_t"], saved["h_s"], p)
-    with _blas_threads(parallel):
-        return _bwd_body(saved, static, cotangents, parallel)
+    parallel = _parallel(options, saved["h_t"], saved["h_s"], p)
+    with blas_threads(parallel):
+        return _bwd_body(saved, options, cotangents, parallel)
 
 
-def _bwd_body(saved, static, cotangents, parallel):
+def _bwd_body(saved, options, cotangents, parallel):
     h_t, h_s = saved["h_t"], saved["h_s"]
     p = {k[len("params.") :]: a for k, a in saved.items() if k.startswith("params.")}
     dtype = h_t.dtype
@@ -731,11 +740,14 @@ def _bwd_body(saved, static, cotangents, parallel):
     nb = ht.shape[0]
     dc = _flat(np.asarray(cotangents[0], dtype), (nt, d_s))
     dw = _flat(np.asarray(cotangents[1], dtype), (nt, ns))
+    saved = {
+        k: (_flat(a, a.shape[len(h_t.shape) - 2 :]) if k in _FLAT else a) for k, a in saved.items()
+    }
     align = saved["align"]
-    score = static["score"]
+    score = options.score
     additive = score in ("concat", "additive")
     grads = {}
-    if static.get("mode") is None:  # global additive
+    if options.mode is None:  # global additive
         qa, kb, v = saved["qa"], saved["kb"], p["v_a"]
         da = dw + dc @ hs.transpose(0, 2, 1)
         dz = np.ascontiguousarray(align * (da - np.sum(align * da, axis=-1, keepdims=True)))
@@ -743,14 +755,15 @@ def _bwd_body(saved, static, cotangents, parallel):
         dhs = align.transpose(0, 2, 1) @ dc
         dq = None
     else:
-        radius = static["window"]
-        predictive = static["mode"] == "predictive"
+        radius = options.window
+        predictive = options.mode == "predictive"
         empty = np.zeros((1, 1, 1), dtype)
         q = saved["q"] if score == "general" else ht
         qa = saved["qa"] if additive else empty
         kb = saved["kb"] if additive else empty
         v = p["v_a"] if additive else np.zeros(1, dtype)
-        pos, lo, hi = saved["pos"], saved["lo"], saved["hi"]
+        pos = saved["pos"]
+        lo, hi = _window(pos, predictive, options.center, radius, ns)
         dz = np.zeros((nb, nt, ns), dtype)
         dq = np.zeros((nb, nt, d_s), dtype) if not additive else empty
         dqa, dv_part = (np.zeros_like(qa), np.zeros_like(qa)) if additive else (empty, empty)
@@ -786,7 +799,7 @@ def _bwd_body(saved, static, cotangents, parallel):
             additive, predictive, q, qa, kb, v, pos, lo, hi, radius, one, align, dz, dc, dhs, dkb
         )
         if predictive:
-            scale = ns if static["p_scale"] == "S" else ns - 1
+            scale = ns if options.p_scale == "S" else ns - 1
             sig, hidden = saved["sig"], saved["hidden"]
             dwp = dpos * (scale * sig * (1 - sig))
             grads["v_p"] = np.sum(_rows(dwp[..., None] * hidden), axis=0)
@@ -809,9 +822,9 @@ def _bwd_body(saved, static, cotangents, parallel):
         grads["w_a"] = _outer(dq, ht)
     else:
         dht = dq
-    if static.get("mode") == "predictive":
+    if options.mode == "predictive":
         dht = dht + dpre_ht
-    names = static["names"]
+    names = options.names
     grads = {k: np.asarray(g, dtype) for k, g in grads.items()}
     return {
         names[0]: np.asarray(dht, dtype).reshape(h_t.shape),
@@ -820,7 +833,7 @@ def _bwd_body(saved, static, cotangents, parallel):
     }
 
 
-_KERNEL = Kernel(_fwd, _bwd, _supports)
+_KERNEL = Kernel(_fwd, _bwd, requires=(_fused_scores,))
 KERNELS = {
     "luong_attention": _KERNEL,
     "bahdanau_attention": _KERNEL,

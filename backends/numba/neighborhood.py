@@ -22,12 +22,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 from arrayattn._reference.neighborhood import inverse_windows
 from arrayattn._xp import sum_to_shape
-from arrayattn.neighborhood import _boundary_of, _lift_1d, windows_of
 
-__all__ = ["KERNELS"]
+__all__ = ["KERNELS", "window_attention_backward", "window_attention_forward"]
 
 # Reassociation lets LLVM vectorise the d-long dot products; no 'nnan'/'ninf' (masked logits
 # are -inf).
@@ -248,8 +247,7 @@ def _backward_keys(q, dout, pst, dlst, kx_n, ptr_y, qi_y, sl_y, ptr_x, qi_x, sl_
                 dv[b, yy, xx, e] = gv[e]
 
 
-# -- glue
-# -------------------------------------------------------------------------------------------
+# -- glue ------------------------------------------------------------------------------------------
 
 
 def _flat(a, dtype):
@@ -275,83 +273,49 @@ def _tables(win):
     )
 
 
-def _prepare(arrays, static):
-    a = _lift_1d(np, arrays, static)
-    q = a["q"]
+def _prepare(q, v, wy, wx, boundary, rel_bias, r_h, r_w):
+    """Flags and per-batch tables of a call on the (..., H, W, ·) layout."""
     dtype = q.dtype
     batch = q.shape[:-3]
-    wy, wx = windows_of(static, q.shape)
-    r_h = r_w = None
-    rel = arrays.get("rel_pos")
-    if rel is not None:
-        r_h, r_w = rel.get("r_h"), rel.get("r_w")
-    elif "r_h" in arrays or "r_w" in arrays:
-        r_h, r_w = arrays.get("r_h"), arrays.get("r_w")
     d = q.shape[-1]
-    bias = a.get("rel_bias")
     flags = np.array(
-        [bias is not None, r_h is not None, r_w is not None, _boundary_of(static) == "zero"],
+        [rel_bias is not None, r_h is not None, r_w is not None, boundary == "zero"],
         dtype=np.bool_,
     )
     tabs = dict(
-        bias=_per_batch(bias, batch, (wy.table, wx.table), dtype),
+        bias=_per_batch(rel_bias, batch, (wy.table, wx.table), dtype),
         rh=_per_batch(r_h, batch, (wy.table, d), dtype),
         rw=_per_batch(r_w, batch, (wx.table, d), dtype),
     )
-    return a, batch, wy, wx, flags, tabs, r_h, r_w
+    return batch, flags, tabs
 
 
-def _fwd(xp, arrays, static, save):
-    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
-    q = a["q"]
+def window_attention_forward(
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
+):
+    """``(out, lse)`` like the reference ``window_attention_forward`` (float32/float64)."""
+    batch, flags, tabs = _prepare(q, v, wy, wx, boundary, rel_bias, r_h, r_w)
     dtype = q.dtype
-    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
+    qf, kf, vf = _flat(q, dtype), _flat(k, dtype), _flat(v, dtype)
     out = np.empty(vf.shape, dtype=dtype)
     lse = np.empty(qf.shape[:-1], dtype=dtype)
     _forward(
-        qf,
-        kf,
-        vf,
-        *_tables(wy),
-        *_tables(wx),
-        tabs["bias"],
-        tabs["rh"],
-        tabs["rw"],
-        flags,
-        dtype.type(static["scale"]),
-        out,
-        lse,
-    )
-    out = out.reshape(tuple(batch) + out.shape[1:])
-    lse = lse.reshape(tuple(batch) + lse.shape[1:])
-    if static["kind"] == "na1d":
-        out, lse = out[..., 0, :, :], lse[..., 0, :]
-    saved = {}
-    if save:
-        saved = {
-            "q": arrays["q"],
-            "k": arrays["k"],
-            "v": arrays["v"],
-            "out": out,
-            "lse": lse,
-            "rel_bias": arrays.get("rel_bias"),
-            "r_h": r_h,
-            "r_w": r_w,
-        }
-    return (out,), saved
+        qf, kf, vf, *_tables(wy), *_tables(wx), tabs["bias"], tabs["rh"], tabs["rw"], flags,
+        dtype.type(scale), out, lse,
+    )  # fmt: skip
+    return out.reshape(tuple(batch) + out.shape[1:]), lse.reshape(tuple(batch) + lse.shape[1:])
 
 
-def _bwd(xp, saved, static, cotangents):
-    from arrayattn.neighborhood import _pack_rel_grads
-
-    (dout,) = cotangents
-    arrays = dict(saved, dout=dout)
-    a, batch, wy, wx, flags, tabs, r_h, r_w = _prepare(arrays, static)
-    q = a["q"]
+def window_attention_backward(
+    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None,
+    block=None,
+):  # fmt: skip
+    """``(dq, dk, dv, drel_bias, dr_h, dr_w)`` like the reference ``window_attention_backward``."""
+    batch, flags, tabs = _prepare(q, v, wy, wx, boundary, rel_bias, r_h, r_w)
     dtype = q.dtype
-    qf, kf, vf = _flat(q, dtype), _flat(a["k"], dtype), _flat(a["v"], dtype)
-    of, dof = _flat(a["out"], dtype), _flat(a["dout"], dtype)
-    lse = np.ascontiguousarray(a["lse"].reshape(qf.shape[:-1]), dtype=dtype)
+    qf, kf, vf = _flat(q, dtype), _flat(k, dtype), _flat(v, dtype)
+    of, dof = _flat(out, dtype), _flat(dout, dtype)
+    lse = np.ascontiguousarray(lse.reshape(qf.shape[:-1]), dtype=dtype)
     nbh, h, w, d = qf.shape
     nslot = wy.idx.shape[0] * wx.idx.shape[0]
     dq = np.empty_like(qf)
@@ -362,82 +326,34 @@ def _bwd(xp, saved, static, cotangents):
     dbias_rows = np.zeros((rows, wy.table, wx.table) if has_bias else (1, 1, 1), dtype=dtype)
     drh_rows = np.zeros((rows, wy.table, d) if has_rh else (1, 1, 1), dtype=dtype)
     drw_rows = np.zeros((rows, wx.table, d) if has_rw else (1, 1, 1), dtype=dtype)
-    scale = dtype.type(static["scale"])
+    scale = dtype.type(scale)
     _backward_queries(
-        qf,
-        kf,
-        vf,
-        of,
-        lse,
-        dof,
-        *_tables(wy),
-        *_tables(wx),
-        tabs["bias"],
-        tabs["rh"],
-        tabs["rw"],
-        flags,
-        scale,
-        dq,
-        pst,
-        dlst,
-        dbias_rows,
-        drh_rows,
-        drw_rows,
-    )
+        qf, kf, vf, of, lse, dof, *_tables(wy), *_tables(wx), tabs["bias"], tabs["rh"],
+        tabs["rw"], flags, scale, dq, pst, dlst, dbias_rows, drh_rows, drw_rows,
+    )  # fmt: skip
     dk = np.empty_like(kf)
     dv = np.empty_like(vf)
     _backward_keys(
-        qf,
-        dof,
-        pst,
-        dlst,
-        wx.idx.shape[0],
-        *inverse_windows(wy),
-        *inverse_windows(wx),
-        scale,
-        dk,
-        dv,
-    )
-    shape_of = lambda x, like: x.reshape(like.shape)  # noqa: E731
-    dq, dk, dv = shape_of(dq, q), shape_of(dk, a["k"]), shape_of(dv, a["v"])
-    dbias = drh = drw = None
+        qf, dof, pst, dlst, wx.idx.shape[0], *inverse_windows(wy), *inverse_windows(wx), scale,
+        dk, dv,
+    )  # fmt: skip
     lead = tuple(batch)
 
     def reduce(rows_arr, tail, like):
         per = rows_arr.reshape((nbh, h) + tail).sum(axis=1).reshape(lead + tail)
         return sum_to_shape(np, per, like.shape).astype(like.dtype, copy=False)
 
-    if has_bias:
-        dbias = reduce(dbias_rows, (wy.table, wx.table), a["rel_bias"])
-    if has_rh:
-        drh = reduce(drh_rows, (wy.table, d), r_h)
-    if has_rw:
-        drw = reduce(drw_rows, (wx.table, d), r_w)
-    if static["kind"] == "na1d":
-        dq, dk, dv = dq[..., 0, :, :], dk[..., 0, :, :], dv[..., 0, :, :]
-        if dbias is not None:
-            dbias = dbias[..., 0, :]
-    return {
-        "q": dq,
-        "k": dk,
-        "v": dv,
-        "rel_bias": dbias,
-        "rel_pos": _pack_rel_grads(static, drh, drw),
-    }
+    dbias = reduce(dbias_rows, (wy.table, wx.table), rel_bias) if has_bias else None
+    drh = reduce(drh_rows, (wy.table, d), r_h) if has_rh else None
+    drw = reduce(drw_rows, (wx.table, d), r_w) if has_rw else None
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), dbias, drh, drw
 
 
-def _supports(call):
-    q = call.arrays["q"]
-    if q.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64 arrays, got {q.dtype}"
-    return None
-
-
-_KERNEL = Kernel(_fwd, _bwd, _supports)
+# The kernels run in the window convention of arrayattn._glue.neighborhood (the op adapts them);
+# halo_attention has a block-by-block kernel of its own (halo.py).
+_KERNEL = Kernel(window_attention_forward, window_attention_backward)
 
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,
     "neighborhood_attention_1d": _KERNEL,
 }
-# halo_attention: the block-by-block BLAS kernel of backends/numba/halo.py (empty arrays come
-# back to _KERNEL)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 
-from .attention import _BLAS_REASON, _gemm, _single_threaded_blas
+from ._blas import BLAS, gemm, single_threaded_blas
 
 __all__ = ["KERNELS", "conv2d_backward", "conv2d_forward"]
 
@@ -111,7 +111,7 @@ def _fwd_item(x, wm, bias, has_bias, groups, kh, kw, sh, sw, ph, pw, dh, dw, row
     npix = (r1 - r0) * wo
     cols = np.empty((ck, npix), x.dtype)
     _fill_cols(x, n, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, wo, cols)
-    _gemm(
+    gemm(
         False,
         False,
         og,
@@ -169,7 +169,7 @@ def _bwd_item(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, 
             dyoff = ((n * o + g * og) * ho + r0) * wo
             _fill_cols(x, n, g * cg, cg, kh, kw, sh, sw, ph, pw, dh, dw, r0, r1, wo, cols)
             # dW_g += dY_tile · colsᵀ ; dcols = W_gᵀ · dY_tile (buffers of row stride rows·Wo)
-            _gemm(
+            gemm(
                 False,
                 True,
                 og,
@@ -187,7 +187,7 @@ def _bwd_item(x, wm, dy, groups, kh, kw, sh, sw, ph, pw, dh, dw, rows, nchunks, 
                 (chunk * o + g * og) * ck,
                 ck,
             )
-            _gemm(
+            gemm(
                 True,
                 False,
                 ck,
@@ -255,7 +255,7 @@ def conv2d_forward(
     has_bias = bias is not None
     b = np.ascontiguousarray(bias) if has_bias else np.zeros(1, x.dtype)
     kernel = _fwd_par if _work(x, weight, ho, wo) >= PARALLEL_MIN_WORK else _fwd_ser
-    with _single_threaded_blas():
+    with single_threaded_blas():
         kernel(
             xc,
             wm,
@@ -287,7 +287,7 @@ def conv2d_backward(
     dx = np.zeros_like(xc)
     dwpart = np.zeros((nchunks, o, cg * kh * kw), dtype=x.dtype)
     kernel = _bwd_par if _work(x, weight, ho, wo) >= PARALLEL_MIN_WORK else _bwd_ser
-    with _single_threaded_blas():
+    with single_threaded_blas():
         kernel(
             xc,
             wm,
@@ -311,34 +311,25 @@ def conv2d_backward(
 # -- Kernel ----------------------------------------------------------------------------------------
 
 
-def _static(static):
+def _static(options):
     return dict(
-        stride=static["stride"],
-        padding=static["padding"],
-        dilation=static["dilation"],
-        groups=static["groups"],
+        stride=options.stride,
+        padding=options.padding,
+        dilation=options.dilation,
+        groups=options.groups,
     )
 
 
-def _fwd(xp, arrays, static, save):
-    y = conv2d_forward(arrays["x"], arrays["weight"], arrays["bias"], **_static(static))
+def _fwd(xp, arrays, options, save):
+    y = conv2d_forward(arrays["x"], arrays["weight"], arrays["bias"], **_static(options))
     return (y,), ({"x": arrays["x"], "weight": arrays["weight"]} if save else {})
 
 
-def _bwd(xp, saved, static, cotangents):
+def _bwd(xp, saved, options, cotangents):
     dx, dw, db = conv2d_backward(
-        saved["x"], saved["weight"], cotangents[0], **_static(static), with_bias=static["has_bias"]
+        saved["x"], saved["weight"], cotangents[0], **_static(options), with_bias=options.has_bias
     )
     return {"x": dx, "weight": dw, "bias": db}
 
 
-def _supports(call):
-    if _BLAS_REASON is not None:
-        return _BLAS_REASON
-    x = call.arrays["x"]
-    if x.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64 inputs, got {x.dtype} (array_api handles it)"
-    return None
-
-
-KERNELS = {"conv2d": Kernel(_fwd, _bwd, _supports)}
+KERNELS = {"conv2d": Kernel(_fwd, _bwd, requires=(BLAS,))}

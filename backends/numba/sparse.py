@@ -1,4 +1,4 @@
-"""The ``numba`` kernel of sparse_attention (Sparse Transformer, spec section 7).
+"""The ``numba`` kernel of sparse_attention (Sparse Transformer).
 
 The block-sparse decomposition of :mod:`arrayattn._reference.sparse` (a band, a residue-regrouped
 causal attention, per-block causal attention, gathered summary columns; merged by logsumexp) run
@@ -10,9 +10,7 @@ merged output and logsumexp).
 
 from __future__ import annotations
 
-import numpy as np
-
-from arrayattn._op import Kernel
+from arrayattn._kernel import Kernel
 from arrayattn._reference.sparse import sparse_backward, sparse_forward
 
 from .attention import sdpa_backward as _nb_backward
@@ -32,22 +30,22 @@ def _backward(xp, q, k, v, out, lse, dout, dlse=None, **kw):
 _ATTENTION = (_forward, _backward)
 
 
-def _fwd(xp, arrays, static, save):
+def _fwd(xp, arrays, options, save):
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     out, lse = sparse_forward(
         xp,
         q,
         k,
         v,
-        heads=list(static["heads"]),
-        stride=static["stride"],
-        scale=static["scale"],
+        heads=list(options.heads),
+        stride=options.stride,
+        scale=options.scale,
         attention=_ATTENTION,
     )
     return (out,), ({"q": q, "k": k, "v": v, "out": out, "lse": lse} if save else {})
 
 
-def _bwd(xp, saved, static, cotangents):
+def _bwd(xp, saved, options, cotangents):
     dq, dk, dv = sparse_backward(
         xp,
         saved["q"],
@@ -56,19 +54,12 @@ def _bwd(xp, saved, static, cotangents):
         saved["out"],
         saved["lse"],
         cotangents[0],
-        heads=list(static["heads"]),
-        stride=static["stride"],
-        scale=static["scale"],
+        heads=list(options.heads),
+        stride=options.stride,
+        scale=options.scale,
         attention=_ATTENTION,
     )
     return {"q": dq, "k": dk, "v": dv}
 
 
-def _supports(call):
-    q = call.arrays["q"]
-    if q.dtype not in (np.float32, np.float64):
-        return f"takes float32 or float64, got {q.dtype}"
-    return None
-
-
-KERNELS = {"sparse_attention": Kernel(_fwd, _bwd, _supports)}
+KERNELS = {"sparse_attention": Kernel(_fwd, _bwd)}

@@ -34,7 +34,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from arrayattn.attention import sdpa_kernel
+from arrayattn._kernel import Kernel, requirement
 
 from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
 
@@ -631,16 +631,16 @@ def sdpa_backward(
 # -- Kernel ------------------------------------------------------------------------------------
 
 
-def _supports(call):
+@requirement("d + dv fit one shared-memory tile row")
+def _head_widths(call):
     q, v = call.arrays["q"], call.arrays["v"]
-    if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return (
-            f"takes float32 or float64 inputs, got {q.dtype} "
-            "(the cupy backend or array_api handles it)"
-        )
     if (q.shape[-1] + v.shape[-1]) * np.dtype(q.dtype).itemsize > SHARED_BYTES:
         return f"head widths d + dv = {q.shape[-1] + v.shape[-1]} exceed one shared-memory tile row"
     return None
 
 
-KERNELS = {"scaled_dot_product_attention": sdpa_kernel(sdpa_forward, sdpa_backward, _supports)}
+# The kernel runs in the SDPA convention of arrayattn._glue.attention (the op adapts it).
+# float16/bfloat16 are the cupy backend's (tensor cores).
+KERNELS = {
+    "scaled_dot_product_attention": Kernel(sdpa_forward, sdpa_backward, requires=(_head_widths,))
+}

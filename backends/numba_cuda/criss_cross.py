@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from arrayattn.criss_cross import criss_cross_kernel
+from arrayattn._kernel import Kernel
 
 from ._common import as_lib, lib_of, nblocks, numba_dtype
 
@@ -215,18 +215,6 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape)
 
 
-def _supports(call):
-    q = call.arrays["q"]
-    if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return (
-            f"takes float32 or float64 inputs, got {q.dtype} "
-            "(the cupy backend or array_api handles it)"
-        )
-    return None
-
-
-KERNELS = {
-    "criss_cross_attention": criss_cross_kernel(
-        criss_cross_forward, criss_cross_backward, _supports
-    )
-}
+# The kernel runs in the criss-cross convention of arrayattn._glue.criss_cross (the op adapts it);
+# float16/bfloat16 are the cupy backend's.
+KERNELS = {"criss_cross_attention": Kernel(criss_cross_forward, criss_cross_backward)}

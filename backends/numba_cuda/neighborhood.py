@@ -31,69 +31,14 @@ import math
 import numpy as np
 from numba import cuda
 
-from arrayattn._reference.neighborhood import inverse_windows
-from arrayattn.neighborhood import window_kernel
+from arrayattn._kernel import Kernel
 
+from .._cuda import axis_tables, device_tables
 from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
 
 __all__ = ["KERNELS", "axis_tables", "window_attention_backward", "window_attention_forward"]
 
 THREADS = 64
-
-
-# -- window tables --------------------------------------------------------------------------------
-
-
-def rel_inverse(win):
-    """CSR of the relative rows: for row t, every (query position, slot) pair that reads it.
-
-    Returns ``(ptr, pairs)``: ``ptr`` (T+1,), ``pairs`` (2, n) = (position, slot), ordered by
-    row, then position, then slot. Every slot is listed, in-image or not (a padded slot of
-    ``boundary='zero'`` reads its relative terms; an excluded slot has ``dl = 0``).
-    """
-    k, length = win.rel.shape
-    a, i = np.meshgrid(np.arange(k), np.arange(length), indexing="ij")
-    a, i, rows = a.ravel(), i.ravel(), win.rel.ravel()
-    order = np.lexsort((a, i, rows))
-    counts = np.bincount(rows, minlength=win.table)
-    ptr = np.concatenate([[0], np.cumsum(counts)])
-    return ptr.astype(np.int32), _pairs(i[order], a[order])
-
-
-def _pairs(pos, slot):
-    out = np.zeros((2, max(1, len(pos))), dtype=np.int32)
-    out[0, : len(pos)] = pos
-    out[1, : len(pos)] = slot
-    return out
-
-
-def axis_tables(win):
-    """The int32 NumPy tables of one axis the kernels read.
-
-    ``(tab, inv_ptr, inv, rel_ptr, rel)``: ``tab`` (3, K, L) = key position, in-image flag,
-    relative row; the inverse neighbourhood (:func:`inverse_windows`) as ``inv_ptr`` (L+1,) and
-    ``inv`` (2, n) = (query position, slot); the relative-row CSR of :func:`rel_inverse`.
-    """
-    tab = np.stack([win.idx, win.valid.astype(np.int64), win.rel]).astype(np.int32)
-    ptr, qi, sl = inverse_windows(win)
-    rptr, rel = rel_inverse(win)
-    return (np.ascontiguousarray(tab), ptr.astype(np.int32), _pairs(qi, sl), rptr, rel)
-
-
-_TABLES: dict = {}
-
-
-def _device_tables(lib, win):
-    """:func:`axis_tables` as arrays of ``lib`` (cached: the windows are cached objects)."""
-    dev = None if lib is np else lib.cuda.Device().id
-    key = (id(win), lib.__name__, dev)
-    hit = _TABLES.get(key)
-    if hit is None or hit[0] is not win:
-        if len(_TABLES) > 64:
-            _TABLES.clear()
-        hit = (win, tuple(lib.asarray(t) for t in axis_tables(win)))
-        _TABLES[key] = hit
-    return hit[1]
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -567,7 +512,7 @@ def _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
 
 
 def window_attention_forward(
-    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+    q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
 ):
     """``(out, lse)`` like the reference ``window_attention_forward`` (float32/float64).
 
@@ -584,7 +529,7 @@ def window_attention_forward(
     lse = lib.empty((nb, h, w), dtype=dtype)
     npix = nb * h * w
     if npix:
-        ytab, xtab = _device_tables(lib, wy)[0], _device_tables(lib, wx)[0]
+        ytab, xtab = device_tables(lib, wy)[0], device_tables(lib, wx)[0]
         pb, ph, pw = _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w)
         _kernels(dtype, d, dv)["fwd"][nblocks(npix, THREADS), THREADS](
             _as4(lib, q, nb, dtype),
@@ -604,7 +549,21 @@ def window_attention_forward(
 
 
 def window_attention_backward(
-    q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    wy,
+    wx,
+    *,
+    boundary,
+    scale,
+    rel_bias=None,
+    r_h=None,
+    r_w=None,
+    block=None,
 ):
     """``(dq, dk, dv, drel_bias, dr_h, dr_w)`` like the reference ``window_attention_backward``."""
     q, k, v, out, lse, dout, rel_bias, r_h, r_w = (
@@ -624,8 +583,8 @@ def window_attention_backward(
     npix = nb * h * w
     if npix:
         kerns = _kernels(dtype, d, dv)
-        ytab, yptr, yinv, yrptr, yrel = _device_tables(lib, wy)
-        xtab, xptr, xinv, xrptr, xrel = _device_tables(lib, wx)
+        ytab, yptr, yinv, yrptr, yrel = device_tables(lib, wy)
+        xtab, xptr, xinv, xrptr, xrel = device_tables(lib, wx)
         q4, k4, v4 = _as4(lib, q, nb, dtype), _as4(lib, k, nb, dtype), _as4(lib, v, nb, dtype)
         o4, do4 = _as4(lib, out, nb, dtype), _as4(lib, dout, nb, dtype)
         lse3 = lib.ascontiguousarray(lse.astype(dtype, copy=False)).reshape(nb, h, w)
@@ -701,17 +660,9 @@ def window_attention_backward(
 # -- Kernel ---------------------------------------------------------------------------------------
 
 
-def _supports(call):
-    q = call.arrays["q"]
-    if np.dtype(q.dtype) not in (np.float32, np.float64):
-        return (
-            f"takes float32 or float64 inputs, got {q.dtype} "
-            "(the cupy backend or array_api handles it)"
-        )
-    return None
-
-
-_KERNEL = window_kernel(window_attention_forward, window_attention_backward, _supports)
+# The kernels run in the window convention of arrayattn._glue.neighborhood (the op adapts them);
+# float16/bfloat16 are the cupy backend's.
+_KERNEL = Kernel(window_attention_forward, window_attention_backward)
 
 KERNELS = {
     "neighborhood_attention_2d": _KERNEL,

@@ -104,19 +104,19 @@ def test_kernel_interface_matches_reference(rng):
     import arrayattn as aa
 
     ref = aa.scaled_dot_product_attention.reference
-    kern = nc.KERNELS["scaled_dot_product_attention"]
+    kern = aa.scaled_dot_product_attention.adapt(nc.KERNELS["scaled_dot_product_attention"])
     q, k, v, m, b = _case(rng, np.float64, lq=3, lk=4, mask=(3, 4), bias=(3, 4))
     call = aa.scaled_dot_product_attention._prepare(q, k, v, mask=m, bias=b, return_lse=True)
-    assert kern.supports(call) is None
-    outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
-    routs, rsaved = ref.fwd(np, dict(call.arrays), dict(call.static), True)
+    assert kern.not_supported_reasons(call) == []
+    outs, saved = kern.fwd(np, dict(call.arrays), call.options, True)
+    routs, rsaved = ref.fwd(np, dict(call.arrays), call.options, True)
     for a, r in zip(outs, routs, strict=True):
         _close(a, r, np.float64)
     cts = tuple(rng.standard_normal(o.shape) for o in outs)
-    g = kern.bwd(np, saved, dict(call.static), cts)
-    rg = ref.bwd(np, rsaved, dict(call.static), cts)
+    g = kern.bwd(np, saved, call.options, cts)
+    rg = ref.bwd(np, rsaved, call.options, cts)
     assert set(g) == set(rg)
     for key in rg:
         _close(g[key], rg[key], np.float64)
     call16 = aa.scaled_dot_product_attention._prepare(*(x.astype(np.float16) for x in (q, k, v)))
-    assert "float32 or float64" in kern.supports(call16)
+    assert "float32 or float64" in " ".join(kern.not_supported_reasons(call16))

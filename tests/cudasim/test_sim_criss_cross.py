@@ -44,18 +44,18 @@ def test_kernel_interface_and_determinism(rng):
     import arrayattn as aa
 
     ref = aa.criss_cross_attention.reference
-    kern = nc.KERNELS["criss_cross_attention"]
+    kern = aa.criss_cross_attention.adapt(nc.KERNELS["criss_cross_attention"])
     q, k, v = (rng.standard_normal((1, 2, 3, 2)) for _ in range(3))
     call = aa.criss_cross_attention._prepare(q, k, v, scale=0.5)
-    assert kern.supports(call) is None
-    outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
-    routs, rsaved = ref.fwd(np, dict(call.arrays), dict(call.static), True)
+    assert kern.not_supported_reasons(call) == []
+    outs, saved = kern.fwd(np, dict(call.arrays), call.options, True)
+    routs, rsaved = ref.fwd(np, dict(call.arrays), call.options, True)
     np.testing.assert_allclose(outs[0], routs[0], rtol=0, atol=1e-12)
     assert set(saved) == set(rsaved)
     ct = (rng.standard_normal(outs[0].shape),)
-    g1 = kern.bwd(np, saved, dict(call.static), ct)
-    g2 = kern.bwd(np, saved, dict(call.static), ct)
-    rg = ref.bwd(np, rsaved, dict(call.static), ct)
+    g1 = kern.bwd(np, saved, call.options, ct)
+    g2 = kern.bwd(np, saved, call.options, ct)
+    rg = ref.bwd(np, rsaved, call.options, ct)
     for key in rg:
         np.testing.assert_allclose(g1[key], rg[key], rtol=0, atol=1e-12)
         assert np.array_equal(g1[key], g2[key])

@@ -151,18 +151,19 @@ def _op_calls(rng):
 
 
 def test_kernel_interface_matches_reference_kernel(rng):
-    from arrayattn.neighborhood import REFERENCE
+    import arrayattn as aa
 
+    REFERENCE = aa.neighborhood_attention_2d.reference
     for call in _op_calls(rng):
-        kern = nc.KERNELS["neighborhood_attention_2d"]
-        assert kern.supports(call) is None
-        outs, saved = kern.fwd(np, dict(call.arrays), dict(call.static), True)
-        routs, rsaved = REFERENCE.fwd(np, dict(call.arrays), dict(call.static), True)
+        kern = aa.neighborhood_attention_2d.adapt(nc.KERNELS["neighborhood_attention_2d"])
+        assert kern.not_supported_reasons(call) == []
+        outs, saved = kern.fwd(np, dict(call.arrays), call.options, True)
+        routs, rsaved = REFERENCE.fwd(np, dict(call.arrays), call.options, True)
         np.testing.assert_allclose(outs[0], routs[0], rtol=0, atol=1e-12)
         assert set(saved) == set(rsaved)
         ct = (rng.standard_normal(outs[0].shape),)
-        g = kern.bwd(np, saved, dict(call.static), ct)
-        rg = REFERENCE.bwd(np, rsaved, dict(call.static), ct)
+        g = kern.bwd(np, saved, call.options, ct)
+        rg = REFERENCE.bwd(np, rsaved, call.options, ct)
         assert set(g) == set(rg)
         for key in ("q", "k", "v", "rel_bias"):
             if rg[key] is None:
@@ -184,10 +185,11 @@ def test_kernel_interface_matches_reference_kernel(rng):
 
 
 def test_registered_for_all_local_ops():
-    from arrayattn.backends import numba_cuda
+    from arrayattn import _registry
 
+    declared = _registry._backend_kernels("numba_cuda")
     for name in ("neighborhood_attention_2d", "neighborhood_attention_1d", "halo_attention"):
-        assert numba_cuda.KERNELS[name] is nc.KERNELS[name]
+        assert declared[name] is nc.KERNELS[name]
 
 
 def test_rejects_half_precision(rng):
@@ -195,4 +197,5 @@ def test_rejects_half_precision(rng):
 
     q = rng.standard_normal((1, 3, 3, 2)).astype(np.float16)
     call = aa.neighborhood_attention_2d._prepare(q, q, q, kernel_size=3)
-    assert "float16" in nc.KERNELS["neighborhood_attention_2d"].supports(call)
+    reasons = nc.KERNELS["neighborhood_attention_2d"].not_supported_reasons(call)
+    assert "float16" in " ".join(reasons)
