@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
-__all__ = ["OPTIONS", "module", "nvrtc_compile", "source", "sources"]
+__all__ = ["OPTIONS", "module", "nvrtc_compile", "resource_usage", "source", "sources"]
 
 _HERE = os.path.dirname(__file__)
 OPTIONS = ("-std=c++17",)
@@ -55,6 +56,34 @@ def _include_dir() -> str:
     return found
 
 
+def _nvrtc_program(name, arch, name_expressions, extra_options=()):
+    """Compile ``name`` with NVRTC: ``(program, log, error)``; the caller destroys the program."""
+    from cuda.bindings import nvrtc
+
+    prog = _check(
+        nvrtc.nvrtcCreateProgram(source(name).encode(), name.encode(), 0, [], []),
+        "nvrtcCreateProgram",
+    )
+    for expr in name_expressions:
+        _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr})")
+    opts = [f"--gpu-architecture={arch}".encode(), f"-I{_include_dir()}".encode()]
+    opts += [o.encode() for o in (*OPTIONS, *extra_options)]
+    err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
+    size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    return prog, log.decode(errors="replace"), err
+
+
+def _check(result, what):
+    from cuda.bindings import nvrtc
+
+    err = result[0]
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+    return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
+
+
 def nvrtc_compile(name: str, arch: str, name_expressions: tuple[str, ...] = ()) -> bytes:
     """Compile ``name`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC; return the CUBIN.
 
@@ -63,36 +92,58 @@ def nvrtc_compile(name: str, arch: str, name_expressions: tuple[str, ...] = ()) 
     """
     from cuda.bindings import nvrtc
 
-    def check(result, what):
-        err = result[0]
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"{what} failed: {err}")
-        return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
-
-    prog = check(
-        nvrtc.nvrtcCreateProgram(source(name).encode(), name.encode(), 0, [], []),
-        "nvrtcCreateProgram",
-    )
+    prog, log, err = _nvrtc_program(name, arch, name_expressions)
     try:
-        for expr in name_expressions:
-            check(
-                nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr})"
-            )
-        opts = [f"--gpu-architecture={arch}".encode(), f"-I{_include_dir()}".encode()]
-        opts += [o.encode() for o in OPTIONS]
-        err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
-        size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(
-                f"{name} does not compile for {arch}:\n{log.decode(errors='replace')}"
-            )
+            raise RuntimeError(f"{name} does not compile for {arch}:\n{log}")
         for expr in name_expressions:
-            check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), f"nvrtcGetLoweredName({expr})")
-        size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), f"nvrtcGetLoweredName({expr})")
+        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
         cubin = b" " * size
         nvrtc.nvrtcGetCUBIN(prog, cubin)
         return cubin
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+_PTXAS_ENTRY = re.compile(r"Function properties for (\S+)")
+_PTXAS_STACK = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def resource_usage(name: str, arch: str, name_expressions: tuple[str, ...]) -> dict[str, dict]:
+    """What ``ptxas -v`` reports for every instantiation of ``name`` compiled for ``arch``.
+
+    Returns ``{expr: {"registers", "stack", "spill_stores", "spill_loads"}}`` (bytes per thread
+    for the last three; ``stack`` is the local-memory frame, which holds arrays indexed at run
+    time as well as spills). Compiled with NVRTC (``--ptxas-options=-v``), no device needed.
+    """
+    from cuda.bindings import nvrtc
+
+    prog, log, err = _nvrtc_program(name, arch, name_expressions, ("--ptxas-options=-v",))
+    try:
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"{name} does not compile for {arch}:\n{log}")
+        lowered = {}
+        for expr in name_expressions:
+            low = _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName")
+            lowered[low.decode() if isinstance(low, bytes) else low] = expr
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    usage, current = {}, None
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = lowered.get(m.group(1))
+        elif current is not None and (m := _PTXAS_STACK.search(line)):
+            usage[current] = dict(
+                zip(("stack", "spill_stores", "spill_loads"), map(int, m.groups()), strict=True)
+            )
+        elif current is not None and (m := _PTXAS_REGS.search(line)):
+            usage[current]["registers"] = int(m.group(1))
+            current = None
+    missing = set(name_expressions) - set(usage)
+    if missing:
+        raise RuntimeError(f"ptxas reported nothing for {sorted(missing)}:\n{log[:2000]}")
+    return usage
