@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -33,10 +34,10 @@ CUPY_DIR = os.path.join(os.path.dirname(HERE), "backends", "cupy")
 FAMILIES = ("attention", "criss_cross", "neighborhood")
 
 
-def _registry_source(family, exprs):
+def _registry_source(family, exprs, path=None):
     lines = [
         '#include "shim.h"',
-        f'#include "{os.path.join(CUPY_DIR, family + ".cu")}"',
+        f'#include "{path or os.path.join(CUPY_DIR, family + ".cu")}"',
         "",
         'extern "C" int run_kernel(const char* expr, int nargs, const uint64_t* slots, int grid,',
         "                          int block, size_t shared) {",
@@ -60,9 +61,9 @@ def _thread_limit():
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-@pytest.fixture(scope="module")
-def host_libs(tmp_path_factory):
-    """One host library per .cu source (compiled in parallel)."""
+def _compiler(out):
+    """The C++ compiler, after checking the emulation can run here; writes the empty CUDA headers
+    (shim.h provides what they would) into ``out``."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("no C++ compiler (g++ or $CXX)")
@@ -70,42 +71,54 @@ def host_libs(tmp_path_factory):
     if limit is not None and limit < 4096:
         # a block runs as up to 256 host threads; failing to start one would deadlock the rest
         pytest.skip(f"the process limit ({limit}) leaves too few threads for the emulation")
-    out = tmp_path_factory.mktemp("host_cuda")
-    for header in ("cuda_fp16.h", "cuda_bf16.h", "mma.h"):  # shim.h provides what they would
+    for header in ("cuda_fp16.h", "cuda_bf16.h", "mma.h"):
         (out / header).write_text("")
+    return cxx
+
+
+def _start_build(cxx, out, src, lib):
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-pthread",
+        f"-I{out}",
+        f"-I{os.path.join(HERE, 'host_cuda')}",
+        str(src),
+        "-o",
+        str(lib),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_build(proc, what, lib):
+    _, err = proc.communicate()
+    if proc.returncode:
+        if "barrier" in err or "_Float16" in err or "c++20" in err or "bit_cast" in err:
+            pytest.skip(f"the C++ compiler lacks C++20 <barrier>, <bit> or _Float16: {err[:300]}")
+        pytest.fail(f"{what} does not compile as host C++:\n{err}")
+    handle = ctypes.CDLL(str(lib))
+    handle.run_kernel.restype = ctypes.c_int
+    return handle
+
+
+@pytest.fixture(scope="module")
+def host_libs(tmp_path_factory):
+    """One host library per .cu source (compiled in parallel)."""
+    out = tmp_path_factory.mktemp("host_cuda")
+    cxx = _compiler(out)
     procs = {}
     for family in FAMILIES:
         launcher = importlib.import_module(f"arrayattn.backends.cupy.{family}")
         src = out / f"{family}.cpp"
         src.write_text(_registry_source(family, launcher.NAME_EXPRESSIONS))
-        cmd = [
-            cxx,
-            "-std=c++20",
-            "-O1",
-            "-fPIC",
-            "-shared",
-            "-pthread",
-            f"-I{out}",
-            f"-I{os.path.join(HERE, 'host_cuda')}",
-            str(src),
-            "-o",
-            str(out / f"{family}.so"),
-        ]
-        procs[family] = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-    libs = {}
-    for family, proc in procs.items():
-        _, err = proc.communicate()
-        if proc.returncode:
-            if "barrier" in err or "_Float16" in err or "c++20" in err or "bit_cast" in err:
-                pytest.skip(
-                    f"the C++ compiler lacks C++20 <barrier>, <bit> or _Float16: {err[:300]}"
-                )
-            pytest.fail(f"{family}.cu does not compile as host C++:\n{err}")
-        libs[family] = ctypes.CDLL(str(out / f"{family}.so"))
-        libs[family].run_kernel.restype = ctypes.c_int
-    return libs
+        procs[family] = _start_build(cxx, out, src, out / f"{family}.so")
+    return {
+        family: _finish_build(proc, f"{family}.cu", out / f"{family}.so")
+        for family, proc in procs.items()
+    }
 
 
 def _slot(a):
@@ -413,3 +426,68 @@ def test_neighborhood(host_cupy, rng, case, dtype):
         half_criterion=dtype == np.float16,
     )
     assert host_cupy
+
+
+# -- the emulation itself
+# -------------------------------------------------------------------
+
+_SHIM_PROBES = r"""
+#include <mma.h>
+namespace wm = nvcuda::wmma;
+extern __shared__ __align__(128) unsigned char smem_raw[];
+
+// A warp stores a 16x16 tile of ones, then every lane reads the tile back, with or without the
+// __syncwarp the hardware needs between the two.
+template <int SYNC>
+__global__ void store_then_read(float* out) {
+    float* tile = reinterpret_cast<float*>(smem_raw);
+    wm::fragment<wm::accumulator, 16, 16, 16, float> f;
+    wm::fill_fragment(f, 1.0f);
+    wm::store_matrix_sync(tile, f, 16, wm::mem_row_major);
+    if (SYNC) __syncwarp();
+    for (int e = threadIdx.x; e < 256; e += 32) out[e] = tile[e];
+}
+
+__global__ void shuffle_xor(float* out, int lane_mask) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, lane_mask);
+}
+"""
+
+_PROBE_EXPRS = ("store_then_read<0>", "store_then_read<1>", "shuffle_xor")
+
+
+@pytest.fixture(scope="module")
+def shim_probes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("host_probe")
+    cxx = _compiler(out)
+    (out / "probes.cu").write_text(_SHIM_PROBES)
+    src = out / "probes.cpp"
+    src.write_text(_registry_source("probes", _PROBE_EXPRS, path=out / "probes.cu"))
+    lib = out / "probes.so"
+    return _finish_build(_start_build(cxx, out, src, lib), "probes", lib)
+
+
+def test_shim_store_is_a_race_without_syncwarp(shim_probes):
+    """A wmma store is seen by the warp only after a __syncwarp (as on a GPU, where each lane
+    writes its own part): deleting a kernel's __syncwarp after a store makes its tests fail."""
+    out = np.zeros(256, np.float32)
+    _HostKernel(shim_probes, "store_then_read<1>")((1,), (32,), (out,), shared_mem=1024)
+    assert (out == 1).all()
+    _HostKernel(shim_probes, "store_then_read<0>")((1,), (32,), (out,), shared_mem=1024)
+    assert np.isnan(out[::32]).all(), "lane 0 saw the store before a __syncwarp"
+
+
+def test_shim_shuffle_xor(shim_probes):
+    out = np.zeros(64, np.float32)
+    _HostKernel(shim_probes, "shuffle_xor")((1,), (64,), (out, 5))
+    assert out.tolist() == [float(t ^ 5) for t in range(64)]
+
+
+def test_dynamic_shared_memory_declared_once():
+    """Each source declares its dynamic shared memory once, so every kernel of a module sees
+    the same alignment (two declarations with different __align__ in one file are ill-formed)."""
+    for name in sorted(f for f in os.listdir(CUPY_DIR) if f.endswith(".cu")):
+        with open(os.path.join(CUPY_DIR, name), encoding="utf-8") as fh:
+            text = fh.read()
+        decls = re.findall(r"extern\s+__shared__[^;]*;", text)
+        assert len(decls) <= 1, (name, decls)

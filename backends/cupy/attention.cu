@@ -31,6 +31,10 @@
 
 typedef long long i64;
 
+// The dynamic shared memory of every kernel, declared once (one alignment for the whole module:
+// wmma tiles need 32-byte alignment, the 16-byte staging loads 16).
+extern __shared__ __align__(128) unsigned char smem_raw[];
+
 __device__ __forceinline__ float to_acc(float x, float) { return x; }
 __device__ __forceinline__ double to_acc(double x, double) { return x; }
 __device__ __forceinline__ float to_acc(__half x, float) { return __half2float(x); }
@@ -73,7 +77,6 @@ __global__ void sdpa_fwd(const T* __restrict__ q, const T* __restrict__ k, const
                          const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
                          const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                          int causal, i64 coff, T* __restrict__ out, Acc* __restrict__ lse) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     Acc* ks = reinterpret_cast<Acc*>(smem_raw);
     Acc* vs = ks + (i64)bk * d;
     const int bq = blockDim.x;
@@ -177,7 +180,6 @@ sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
               int causal, i64 coff, T* __restrict__ out, float* __restrict__ lse) {
     // shared: Q (BQ x DP) T | K (BK x DP) T | V (BK x DP) T | S (BQ x BK) float |
     //         P (BQ x BK) T | O (BQ x DP) float | m, l, corr (BQ) float
-    extern __shared__ __align__(128) unsigned char smem_raw[];
     T* qs = reinterpret_cast<T*>(smem_raw);
     T* ks = qs + WMMA_BQ * DP;
     T* vs = ks + WMMA_BK * DP;
@@ -322,7 +324,6 @@ __global__ void sdpa_dkdv(const T* __restrict__ q, const T* __restrict__ k, cons
                           const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                           int causal, i64 coff, T* __restrict__ dk, T* __restrict__ dvv) {
     // blockDim.x key rows per block; query tiles of bi rows staged in shared memory
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     Acc* qs = reinterpret_cast<Acc*>(smem_raw);
     Acc* dos = qs + (i64)bi * d;
     Acc* ls = dos + (i64)bi * dv;
@@ -377,7 +378,6 @@ __global__ void sdpa_dq(const T* __restrict__ q, const T* __restrict__ k, const 
                         const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
                         const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                         int causal, i64 coff, T* __restrict__ dq) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     Acc* ks = reinterpret_cast<Acc*>(smem_raw);
     Acc* vs = ks + (i64)bk * d;
     const int bq = blockDim.x;
@@ -505,7 +505,6 @@ sdpa_dkdv_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // shared: K, V (KEYS x DP) T | Q, dO (QB x DP) T | S^T then dP^T (KEYS x QB) float |
     //         P^T (KEYS x QB) float | P^T then dS^T (KEYS x QB) T | dK, dV (KEYS x DP) float |
     //         lse, D (QB) float
-    extern __shared__ __align__(128) unsigned char smem_raw[];
     T* ks = reinterpret_cast<T*>(smem_raw);
     T* vs = ks + WMMA_KEYS * DP;
     T* qs = vs + WMMA_KEYS * DP;
@@ -589,7 +588,6 @@ sdpa_dq_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
              int causal, i64 coff, T* __restrict__ dq) {
     // shared: Q, dO (BQ x DP) T | K, V (BK x DP) T | S, dP (BQ x BK) float | dS (BQ x BK) T |
     //         dQ (BQ x DP) float | lse, D (BQ) float
-    extern __shared__ __align__(128) unsigned char smem_raw[];
     T* qs = reinterpret_cast<T*>(smem_raw);
     T* dos = qs + WMMA_BQ * DP;
     T* ks = dos + WMMA_BQ * DP;
