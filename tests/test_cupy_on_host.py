@@ -357,6 +357,68 @@ def test_sdpa_bfloat16_tensor_cores(host_cupy, rng):
         assert _max_err(got, want) <= 2 * baseline + 1e-3 * max(1.0, float(np.max(np.abs(want))))
 
 
+def _minus_inf_rows(rng, lq, lk):
+    """A mask and a bias whose rows start with -inf logits (the running max is -inf when the
+    first finite logit arrives), are -inf throughout, or are fully masked."""
+    mask = np.ones((lq, lk), bool)
+    bias = rng.standard_normal((lq, lk))
+    bias[0, :40] = -np.inf  # past the first key tile of every kernel
+    bias[1, :] = -np.inf  # nothing to attend to: output 0, lse +inf, zero gradients
+    bias[2, 1::2] = -np.inf
+    mask[3, :] = False
+    mask[4, :35] = False
+    bias[4, 35:37] = -np.inf
+    return mask, bias
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d"), [(np.float64, 32), (np.float32, 32), (np.float16, 32), (np.float16, 160)]
+)
+def test_sdpa_minus_inf_rows(host_cupy, rng, dtype, d):
+    """Finding 1 for the SDPA kernels (float16 at d = 160 on CUDA cores): -inf bias entries and
+    masked rows give the reference's finite outputs, +inf lse for an empty row, and finite
+    gradients (the m_use guard)."""
+    lq, lk = 70, 90
+    mask, bias = _minus_inf_rows(rng, lq, lk)
+    args = (
+        rng.standard_normal((2, lq, d)),
+        rng.standard_normal((2, lk, d)),
+        rng.standard_normal((2, lk, 24)),
+    )
+    kwargs = {"mask": mask, "bias": bias, "return_lse": True}
+    _compare(
+        aa.scaled_dot_product_attention,
+        args,
+        kwargs,
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
+    assert any("_wmma<" in e for e in host_cupy) == (dtype == np.float16 and d <= 128)
+
+
+@pytest.mark.parametrize("boundary", ["clamp", "zero"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_neighborhood_minus_inf_rel_bias(host_cupy, rng, dtype, boundary):
+    """Finding 1: a -inf relative-bias entry read by a query's first slots made the online
+    softmax compute exp(-inf + inf) = NaN; head 1 reads only -inf (nothing to attend to)."""
+    shape = (1, 2, 9, 10, 8)
+    q, k, v = (rng.standard_normal(shape) for _ in range(3))
+    rel_bias = rng.standard_normal((2, 5, 5))
+    rel_bias[0, 0, :] = -np.inf
+    rel_bias[0, 1:, 0] = -np.inf
+    rel_bias[1] = -np.inf
+    kwargs = {"kernel_size": 3, "boundary": boundary, "rel_bias": rel_bias}
+    _compare(
+        aa.neighborhood_attention_2d,
+        (q, k, v),
+        kwargs,
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
+
+
 def test_shared_memory_fits_sm80():
     """The tensor-core kernels need at most sm_80's 163 KiB of opt-in shared memory."""
     from arrayattn.backends.cupy import attention as launcher

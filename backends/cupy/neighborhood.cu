@@ -125,6 +125,8 @@ __global__ void na_fwd(const T* __restrict__ q, const T* __restrict__ k, const T
             const i64 kn = base + (i64)yy * w + xx;
             const Acc s = na_logit<T, Acc>(q + t * d, k + kn * d, d, ok, ry,
                                            xtab[(2 * kx + c2) * w + j], scale, bias, rh, rw);
+            // p = 0 exactly; while m is still -inf, exp(s - m) would be exp(-inf + inf) = NaN
+            if (s == -na_inf<Acc>()) continue;
             if (s > m) {  // online softmax: rescale what was accumulated under the old maximum
                 const Acc corr = na_exp(m - s);
                 l *= corr;

@@ -241,6 +241,8 @@ def _build(npdtype, d, dv):
                     wrs,
                     wcs,
                 )
+                if s == ninf:
+                    continue  # p = 0; while m is still -inf, exp(s - m) would be NaN
                 if s > m:  # online softmax: rescale what was accumulated under the old maximum
                     corr = math.exp(m - s)
                     ell *= corr

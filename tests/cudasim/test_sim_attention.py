@@ -81,6 +81,17 @@ def test_mask_bias_broadcast(rng, mask_shape, bias_shape):
     _run_both(q, k, v, m, b, None, 1, np.float64, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_minus_inf_bias_rows(rng, dtype):
+    """-inf logits in the first key tiles of a row (running max still -inf), a row of -inf
+    bias (empty: output 0, lse +inf) and a fully masked row, against the reference."""
+    q, k, v, m, b = _case(rng, dtype, mask=(5, 7), bias=(5, 7))
+    b[0, :4] = -np.inf
+    b[2, :] = -np.inf
+    b[3, ::2] = -np.inf
+    _run_both(q, k, v, m, b, None, 1, dtype, rng)
+
+
 def test_mask_bias_causal_gqa_float32(rng):
     q, k, v, m, b = _case(rng, np.float32, hq=2, hkv=1, mask=(5, 7), bias=(1, 2, 5, 7))
     _run_both(q, k, v, m, b, "top_left", 2, np.float32, rng)
