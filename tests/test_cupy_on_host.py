@@ -419,6 +419,123 @@ def test_neighborhood_minus_inf_rel_bias(host_cupy, rng, dtype, boundary):
     )
 
 
+def _half_dtype(name):
+    if name == "bfloat16":
+        return pytest.importorskip("ml_dtypes").bfloat16
+    return np.dtype(name).type
+
+
+def _half_ok(got, want, base, what, per="all"):
+    """FlashAttention's criterion, max|got - ref64| <= 2 max|naive - ref64| + 1e-3 scale, over
+    the whole array, per ``"row"`` (the last axis) or per ``"element"``: an lse of -1e5 does not
+    loosen the tolerance of the other rows."""
+    got, want, base = (np.asarray(a, np.float64) for a in (got, want, base))
+    assert np.array_equal(np.isfinite(got), np.isfinite(want)), f"{what}: non-finite entries differ"
+    fin = np.isfinite(want)
+    z = np.zeros_like(want)
+    err, berr, mag = (np.abs(np.where(fin, a, z)) for a in (got - want, base - want, want))
+    shape = {"all": (1, -1), "row": (-1, want.shape[-1]), "element": (-1, 1)}[per]
+    err, berr, mag = (a.reshape(shape) for a in (err, berr, mag))
+    lim = 2 * berr.max(-1) + 1e-3 * np.maximum(1.0, mag.max(-1))
+    bad = np.nonzero(err.max(-1) > lim)[0]
+    assert not bad.size, f"{what}: {per}s {bad}: error {err.max(-1)[bad]}, limit {lim[bad]}"
+
+
+def _float32_bias(rng, lq, lk):
+    """A float32 bias that float16/bfloat16 cannot carry: a row of -1e5 (-inf in float16: the
+    row would look empty) and rows of 300 + 0.3 j, 1000 + a ramp (the steps round away)."""
+    bias = rng.standard_normal((lq, lk)).astype(np.float32)
+    bias[0] = -1e5
+    bias[1] = 300 + 0.3 * np.arange(lk)
+    bias[2] = 1000 + np.linspace(0, 3, lk)
+    return bias
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 160])  # tensor cores, then CUDA cores with float32 accumulation
+def test_sdpa_float32_bias_with_half_inputs(host_cupy, rng, half, d):
+    """Finding 2: a float32 bias with float16/bfloat16 q, k, v is added in float32 (as the
+    reference does), not rounded to q's dtype first; outputs, lse and every gradient by
+    FlashAttention's criterion against the float64 reference."""
+    from arrayattn._reference.attention import sdpa_backward, sdpa_forward
+    from arrayattn.backends.cupy import attention as launcher
+
+    dt = _half_dtype(half)
+    lq, lk, dv, scale = 40, 70, 24, 0.125
+    q = rng.standard_normal((2, lq, d)).astype(dt)
+    k = rng.standard_normal((2, lk, d)).astype(dt)
+    v = rng.standard_normal((2, lk, dv)).astype(dt)
+    bias = _float32_bias(rng, lq, lk)
+    do = rng.standard_normal((2, lq, dv)).astype(dt)
+    dlse = rng.standard_normal((2, lq)).astype(np.float32)
+    kw = {"bias": bias, "scale": scale}
+    out, lse = launcher.sdpa_forward(q, k, v, **kw)
+    grads = launcher.sdpa_backward(q, k, v, out, lse, do, dlse, **kw)
+    assert any("_wmma<" in e for e in host_cupy) == (d <= 128)
+    assert grads[3].dtype == np.float32
+
+    def reference(cdt, round_to=None):
+        x = [a.astype(cdt) for a in (q, k, v)]
+        o, l_ = sdpa_forward(np, *x, bias=bias.astype(cdt), scale=scale)
+        if round_to is not None:  # the naive computation returns its output in q's dtype
+            o = o.astype(round_to).astype(cdt)
+        g = sdpa_backward(
+            np, *x, o, l_, do.astype(cdt), dlse.astype(cdt), bias=bias.astype(cdt), scale=scale
+        )
+        if round_to is not None:
+            g = tuple(a.astype(round_to) for a in g[:3]) + (g[3],)
+        return (o, l_, *g)
+
+    want, base = reference(np.float64), reference(np.float32, dt)
+    names = ("out", "lse", "dq", "dk", "dv", "dbias")
+    for name, g, w, b in zip(names, (out, lse, *grads), want, base, strict=True):
+        _half_ok(g, w, b, name, per={"lse": "element", "dbias": "row"}.get(name, "all"))
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_neighborhood_float32_tables_with_half_inputs(host_cupy, rng, half):
+    """Finding 2 for the window kernels: float32 rel_bias, r_h and r_w with float16/bfloat16
+    maps are read in float32 (the launcher contract allows tables of any float dtype)."""
+    from arrayattn._reference.neighborhood import (
+        na_axis_windows,
+        window_attention_backward,
+        window_attention_forward,
+    )
+    from arrayattn.backends.cupy import neighborhood as launcher
+
+    dt = _half_dtype(half)
+    kern, h, w, d, dv = 3, 6, 7, 8, 4
+    wy, wx = na_axis_windows(h, kern, 1, "zero"), na_axis_windows(w, kern, 1, "zero")
+    q, k = (rng.standard_normal((2, h, w, d)).astype(dt) for _ in range(2))
+    v, do = (rng.standard_normal((2, h, w, dv)).astype(dt) for _ in range(2))
+    rel_bias = (300 + 0.3 * rng.standard_normal((2, 5, 5))).astype(np.float32)
+    rel_bias[1, :, :] = -1e5  # -inf in float16: every query of head 1 would look empty
+    r_h = (40 + rng.standard_normal((5, d)) / 2).astype(np.float32) / 40
+    r_w = (10 + rng.standard_normal((2, 5, d))).astype(np.float32) / 10
+    kw = {"boundary": "zero", "scale": 0.3, "rel_bias": rel_bias, "r_h": r_h, "r_w": r_w}
+    out, lse = launcher.window_attention_forward(q, k, v, wy, wx, **kw)
+    grads = launcher.window_attention_backward(q, k, v, out, lse, do, wy, wx, **kw)
+    assert all(g.dtype == np.float32 for g in grads[3:])
+
+    def reference(cdt, round_to=None):
+        x = [a.astype(cdt) for a in (q, k, v)]
+        tabs = {n: kw[n].astype(cdt) for n in ("rel_bias", "r_h", "r_w")}
+        o, l_ = window_attention_forward(np, *x, wy, wx, boundary="zero", scale=0.3, **tabs)
+        if round_to is not None:
+            o = o.astype(round_to).astype(cdt)
+        g = window_attention_backward(
+            np, *x, o, l_, do.astype(cdt), wy, wx, boundary="zero", scale=0.3, **tabs
+        )
+        if round_to is not None:
+            g = tuple(a.astype(round_to) for a in g[:3]) + tuple(g[3:])
+        return (o, l_, *g)
+
+    want, base = reference(np.float64), reference(np.float32, dt)
+    names = ("out", "lse", "dq", "dk", "dv", "drel_bias", "dr_h", "dr_w")
+    for name, g, wnt, b in zip(names, (out, lse, *grads), want, base, strict=True):
+        _half_ok(g, wnt, b, name, per="element" if name == "lse" else "all")
+
+
 def test_shared_memory_fits_sm80():
     """The tensor-core kernels need at most sm_80's 163 KiB of opt-in shared memory."""
     from arrayattn.backends.cupy import attention as launcher

@@ -3,6 +3,8 @@
 // Layout: q (B, Lq, d), k (B/groups, Lk, d), v (B/groups, Lk, dv), C-contiguous; B = batch*heads,
 // query head b reads kv head b / groups (grouped-query attention). A mask (uint8, 1 = may attend)
 // and a bias are read through broadcast plans: element (b, i, j) is at offs[b] + i*rs + j*cs.
+// The bias is in the accumulation type (float for float16/bfloat16 inputs), as the reference adds
+// it: a float32 bias is never rounded to half precision.
 // causal: key j is kept for query i iff j <= i + coff.
 //
 // Kernels (templates, instantiated through cupy.RawModule name_expressions):
@@ -75,7 +77,7 @@ template <typename T, typename Acc, int DMAX>
 __global__ void sdpa_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          int nb, int lq, int lk, int d, int dv, int groups, int bk, Acc scale,
                          const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-                         const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+                         const Acc* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                          int causal, i64 coff, T* __restrict__ out, Acc* __restrict__ lse) {
     Acc* ks = reinterpret_cast<Acc*>(smem_raw);
     Acc* vs = ks + (i64)bk * d;
@@ -114,7 +116,7 @@ __global__ void sdpa_fwd(const T* __restrict__ q, const T* __restrict__ k, const
             Acc x = zero;
             for (int c = 0; c < d; ++c) x += qi[c] * ks[r * d + c];
             x *= scale;
-            if (has_bias) x += to_acc(bias[boff + i * brs + j * bcs], Acc());
+            if (has_bias) x += bias[boff + i * brs + j * bcs];
             mt = x > mt ? x : mt;
         }
         const Acc m_new = m > mt ? m : mt;
@@ -128,7 +130,7 @@ __global__ void sdpa_fwd(const T* __restrict__ q, const T* __restrict__ k, const
             Acc x = zero;
             for (int c = 0; c < d; ++c) x += qi[c] * ks[r * d + c];
             x *= scale;
-            if (has_bias) x += to_acc(bias[boff + i * brs + j * bcs], Acc());
+            if (has_bias) x += bias[boff + i * brs + j * bcs];
             const Acc p = acc_exp(x - m_use);
             l += p;
             for (int c = 0; c < dv; ++c) acc[c] += p * vs[r * dv + c];
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(128)
 sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
               int nb, int lq, int lk, int d, int dv, int groups, float scale,
               const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-              const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+              const float* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
               int causal, i64 coff, T* __restrict__ out, float* __restrict__ lse) {
     // shared: Q (BQ x DP) T | K (BK x DP) T | V (BK x DP) T | S (BQ x BK) float |
     //         P (BQ x BK) T | O (BQ x DP) float | m, l, corr (BQ) float
@@ -233,7 +235,7 @@ sdpa_fwd_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restr
             float x = ninf;
             if (i < lq && j < lk && keep(pl, moff, i, j)) {
                 x = ss[r * WMMA_BK + c] * scale;
-                if (has_bias) x += to_acc(bias[boff + i * brs + j * bcs], 0.0f);
+                if (has_bias) x += bias[boff + i * brs + j * bcs];
             }
             ss[r * WMMA_BK + c] = x;
         }
@@ -305,13 +307,13 @@ __global__ void sdpa_delta(const T* __restrict__ dout, const T* __restrict__ o, 
 }
 
 // p_ij = exp(scale q_i.k_j + b_ij - lse_i); 0 where masked (an empty row has lse = +inf)
-template <typename T, typename Acc>
+template <typename Acc>
 __device__ __forceinline__ Acc prob(Acc dot, i64 i, i64 j, Acc scale, Acc lse_i, const Plan& pl,
-                                    i64 moff, const T* bias, i64 boff, i64 brs, i64 bcs,
+                                    i64 moff, const Acc* bias, i64 boff, i64 brs, i64 bcs,
                                     int has_bias) {
     if (!keep(pl, moff, i, j)) return Acc(0);
     Acc x = dot * scale;
-    if (has_bias) x += to_acc(bias[boff + i * brs + j * bcs], Acc());
+    if (has_bias) x += bias[boff + i * brs + j * bcs];
     return acc_exp(x - lse_i);
 }
 
@@ -321,7 +323,7 @@ __global__ void sdpa_dkdv(const T* __restrict__ q, const T* __restrict__ k, cons
                           const Acc* __restrict__ delta, int nb, int lq, int lk, int d, int dv,
                           int groups, int bi, Acc scale,
                           const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-                          const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+                          const Acc* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                           int causal, i64 coff, T* __restrict__ dk, T* __restrict__ dvv) {
     // blockDim.x key rows per block; query tiles of bi rows staged in shared memory
     Acc* qs = reinterpret_cast<Acc*>(smem_raw);
@@ -356,7 +358,7 @@ __global__ void sdpa_dkdv(const T* __restrict__ q, const T* __restrict__ k, cons
             for (int r = 0; r < ni; ++r) {
                 Acc x = zero;
                 for (int c = 0; c < d; ++c) x += qs[r * d + c] * kj[c];
-                const Acc p = prob<T, Acc>(x, i0 + r, j, scale, ls[r], pl, moff, bias, boff, brs, bcs, has_bias);
+                const Acc p = prob<Acc>(x, i0 + r, j, scale, ls[r], pl, moff, bias, boff, brs, bcs, has_bias);
                 if (p == zero) continue;
                 Acc dp = zero;
                 for (int c = 0; c < dv; ++c) { dvj[c] += p * dos[r * dv + c]; dp += dos[r * dv + c] * vj[c]; }
@@ -376,7 +378,7 @@ __global__ void sdpa_dq(const T* __restrict__ q, const T* __restrict__ k, const 
                         const Acc* __restrict__ delta, int nb, int lq, int lk, int d, int dv,
                         int groups, int bk, Acc scale,
                         const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-                        const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+                        const Acc* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                         int causal, i64 coff, T* __restrict__ dq) {
     Acc* ks = reinterpret_cast<Acc*>(smem_raw);
     Acc* vs = ks + (i64)bk * d;
@@ -409,7 +411,7 @@ __global__ void sdpa_dq(const T* __restrict__ q, const T* __restrict__ k, const 
         for (int r = 0; r < nk; ++r) {
             Acc x = zero;
             for (int c = 0; c < d; ++c) x += qi[c] * ks[r * d + c];
-            const Acc p = prob<T, Acc>(x, i, j0 + r, scale, lse_i, pl, moff, bias, boff, brs, bcs, has_bias);
+            const Acc p = prob<Acc>(x, i, j0 + r, scale, lse_i, pl, moff, bias, boff, brs, bcs, has_bias);
             if (p == zero) continue;
             Acc dp = zero;
             for (int c = 0; c < dv; ++c) dp += doi[c] * vs[r * dv + c];
@@ -427,7 +429,7 @@ __global__ void sdpa_dbias(const T* __restrict__ q, const T* __restrict__ k, con
                            const Acc* __restrict__ delta, int nb, int lq, int lk, int d, int dv,
                            int groups, Acc scale,
                            const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-                           const T* bias, const i64* boffs, i64 brs, i64 bcs,
+                           const Acc* bias, const i64* boffs, i64 brs, i64 bcs,
                            int causal, i64 coff, i64 size, i64 nrows, i64 ncols, Acc* __restrict__ dbias) {
     const i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= size) return;
@@ -447,7 +449,7 @@ __global__ void sdpa_dbias(const T* __restrict__ q, const T* __restrict__ k, con
                 Acc x = Acc(0);
                 for (int c = 0; c < d; ++c)
                     x += to_acc(q[((i64)bh * lq + i) * d + c], Acc()) * to_acc(k[((i64)kvh * lk + j) * d + c], Acc());
-                const Acc p = prob<T, Acc>(x, i, j, scale, lse_i, pl, moff, bias, boffs[bh], brs, bcs, 1);
+                const Acc p = prob<Acc>(x, i, j, scale, lse_i, pl, moff, bias, boffs[bh], brs, bcs, 1);
                 if (p == Acc(0)) continue;
                 Acc dp = Acc(0);
                 for (int c = 0; c < dv; ++c)
@@ -500,7 +502,7 @@ sdpa_dkdv_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                const float* __restrict__ delta, int nb, int lq, int lk, int d, int dv, int groups,
                float scale,
                const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-               const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+               const float* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
                int causal, i64 coff, T* __restrict__ dk, T* __restrict__ dvv) {
     // shared: K, V (KEYS x DP) T | Q, dO (QB x DP) T | S^T then dP^T (KEYS x QB) float |
     //         P^T (KEYS x QB) float | P^T then dS^T (KEYS x QB) T | dK, dV (KEYS x DP) float |
@@ -549,7 +551,7 @@ sdpa_dkdv_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 const int r = wr + e / WMMA_QB, c = e % WMMA_QB;
                 const i64 i = i0 + c, j = j0 + r;
                 const float p = (c < ni && j < lk)
-                    ? prob<T, float>(st[r * WMMA_QB + c], i, j, scale, ls[c], pl, moff, bias, boff, brs, bcs, has_bias)
+                    ? prob<float>(st[r * WMMA_QB + c], i, j, scale, ls[c], pl, moff, bias, boff, brs, bcs, has_bias)
                     : 0.0f;
                 pf[r * WMMA_QB + c] = p;
                 pt[r * WMMA_QB + c] = from_acc<T>(p);
@@ -584,7 +586,7 @@ sdpa_dq_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
              const float* __restrict__ delta, int nb, int lq, int lk, int d, int dv, int groups,
              float scale,
              const unsigned char* mask, const i64* moffs, i64 mrs, i64 mcs, int has_mask,
-             const T* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
+             const float* bias, const i64* boffs, i64 brs, i64 bcs, int has_bias,
              int causal, i64 coff, T* __restrict__ dq) {
     // shared: Q, dO (BQ x DP) T | K, V (BK x DP) T | S, dP (BQ x BK) float | dS (BQ x BK) T |
     //         dQ (BQ x DP) float | lse, D (BQ) float
@@ -632,7 +634,7 @@ sdpa_dq_wmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
             const int r = wr + e / WMMA_BK, c = e % WMMA_BK;
             const i64 i = i0 + r, j = j0 + c;
             const float p = (i < lq && j < lk)
-                ? prob<T, float>(ss[r * WMMA_BK + c], i, j, scale, ls[r], pl, moff, bias, boff, brs, bcs, has_bias)
+                ? prob<float>(ss[r * WMMA_BK + c], i, j, scale, ls[r], pl, moff, bias, boff, brs, bcs, has_bias)
                 : 0.0f;
             const float ds = p == 0.0f ? 0.0f : p * (dps[r * WMMA_BK + c] - dl[r]);
             dss[r * WMMA_BK + c] = from_acc<T>(ds);

@@ -162,6 +162,8 @@ def _plan(cp, a, batch, rows, cols, dtype):
 
 
 def _plans(cp, mask, bias, batch, lq, lk, dtype):
+    """Mask and bias kernel arguments; the bias in ``dtype``, the accumulation type (a float32
+    bias with float16 inputs stays float32, as the reference adds it)."""
     i64 = np.int64
     if mask is not None:
         mflat, moffs, mrs, mcs, _ = _plan(cp, mask, batch, lq, lk, np.bool_)
@@ -197,7 +199,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         q3 = cp.ascontiguousarray(q).reshape(nb, lq, d)
         k3 = cp.ascontiguousarray(k).reshape(nkv, lk, d)
         v3 = cp.ascontiguousarray(v).reshape(nkv, lk, dv)
-        m, b, _ = _plans(cp, mask, bias, batch, lq, lk, q.dtype)
+        m, b, _ = _plans(cp, mask, bias, batch, lq, lk, adt)
         coff = np.int64(0 if causal in (None, "top_left") else lk - lq)
         head = (
             q3,
@@ -247,7 +249,7 @@ def sdpa_backward(
     dq = cp.zeros((nb, lq, d), dtype=q.dtype)
     dk = cp.zeros((nkv, lk, d), dtype=q.dtype)
     dvv = cp.zeros((nkv, lk, dv), dtype=q.dtype)
-    m, b, bdata = _plans(cp, mask, bias, batch, lq, lk, q.dtype)
+    m, b, bdata = _plans(cp, mask, bias, batch, lq, lk, adt)
     dbias = cp.zeros(bdata.size, dtype=adt) if bias is not None else None
     if nb and lq and lk:
         q3 = cp.ascontiguousarray(q).reshape(nb, lq, d)

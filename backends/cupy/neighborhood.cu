@@ -46,15 +46,17 @@ template <> __device__ __forceinline__ float na_inf<float>() { return __int_as_f
 template <> __device__ __forceinline__ double na_inf<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // A broadcast table (relative bias, r_h or r_w) of one head: element (r, c) at base[r*rs + c*cs].
-template <typename T>
+// Tables are in the accumulation type (float32 for half-precision maps), as the reference reads
+// them: a float32 table is never rounded to the maps' dtype.
+template <typename Acc>
 struct NaTab {
-    const T* base; i64 rs, cs; int on;
+    const Acc* base; i64 rs, cs; int on;
 };
 
-template <typename T>
-__device__ __forceinline__ NaTab<T> na_tab(const T* flat, const i64* offs, i64 rs, i64 cs, int on,
-                                            i64 b) {
-    NaTab<T> t;
+template <typename Acc>
+__device__ __forceinline__ NaTab<Acc> na_tab(const Acc* flat, const i64* offs, i64 rs, i64 cs,
+                                              int on, i64 b) {
+    NaTab<Acc> t;
     t.on = on;
     t.base = on ? flat + offs[b] : flat;
     t.rs = rs;
@@ -72,41 +74,41 @@ __device__ __forceinline__ Acc na_dot(const T* a, const T* b, int n) {
 // the logit of query row qp (d values) against key row kp, relative rows (ry, rx)
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc na_logit(const T* qp, const T* kp, int d, bool ok, int ry, int rx,
-                                        Acc scale, const NaTab<T>& bias, const NaTab<T>& rh,
-                                        const NaTab<T>& rw) {
+                                        Acc scale, const NaTab<Acc>& bias, const NaTab<Acc>& rh,
+                                        const NaTab<Acc>& rw) {
     Acc s = Acc(0);
     if (ok) s = na_dot<T, Acc>(qp, kp, d) * scale;
     if (rh.on) {
         Acc t = Acc(0);
         for (int c = 0; c < d; ++c)
-            t += na_acc(qp[c], Acc()) * na_acc(rh.base[ry * rh.rs + c * rh.cs], Acc());
+            t += na_acc(qp[c], Acc()) * rh.base[ry * rh.rs + c * rh.cs];
         s += t;
     }
     if (rw.on) {
         Acc t = Acc(0);
         for (int c = 0; c < d; ++c)
-            t += na_acc(qp[c], Acc()) * na_acc(rw.base[rx * rw.rs + c * rw.cs], Acc());
+            t += na_acc(qp[c], Acc()) * rw.base[rx * rw.rs + c * rw.cs];
         s += t;
     }
-    if (bias.on) s += na_acc(bias.base[ry * bias.rs + rx * bias.cs], Acc());
+    if (bias.on) s += bias.base[ry * bias.rs + rx * bias.cs];
     return s;
 }
 
-#define NA_PLAN_ARGS(T)                                                                        \
-    const T *bflat, const i64 *boffs, i64 brs, i64 bcs, int has_bias, const T *hflat,          \
-        const i64 *hoffs, i64 hrs, i64 hcs, int has_rh, const T *wflat, const i64 *woffs,      \
+#define NA_PLAN_ARGS(A)                                                                        \
+    const A *bflat, const i64 *boffs, i64 brs, i64 bcs, int has_bias, const A *hflat,          \
+        const i64 *hoffs, i64 hrs, i64 hcs, int has_rh, const A *wflat, const i64 *woffs,      \
         i64 wrs, i64 wcs, int has_rw
 
 #define NA_PLANS(b)                                                                            \
-    const NaTab<T> bias = na_tab(bflat, boffs, brs, bcs, has_bias, b);                         \
-    const NaTab<T> rh = na_tab(hflat, hoffs, hrs, hcs, has_rh, b);                             \
-    const NaTab<T> rw = na_tab(wflat, woffs, wrs, wcs, has_rw, b)
+    const NaTab<Acc> bias = na_tab(bflat, boffs, brs, bcs, has_bias, b);                       \
+    const NaTab<Acc> rh = na_tab(hflat, hoffs, hrs, hcs, has_rh, b);                           \
+    const NaTab<Acc> rw = na_tab(wflat, woffs, wrs, wcs, has_rw, b)
 
 template <typename T, typename Acc, int DMAX>
 __global__ void na_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        int nb, int h, int w, int d, int dv, const int* __restrict__ ytab, int ky,
                        const int* __restrict__ xtab, int kx, int zero_mode, Acc scale,
-                       NA_PLAN_ARGS(T), T* __restrict__ out, Acc* __restrict__ lse) {
+                       NA_PLAN_ARGS(Acc), T* __restrict__ out, Acc* __restrict__ lse) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (i64)nb * h * w) return;
     const i64 b = t / ((i64)h * w);
@@ -153,7 +155,7 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
                       const T* __restrict__ o, const T* __restrict__ dout,
                       const Acc* __restrict__ lse, int nb, int h, int w, int d, int dv,
                       const int* __restrict__ ytab, int ky, const int* __restrict__ xtab, int kx,
-                      int zero_mode, Acc scale, NA_PLAN_ARGS(T), T* __restrict__ dq,
+                      int zero_mode, Acc scale, NA_PLAN_ARGS(Acc), T* __restrict__ dq,
                       Acc* __restrict__ delta, Acc* __restrict__ dlst, Acc* __restrict__ suma,
                       Acc* __restrict__ sumc) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -200,13 +202,13 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
         for (int a = 0; a < ky; ++a) {
             const Acc f = suma[t * ky + a];
             const int ry = ytab[(2 * ky + a) * h + i];
-            for (int c = 0; c < d; ++c) g[c] += f * na_acc(rh.base[ry * rh.rs + c * rh.cs], Acc());
+            for (int c = 0; c < d; ++c) g[c] += f * rh.base[ry * rh.rs + c * rh.cs];
         }
     if (has_rw)
         for (int c2 = 0; c2 < kx; ++c2) {
             const Acc f = sumc[t * kx + c2];
             const int rx = xtab[(2 * kx + c2) * w + j];
-            for (int c = 0; c < d; ++c) g[c] += f * na_acc(rw.base[rx * rw.rs + c * rw.cs], Acc());
+            for (int c = 0; c < d; ++c) g[c] += f * rw.base[rx * rw.rs + c * rw.cs];
         }
     for (int c = 0; c < d; ++c) dq[t * d + c] = na_out<T>(g[c]);
 }
@@ -218,7 +220,7 @@ __global__ void na_dkdv(const T* __restrict__ q, const T* __restrict__ k, const 
                         const int* __restrict__ ytab, int ky, const int* __restrict__ xtab, int kx,
                         const int* __restrict__ yptr, const int* __restrict__ yinv, int ny,
                         const int* __restrict__ xptr, const int* __restrict__ xinv, int nx,
-                        Acc scale, NA_PLAN_ARGS(T), T* __restrict__ dk, T* __restrict__ dvv) {
+                        Acc scale, NA_PLAN_ARGS(Acc), T* __restrict__ dk, T* __restrict__ dvv) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;  // the key pixel (yy, xx)
     if (t >= (i64)nb * h * w) return;
     const i64 b = t / ((i64)h * w);

@@ -86,6 +86,8 @@ def _plan(cp, a, batch, rows, cols, dtype):
 
 
 def _plans(cp, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
+    """The relative bias and tables in ``dtype``, the accumulation type: a float32 table with
+    float16 maps is read as given, as the reference reads it."""
     return (
         _plan(cp, rel_bias, batch, wy.table, wx.table, dtype),
         _plan(cp, r_h, batch, wy.table, d, dtype),
@@ -112,7 +114,7 @@ def window_attention_forward(
     npix = nb * h * w
     if npix:
         ytab, xtab = _tables(cp, wy)[0], _tables(cp, wx)[0]
-        pb, ph, pw = _plans(cp, wy, wx, batch, d, q.dtype, rel_bias, r_h, r_w)
+        pb, ph, pw = _plans(cp, wy, wx, batch, d, adt, rel_bias, r_h, r_w)
         _fn(f"na_fwd<{t}, {acc}, {_dmax(dv)}>")(
             (-(-npix // THREADS),),
             (THREADS,),
@@ -155,7 +157,7 @@ def window_attention_backward(
     dq = cp.zeros((nb, h, w, d), dtype=q.dtype)
     dk = cp.zeros((nb, h, w, d), dtype=q.dtype)
     dvv = cp.zeros((nb, h, w, dv), dtype=q.dtype)
-    pb, ph, pw = _plans(cp, wy, wx, batch, d, q.dtype, rel_bias, r_h, r_w)
+    pb, ph, pw = _plans(cp, wy, wx, batch, d, adt, rel_bias, r_h, r_w)
     grads = [None if p[1] is None else cp.zeros(p[1].size, dtype=adt) for p in (pb, ph, pw)]
     npix = nb * h * w
     if npix:
