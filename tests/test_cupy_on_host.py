@@ -23,6 +23,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -534,6 +535,120 @@ def test_neighborhood_float32_tables_with_half_inputs(host_cupy, rng, half):
     names = ("out", "lse", "dq", "dk", "dv", "drel_bias", "dr_h", "dr_w")
     for name, g, wnt, b in zip(names, (out, lse, *grads), want, base, strict=True):
         _half_ok(g, wnt, b, name, per="element" if name == "lse" else "all")
+
+
+class _FakeDevice:
+    """Stands in for ``cupy.cuda.Device``: entering it makes it the current device."""
+
+    current = [0]
+
+    def __init__(self, dev=None):
+        self.id = self.current[-1] if dev is None else dev
+
+    def __enter__(self):
+        self.current.append(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        self.current.pop()
+
+
+class _OnDevice(np.ndarray):
+    """A NumPy array that says it lives on fake device ``dev`` (as a CuPy array's ``device``)."""
+
+    def __new__(cls, a, dev):
+        out = np.asarray(a).view(cls)
+        out.dev = dev
+        return out
+
+    def __array_finalize__(self, obj):
+        self.dev = getattr(obj, "dev", None)
+
+    @property
+    def device(self):
+        return _FakeDevice(self.dev)
+
+
+class _RecordingCupy:
+    """NumPy standing in for CuPy, recording the current fake device of every allocation."""
+
+    ALLOCATE = ("empty", "zeros", "full", "ascontiguousarray", "asarray", "empty_like")
+
+    def __init__(self, events):
+        self.events = events
+        self.cuda = types.SimpleNamespace(Device=_FakeDevice)
+
+    def __getattr__(self, name):
+        fn = getattr(np, name)
+        if name not in self.ALLOCATE:
+            return fn
+
+        def allocate(*args, **kwargs):
+            self.events.append(("allocate", name, _FakeDevice.current[-1]))
+            return np.asarray(fn(*args, **kwargs))
+
+        return allocate
+
+
+def test_launchers_run_on_the_inputs_device(host_cupy, host_libs, rng, monkeypatch):
+    """Finding 3: with the inputs on device 1 (an sm_61 card: no tensor cores) while device 0
+    (an H100) is current, every allocation, module lookup and launch of the cupy launchers
+    happens on device 1, and the kernels are chosen for device 1."""
+    from arrayattn._reference.neighborhood import na_axis_windows
+    from arrayattn.backends.cupy import attention, criss_cross, neighborhood
+
+    events = []
+    monkeypatch.setitem(sys.modules, "cupy", _RecordingCupy(events))
+    monkeypatch.setattr(_FakeDevice, "current", [0])
+    props = {0: (90, 227 * 1024), 1: (61, 48 * 1024)}
+    monkeypatch.setattr(attention, "_current_device", lambda: props[_FakeDevice.current[-1]])
+
+    def function(lib):
+        def lookup(name, exprs, expr, shared=0):
+            events.append(("lookup", expr, _FakeDevice.current[-1]))
+            kernel = _HostKernel(lib, expr)
+
+            def launch(*args, **kwargs):
+                events.append(("launch", expr, _FakeDevice.current[-1]))
+                return kernel(*args, **kwargs)
+
+            return launch
+
+        return lookup
+
+    for family, module in (
+        ("attention", attention),
+        ("criss_cross", criss_cross),
+        ("neighborhood", neighborhood),
+    ):
+        monkeypatch.setattr(module, "function", function(host_libs[family]))
+
+    def on_1(shape, dtype):
+        return _OnDevice(rng.standard_normal(shape).astype(dtype), 1)
+
+    q, k, v = (
+        on_1((2, 40, 64), np.float16),
+        on_1((2, 50, 64), np.float16),
+        on_1((2, 50, 32), np.float16),
+    )
+    out, lse = attention.sdpa_forward(q, k, v, bias=on_1((40, 50), np.float32), scale=0.125)
+    attention.sdpa_backward(
+        q, k, v, out, lse, on_1(out.shape, np.float16), bias=on_1((40, 50), np.float32), scale=0.1
+    )
+    x = on_1((1, 5, 6, 8), np.float32)
+    out, lse = criss_cross.criss_cross_forward(x, x, x, scale=0.3)
+    criss_cross.criss_cross_backward(x, x, x, out, lse, on_1(out.shape, np.float32), scale=0.3)
+    wy, wx = na_axis_windows(5, 3, 1, "clamp"), na_axis_windows(6, 3, 1, "clamp")
+    kw = {"boundary": "clamp", "scale": 0.3, "rel_bias": on_1((5, 5), np.float32)}
+    out, lse = neighborhood.window_attention_forward(x, x, x, wy, wx, **kw)
+    neighborhood.window_attention_backward(
+        x, x, x, out, lse, on_1(out.shape, np.float32), wy, wx, **kw
+    )
+    kinds = {kind for kind, _, _ in events}
+    assert kinds == {"allocate", "lookup", "launch"}
+    assert [e for e in events if e[2] != 1] == []
+    assert not any("_wmma<" in e[1] for e in events)  # sm_61: no tensor-core kernels
+    assert _FakeDevice.current == [0]
 
 
 def test_shared_memory_fits_sm80():

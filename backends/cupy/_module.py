@@ -9,11 +9,21 @@ no GPU and no CuPy, so CI checks every source compiles (the CUDA headers come fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 
-__all__ = ["OPTIONS", "module", "nvrtc_compile", "resource_usage", "source", "sources"]
+__all__ = [
+    "OPTIONS",
+    "device_of",
+    "module",
+    "nvrtc_compile",
+    "on_inputs_device",
+    "resource_usage",
+    "source",
+    "sources",
+]
 
 _HERE = os.path.dirname(__file__)
 OPTIONS = ("-std=c++17",)
@@ -45,6 +55,26 @@ def function(name: str, name_expressions: tuple[str, ...], expr: str, shared_byt
     if shared_bytes > 48 * 1024 and fn.max_dynamic_shared_size_bytes < shared_bytes:
         fn.max_dynamic_shared_size_bytes = shared_bytes
     return fn
+
+
+def device_of(x):
+    """The device of ``x`` as a context manager (a ``cupy.cuda.Device``); a null context for an
+    array without one (the NumPy arrays that stand in for CuPy's in the host emulation)."""
+    dev = getattr(x, "device", None)
+    return dev if hasattr(dev, "__enter__") else contextlib.nullcontext()
+
+
+def on_inputs_device(launcher):
+    """Run ``launcher(q, ...)`` with ``q``'s device current: its allocations, the module it
+    compiles or loads, the device properties it reads to pick kernels and its launches then
+    all use the inputs' device, not whichever device happens to be current."""
+
+    @functools.wraps(launcher)
+    def wrapper(q, *args, **kwargs):
+        with device_of(q):
+            return launcher(q, *args, **kwargs)
+
+    return wrapper
 
 
 def _include_dir() -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from arrayattn.attention import sdpa_kernel
 
-from ._module import function
+from ._module import function, on_inputs_device
 
 __all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "sdpa_backward", "sdpa_forward"]
 
@@ -70,6 +70,8 @@ def _device(device_id):
 
 
 def _current_device():
+    """(compute capability, shared memory) of the current device: the inputs' device, as every
+    launcher runs under :func:`._module.on_inputs_device`."""
     import cupy as cp
 
     return _device(cp.cuda.Device().id)
@@ -185,6 +187,7 @@ def _names(dtype):
     return name, t, acc, (np.float64 if acc == "double" else np.float32)
 
 
+@on_inputs_device
 def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1):
     """``(out, lse)`` like the reference ``sdpa_forward``, on CuPy arrays."""
     import cupy as cp
@@ -236,6 +239,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
+@on_inputs_device
 def sdpa_backward(
     q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None, scale, gqa_groups=1
 ):

@@ -12,7 +12,7 @@ import numpy as np
 
 from arrayattn.criss_cross import criss_cross_kernel
 
-from ._module import function
+from ._module import function, on_inputs_device
 
 __all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "criss_cross_backward", "criss_cross_forward"]
 
@@ -52,6 +52,7 @@ def _names(dtype):
     return t, acc, (np.float64 if acc == "double" else np.float32)
 
 
+@on_inputs_device
 def criss_cross_forward(q, k, v, *, scale):
     import cupy as cp
 
@@ -82,6 +83,7 @@ def criss_cross_forward(q, k, v, *, scale):
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     import cupy as cp
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from arrayattn.neighborhood import window_kernel
 
-from ._module import function
+from ._module import function, on_inputs_device
 
 __all__ = [
     "KERNELS",
@@ -99,6 +99,7 @@ def _c4(cp, x, nb, dtype):
     return cp.ascontiguousarray(x.astype(dtype, copy=False)).reshape((nb,) + tuple(x.shape[-3:]))
 
 
+@on_inputs_device
 def window_attention_forward(
     q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
 ):
@@ -143,6 +144,7 @@ def window_attention_forward(
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def window_attention_backward(
     q, k, v, out, lse, dout, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None
 ):
