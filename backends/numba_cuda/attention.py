@@ -36,7 +36,16 @@ from numba import cuda
 
 from arrayattn.attention import sdpa_kernel
 
-from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
+from ._common import (
+    as_lib,
+    broadcast_plan,
+    caller_stream,
+    launch,
+    lib_of,
+    nblocks,
+    numba_dtype,
+    on_inputs_device,
+)
 
 __all__ = ["KERNELS", "sdpa_backward", "sdpa_forward", "tile_sizes"]
 
@@ -516,6 +525,7 @@ def _coff(causal, lq, lk):
     return 0 if causal in (None, "top_left") else lk - lq
 
 
+@on_inputs_device
 def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1, blocks=None):
     """``(out, lse)`` like the reference ``sdpa_forward`` for float32/float64 device arrays."""
     q, k, v, mask, bias = (as_lib(a) for a in (q, k, v, mask, bias))
@@ -531,7 +541,11 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         bq, bk = blocks or tile_sizes(d, dv, dtype.itemsize)
         kern = _kernels(dtype, d, dv, bq, bk)["fwd"]
         m, b = _plans(lib, mask, bias, batch, lq, lk, dtype)
-        kern[nb * nblocks(lq, bq), bq](
+        launch(
+            kern,
+            nb * nblocks(lq, bq),
+            bq,
+            caller_stream(lib),
             _as3(lib, q, nb),
             _as3(lib, k, nkv),
             _as3(lib, v, nkv),
@@ -547,6 +561,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
+@on_inputs_device
 def sdpa_backward(
     q,
     k,
@@ -595,7 +610,18 @@ def sdpa_backward(
         )
         delta = lib.empty((nb, lq), dtype=dtype)
         nthreads = 128
-        kerns["delta"][nblocks(nb * lq, nthreads), nthreads](do3, o3, dl2, has_dlse, delta)
+        stream = caller_stream(lib)
+        launch(
+            kerns["delta"],
+            nblocks(nb * lq, nthreads),
+            nthreads,
+            stream,
+            do3,
+            o3,
+            dl2,
+            has_dlse,
+            delta,
+        )
         common = (
             q3,
             k3,
@@ -609,14 +635,25 @@ def sdpa_backward(
             _coff(causal, lq, lk),
             *m,
         )
-        kerns["dkdv"][nkv * nblocks(lk, bq), bq](*common, *b[:5], dk, dvv)
-        kerns["dq"][nb * nblocks(lq, bq), bq](*common, *b[:5], dq)
+        launch(kerns["dkdv"], nkv * nblocks(lk, bq), bq, stream, *common, *b[:5], dk, dvv)
+        launch(kerns["dq"], nb * nblocks(lq, bq), bq, stream, *common, *b[:5], dq)
         if bias is not None and dbias.size:
             bdata = b[5]
             nrows = bdata.shape[-2] if bdata.ndim >= 2 and b[3] else 1
             ncols = bdata.shape[-1] if bdata.ndim >= 1 and b[4] else 1
-            kerns["dbias"][nblocks(dbias.size, nthreads), nthreads](
-                *common, b[1], b[2], b[3], b[4], nrows, ncols, dbias
+            launch(
+                kerns["dbias"],
+                nblocks(dbias.size, nthreads),
+                nthreads,
+                stream,
+                *common,
+                b[1],
+                b[2],
+                b[3],
+                b[4],
+                nrows,
+                ncols,
+                dbias,
             )
     if bias is not None:
         dbias = dbias.reshape(bias.shape).astype(bias.dtype, copy=False)
