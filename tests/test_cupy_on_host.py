@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import math
 import os
 import re
 import shutil
@@ -269,8 +270,7 @@ def _sdpa_everything(rng):
     v = rng.standard_normal((2, 2, 90, 48))
     mask = rng.random((1, 1, 70, 90)) > 0.2
     mask[..., 3, :] = False  # a fully masked row
-    # The bias broadcasts over query rows: its gradient sums over them (and the emulation runs
-    # one host thread per bias element, so a full (4, 70, 90) one would be slow).
+    # The bias broadcasts over query rows: its gradient sums over them.
     return (q, k, v), {
         "mask": mask,
         "bias": rng.standard_normal((4, 1, 90)),
@@ -651,6 +651,93 @@ def test_launchers_run_on_the_inputs_device(host_cupy, host_libs, rng, monkeypat
     assert _FakeDevice.current == [0]
 
 
+#: Bias shapes for (B, H) = (2, 3), Lq = 70, Lk = 90: every way of broadcasting (a scalar-like
+#: (1, 1) included), with and without leading axes.
+BIAS_SHAPES = [
+    (1, 1),
+    (90,),
+    (1, 90),
+    (70, 1),
+    (70, 90),
+    (3, 1, 1),
+    (3, 1, 90),
+    (3, 70, 90),
+    (2, 1, 1, 1),
+    (2, 1, 70, 1),
+    (2, 3, 1, 90),
+    (2, 3, 70, 90),
+]
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+@pytest.mark.parametrize(("dtype", "d"), [(np.float64, 16), (np.float16, 32)])
+def test_sdpa_bias_gradient_every_broadcast(host_cupy, rng, shape, dtype, d):
+    """Finding 5: the bias gradient from the dS tiles of the dQ kernels (CUDA cores in float64,
+    tensor cores in float16), reduced over the broadcast axes, equals the reference for every
+    bias shape; causal, so that skipped key tiles contribute zeros."""
+    q = rng.standard_normal((2, 3, 70, d))
+    k, v = rng.standard_normal((2, 3, 90, d)), rng.standard_normal((2, 3, 90, 8))
+    kwargs = {"bias": rng.standard_normal(shape), "causal": "bottom_right"}
+    _compare(
+        aa.scaled_dot_product_attention,
+        (q, k, v),
+        kwargs,
+        dtype,
+        rng,
+        half_criterion=dtype == np.float16,
+    )
+    assert any("sdpa_dbias_reduce" in e for e in host_cupy) == (shape not in [(2, 3, 70, 90)])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (70, 90), (3, 1, 90), (2, 1, 70, 1)], ids=str)
+def test_sdpa_bias_gradient_in_chunks(host_cupy, rng, monkeypatch, shape):
+    """With room for the partials of one query head at a time, the dQ kernel and the reduction
+    run once per head, the reduction adding to the gradient: the same result."""
+    from arrayattn.backends.numba_cuda import _common
+
+    monkeypatch.setattr(_common, "PARTIAL_BYTES", 1)
+    q = rng.standard_normal((2, 3, 70, 16))
+    k, v = rng.standard_normal((2, 3, 90, 16)), rng.standard_normal((2, 3, 90, 8))
+    _compare(
+        aa.scaled_dot_product_attention,
+        (q, k, v),
+        {"bias": rng.standard_normal(shape)},
+        np.float64,
+        rng,
+    )
+    assert sum("sdpa_dbias_reduce" in e for e in host_cupy) == 6
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+def test_dbias_plan_cost(shape):
+    """The cost of the bias gradient, O(B·H·Lq·Lk) for every bias shape: the dQ blocks write at
+    most one partial per dS value (fewer where the bias broadcasts inside a block), and the
+    reduction reads every partial exactly once, with at most 16 sequential additions per thread
+    before its tree (unless 256 threads already share an element). The plan of a scaled-up call
+    (B·H = 512, Lq = Lk = 2048) is checked without running it."""
+    from arrayattn.backends.numba_cuda._common import dbias_plan
+
+    scale = {2: 16, 3: 32, 70: 2048, 90: 2048}
+    big = tuple(scale.get(n, n) for n in shape)
+    batch, lq, lk, bq = (16, 32), 2048, 2048, 64
+    plan = dbias_plan(big, batch, lq, lk, bq, 4)
+    nb = 16 * 32
+    partials = nb * plan.pr * plan.pc
+    assert partials <= nb * lq * lk
+    size = math.prod(big)
+    if plan.direct:
+        assert partials == size
+        return
+    reads = 0
+    for bh0, bh1, hptr, hbh in plan.chunks:
+        assert sorted(hbh.tolist()) == list(range(bh1 - bh0))
+        per_head = np.diff(hptr)
+        per_element = per_head * (1 if plan.rows else plan.pr)
+        reads += int(per_element.sum()) * (size // per_head.size)
+        assert plan.lanes == 256 or -(-int(per_element.max()) // plan.lanes) <= 16
+    assert reads == partials
+
+
 def test_shared_memory_fits_sm80():
     """The tensor-core kernels need at most sm_80's 163 KiB of opt-in shared memory."""
     from arrayattn.backends.cupy import attention as launcher
@@ -662,6 +749,48 @@ def test_shared_memory_fits_sm80():
             launcher._wmma_dq_shared(dp, 2),
         ):
             assert size <= 163 * 1024
+
+
+def test_dkdv_wmma_two_blocks_per_sm():
+    """Finding 7: at DP = 128 the dK/dV tensor-core kernel (dK, dV in fragments) takes shared
+    memory for two blocks per SM on sm_80 (164 KiB per SM) and sm_90 (228 KiB), with the 1 KiB
+    the driver reserves per block (it took 132 KiB, one block, before)."""
+    from arrayattn.backends.cupy import attention as launcher
+
+    per_block = launcher._wmma_dkdv_shared(128, 2) + 1024
+    assert 2 * per_block <= 164 * 1024
+
+
+def _nvrtc_reason():
+    try:
+        from cuda.bindings import nvrtc
+
+        nvrtc.nvrtcVersion()
+        from arrayattn.backends.cupy._module import _include_dir
+
+        _include_dir()
+    except Exception as exc:  # not installed, library or headers missing
+        return f"NVRTC is not usable here ({exc})"
+    return None
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_instantiation_uses_local_memory(family, arch):
+    """Finding 6: ptxas (through NVRTC) reports no local memory (stack frame) and no spills for
+    any instantiation the launchers list: row vectors are registers or shared memory, never
+    local arrays (they took up to 8 KiB per thread before). docs/gpu.rst lists the figures."""
+    reason = _nvrtc_reason()
+    if reason:
+        pytest.skip(reason)
+    from arrayattn.backends.cupy import _module
+
+    launcher = importlib.import_module(f"arrayattn.backends.cupy.{family}")
+    usage = _module.resource_usage(f"{family}.cu", arch, launcher.NAME_EXPRESSIONS)
+    local = {
+        expr: u for expr, u in usage.items() if u["stack"] or u["spill_stores"] or u["spill_loads"]
+    }
+    assert local == {}
 
 
 # -- criss-cross and neighbourhood attention

@@ -34,9 +34,19 @@ def sources() -> list[str]:
     return sorted(f for f in os.listdir(_HERE) if f.endswith(".cu"))
 
 
-def source(name: str) -> str:
+def _read(name: str) -> str:
     with open(os.path.join(_HERE, name), encoding="utf-8") as fh:
         return fh.read()
+
+
+_INCLUDE = re.compile(r'^#include "(_common\.cuh)"$', re.MULTILINE)
+
+
+def source(name: str) -> str:
+    """The text of ``name`` with ``_common.cuh`` pasted in place of its ``#include``: NVRTC gets
+    one self-contained source, and CuPy's kernel cache (keyed by the source text) sees every
+    change of the header."""
+    return _INCLUDE.sub(lambda m: _read(m.group(1)).replace("#pragma once\n", ""), _read(name))
 
 
 @functools.cache

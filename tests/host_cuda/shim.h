@@ -26,7 +26,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __restrict__
 #define __align__(n)
 #define __shared__
@@ -71,6 +71,8 @@ using std::min;
 using std::max;
 inline float expf(float x) { return std::exp(x); }
 inline float logf(float x) { return std::log(x); }
+using std::exp;
+using std::log;
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline double __longlong_as_double(long long x) { double f; std::memcpy(&f, &x, 8); return f; }
@@ -78,6 +80,9 @@ inline double __longlong_as_double(long long x) { double f; std::memcpy(&f, &x, 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }  // round to nearest even
+
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
