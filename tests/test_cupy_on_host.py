@@ -169,7 +169,7 @@ def host_cupy(host_libs, monkeypatch):
         monkeypatch.setattr(
             module, "function", lambda name, exprs, expr, shared=0, lib=lib: _HostKernel(lib, expr)
         )
-    monkeypatch.setattr(backend.attention, "_current_device", lambda: (90, 227 * 1024))  # an H100
+    monkeypatch.setattr(backend._module, "current_device", lambda: (90, 227 * 1024))  # an H100
     resolve, kernel_for = _registry.resolve, _registry.kernel_for
 
     def host_resolve(op, call):  # "array_api" stays the reference; any other setting: cupy
@@ -595,13 +595,13 @@ def test_launchers_run_on_the_inputs_device(host_cupy, host_libs, rng, monkeypat
     (an H100) is current, every allocation, module lookup and launch of the cupy launchers
     happens on device 1, and the kernels are chosen for device 1."""
     from arrayattn._reference.neighborhood import na_axis_windows
-    from arrayattn.backends.cupy import attention, criss_cross, neighborhood
+    from arrayattn.backends.cupy import _module, attention, criss_cross, neighborhood
 
     events = []
     monkeypatch.setitem(sys.modules, "cupy", _RecordingCupy(events))
     monkeypatch.setattr(_FakeDevice, "current", [0])
     props = {0: (90, 227 * 1024), 1: (61, 48 * 1024)}
-    monkeypatch.setattr(attention, "_current_device", lambda: props[_FakeDevice.current[-1]])
+    monkeypatch.setattr(_module, "current_device", lambda: props[_FakeDevice.current[-1]])
 
     def function(lib):
         def lookup(name, exprs, expr, shared=0):
@@ -815,6 +815,19 @@ def test_criss_cross(host_cupy, rng, dtype):
     assert host_cupy
 
 
+@pytest.mark.parametrize(("dtype", "d", "dv"), [(np.float64, 160, 130), (np.float32, 300, 500)])
+def test_criss_cross_wide(host_cupy, rng, dtype, d, dv):
+    """Channel widths whose row vectors live in shared memory (finding 6), with fewer threads
+    per block where they would not fit (float32, 300 + 500 channels)."""
+    args = (
+        rng.standard_normal((1, 4, 5, d)),
+        rng.standard_normal((1, 4, 5, d)),
+        rng.standard_normal((1, 4, 5, dv)),
+    )
+    _compare(aa.criss_cross_attention, args, {"scale": 0.05}, dtype, rng)
+    assert all(e.endswith("true>") for e in host_cupy if "delta" not in e)
+
+
 NA_CASES = {
     "rel_bias+rel_pos, dilation 2, zero padding": (
         (2, 3, 13, 17, 16),
@@ -823,6 +836,8 @@ NA_CASES = {
         True,
     ),
     "clamp, even kernel": ((1, 2, 9, 10, 8), 8, {"kernel_size": 4, "boundary": "clamp"}, False),
+    # row vectors in shared memory (finding 6): float64 at 80/100 channels
+    "wide channels": ((1, 1, 5, 6, 80), 100, {"kernel_size": 3, "boundary": "zero"}, True),
 }
 
 

@@ -16,10 +16,14 @@ import re
 
 __all__ = [
     "OPTIONS",
+    "REG_WORDS",
+    "current_device",
     "device_of",
+    "in_shared",
     "module",
     "nvrtc_compile",
     "on_inputs_device",
+    "pixel_launch",
     "resource_usage",
     "source",
     "sources",
@@ -85,6 +89,49 @@ def on_inputs_device(launcher):
             return launcher(q, *args, **kwargs)
 
     return wrapper
+
+
+@functools.cache
+def _device_props(device_id):
+    import cupy
+
+    dev = cupy.cuda.Device(device_id)
+    return int(dev.compute_capability), dev.attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def current_device():
+    """(compute capability as an int, e.g. 90; opt-in shared memory per block in bytes) of the
+    current device: the inputs' device, as every launcher runs under :func:`on_inputs_device`."""
+    import cupy
+
+    return _device_props(cupy.cuda.Device().id)
+
+
+#: 32-bit registers a thread's row vectors may take; wider instantiations keep them in shared
+#: memory (``TVec`` in ``_common.cuh``), so that no instantiation uses local memory.
+REG_WORDS = 128
+#: Dynamic shared memory a launch may take without opting in.
+DEFAULT_SHARED = 48 * 1024
+
+
+def in_shared(vectors: int, acc: str, dmax: int) -> bool:
+    """Whether ``vectors`` row vectors of ``dmax`` values of ``acc`` per thread go to shared
+    memory (the ``SH`` template argument of the kernels)."""
+    return vectors * dmax * (2 if acc == "double" else 1) > REG_WORDS
+
+
+def pixel_launch(n: int, per_thread_bytes: int, most: int = 128):
+    """``(grid, block, shared bytes)`` of a kernel with one thread per item of ``n`` whose
+    threads keep ``per_thread_bytes`` of shared memory each (their row vectors, or nothing):
+    ``most`` threads a block, or as many as the device's opt-in shared memory holds (whole
+    warps where that is 32 or more, at least one)."""
+    threads = most
+    if per_thread_bytes:
+        budget = max(DEFAULT_SHARED, current_device()[1])
+        threads = max(1, min(most, budget // per_thread_bytes))
+        if threads >= 32:
+            threads -= threads % 32
+    return (-(-n // threads),), (threads,), threads * per_thread_bytes
 
 
 def _include_dir() -> str:

@@ -19,7 +19,8 @@ import numpy as np
 
 from arrayattn.attention import sdpa_kernel
 
-from ._module import function, on_inputs_device
+from . import _module
+from ._module import function, in_shared, on_inputs_device
 
 __all__ = [
     "KERNELS",
@@ -45,12 +46,9 @@ _HALF = ("float16", "bfloat16")
 BLOCK_K = 32  # most key (or query) rows of a staged tile of the CUDA-core kernels
 #: Shared memory of a CUDA-core block with its row vectors in registers (no opt-in needed);
 #: those with shared row vectors may use the device's opt-in maximum.
-SHARED_BYTES = 48 * 1024
+SHARED_BYTES = _module.DEFAULT_SHARED
 WMMA_BQ, WMMA_BK = 64, 32
 WMMA_KEYS, WMMA_QB = 64, 32  # key rows per block and staged query rows of sdpa_dkdv_wmma
-#: 32-bit registers a thread's row vectors may take; wider instantiations keep them in shared
-#: memory (``TVec`` in ``_common.cuh``), so that no instantiation uses local memory.
-REG_WORDS = 128
 #: Row vectors per thread of each CUDA-core kernel: q and the output accumulator; q, dO and
 #: dq; k, v, dk and dv.
 _VECTORS = {"sdpa_fwd": 2, "sdpa_dq": 3, "sdpa_dkdv": 4}
@@ -59,7 +57,7 @@ REDUCE_THREADS = 256
 
 def shared_vectors(kernel: str, acc: str, dmax: int) -> bool:
     """Whether the CUDA-core ``kernel`` keeps its row vectors in shared memory at ``dmax``."""
-    return _VECTORS[kernel] * dmax * (2 if acc == "double" else 1) > REG_WORDS
+    return in_shared(_VECTORS[kernel], acc, dmax)
 
 
 def _cuda_core_expr(kernel, t, acc, dmax):
@@ -82,23 +80,6 @@ def _exprs() -> tuple[str, ...]:
 NAME_EXPRESSIONS = _exprs()
 
 
-@functools.cache
-def _device(device_id):
-    """(compute capability as an int, e.g. 90; opt-in shared memory per block in bytes)."""
-    import cupy as cp
-
-    dev = cp.cuda.Device(device_id)
-    return int(dev.compute_capability), dev.attributes["MaxSharedMemoryPerBlockOptin"]
-
-
-def _current_device():
-    """(compute capability, shared memory) of the current device: the inputs' device, as every
-    launcher runs under :func:`._module.on_inputs_device`."""
-    import cupy as cp
-
-    return _device(cp.cuda.Device().id)
-
-
 #: The compute capability the wmma fragments of each element type need.
 _WMMA_MIN_CC = {"__half": 70, "__nv_bfloat16": 80}
 
@@ -118,7 +99,7 @@ def _device_exprs(cc):
 
 
 def _fn(expr, shared=0):
-    return function(SOURCE, _device_exprs(_current_device()[0]), expr, shared)
+    return function(SOURCE, _device_exprs(_module.current_device()[0]), expr, shared)
 
 
 def _dmax(d, dv):
@@ -128,17 +109,18 @@ def _dmax(d, dv):
     return None
 
 
-def cuda_core_blocks(kernel, d, dv, itemsize, in_shared, budget=SHARED_BYTES):
+def cuda_core_blocks(kernel, d, dv, itemsize, vectors_in_shared, budget=SHARED_BYTES):
     """``(rows per block, rows per staged tile, dynamic shared bytes)`` of a CUDA-core kernel.
 
     A block has one thread per query row (``sdpa_fwd``, ``sdpa_dq``) or key row
     (``sdpa_dkdv``), a power of two; its shared memory holds the staged tile (K and V rows, or
     Q, dO, lse and D rows), the tile's logits (``sdpa_fwd``) or dS (``sdpa_dq``, pitch rows + 1,
-    and a row sum per thread) and, ``in_shared``, every thread's row vectors. The largest block
-    with tiles of 8 rows or more in ``budget`` bytes is taken, else the largest with any tile.
+    and a row sum per thread) and, ``vectors_in_shared``, every thread's row vectors. The
+    largest block with tiles of 8 rows or more in ``budget`` bytes is taken, else the largest
+    with any tile.
     """
     widths = {"sdpa_fwd": d + dv, "sdpa_dq": 2 * d + dv, "sdpa_dkdv": 2 * (d + dv)}[kernel]
-    per_thread = ((widths if in_shared else 0) + (kernel == "sdpa_dq")) * itemsize
+    per_thread = ((widths if vectors_in_shared else 0) + (kernel == "sdpa_dq")) * itemsize
 
     def per_tile_row(rows):
         if kernel == "sdpa_dkdv":
@@ -160,7 +142,7 @@ def _cuda_core(kernel, t, acc, d, dv, itemsize):
     """The instantiation and ``cuda_core_blocks`` of a CUDA-core kernel for this call."""
     dmax = _dmax(d, dv)
     sh = shared_vectors(kernel, acc, dmax)
-    budget = max(SHARED_BYTES, _current_device()[1]) if sh else SHARED_BYTES
+    budget = max(SHARED_BYTES, _module.current_device()[1]) if sh else SHARED_BYTES
     return _cuda_core_expr(kernel, t, acc, dmax), cuda_core_blocks(
         kernel, d, dv, itemsize, sh, budget
     )
@@ -205,7 +187,7 @@ def _wmma_dp(name, d, dv, itemsize):
     dp = next((p for p in WMMA_DPS if max(d, dv) <= p), None)
     if dp is None:
         return None
-    cc, shared = _current_device()
+    cc, shared = _module.current_device()
     if cc < _WMMA_MIN_CC[_CTYPES[name][0]]:
         return None
     need = max(

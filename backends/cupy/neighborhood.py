@@ -17,7 +17,7 @@ import numpy as np
 
 from arrayattn.neighborhood import window_kernel
 
-from ._module import function, on_inputs_device
+from ._module import function, in_shared, on_inputs_device, pixel_launch
 
 __all__ = [
     "KERNELS",
@@ -39,24 +39,37 @@ _CTYPES = {
 THREADS = 128
 
 
+#: Row vectors per thread, as counted against ``REG_WORDS``: the output accumulator; dq (counted
+#: twice: with its other live state, 128 registers of dq spilled on sm_80); dk and dv.
+_VECTORS = {"na_fwd": 1, "na_dq": 2, "na_dkdv": 2}
+
+
+def _expr(kernel, t, acc, dmax):
+    return f"{kernel}<{t}, {acc}, {dmax}, {str(in_shared(_VECTORS[kernel], acc, dmax)).lower()}>"
+
+
 def _exprs() -> tuple[str, ...]:
     out = ["na_dbias<float>", "na_dbias<double>"]
     for t, acc in _CTYPES.values():
         out.append(f"na_dtable<{t}, {acc}>")
         for dm in DMAXES:
-            out += [
-                f"na_fwd<{t}, {acc}, {dm}>",
-                f"na_dq<{t}, {acc}, {dm}>",
-                f"na_dkdv<{t}, {acc}, {dm}>",
-            ]
+            out += [_expr(kernel, t, acc, dm) for kernel in _VECTORS]
     return tuple(out)
 
 
 NAME_EXPRESSIONS = _exprs()
 
 
-def _fn(expr):
-    return function(SOURCE, NAME_EXPRESSIONS, expr)
+def _fn(expr, shared=0):
+    return function(SOURCE, NAME_EXPRESSIONS, expr, shared)
+
+
+def _launch(kernel, t, acc, npix, widths, itemsize, args):
+    """Launch a one-thread-per-pixel kernel; ``widths``: the sizes of its row vectors."""
+    dmax = _dmax(max(widths))
+    sh = in_shared(_VECTORS[kernel], acc, dmax)
+    grid, block, shared = pixel_launch(npix, sum(widths) * itemsize if sh else 0, THREADS)
+    _fn(_expr(kernel, t, acc, dmax), shared)(grid, block, args, shared_mem=shared)
 
 
 def _dmax(n):
@@ -116,9 +129,13 @@ def window_attention_forward(
     if npix:
         ytab, xtab = _tables(cp, wy)[0], _tables(cp, wx)[0]
         pb, ph, pw = _plans(cp, wy, wx, batch, d, adt, rel_bias, r_h, r_w)
-        _fn(f"na_fwd<{t}, {acc}, {_dmax(dv)}>")(
-            (-(-npix // THREADS),),
-            (THREADS,),
+        _launch(
+            "na_fwd",
+            t,
+            acc,
+            npix,
+            (dv,),
+            np.dtype(adt).itemsize,
             (
                 _c4(cp, q, nb, q.dtype),
                 _c4(cp, k, nb, q.dtype),
@@ -176,9 +193,14 @@ def window_attention_backward(
         dims = (np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv))
         win = (ytab, np.int32(ky), xtab, np.int32(kx))
         plans = (*pb[0], *ph[0], *pw[0])
-        grid = ((-(-npix // THREADS),), (THREADS,))
-        _fn(f"na_dq<{t}, {acc}, {_dmax(d)}>")(
-            *grid,
+        isz = np.dtype(adt).itemsize
+        _launch(
+            "na_dq",
+            t,
+            acc,
+            npix,
+            (d,),
+            isz,
             (
                 q4,
                 k4,
@@ -198,8 +220,13 @@ def window_attention_backward(
                 sumc,
             ),
         )
-        _fn(f"na_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
-            *grid,
+        _launch(
+            "na_dkdv",
+            t,
+            acc,
+            npix,
+            (d, dv),
+            isz,
             (
                 q4,
                 k4,
