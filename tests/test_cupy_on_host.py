@@ -2,15 +2,18 @@
 
 Each ``backends/cupy/*.cu`` source is compiled as host C++ with ``tests/host_cuda/shim.h`` (one
 thread per CUDA thread, blocks in turn, real barriers for ``__syncthreads``/``__syncwarp``,
-shared memory filled with NaN and guarded by a canary, wmma fragments held whole by lane 0 of
-each warp) together with a table of every template instantiation its launcher lists. The ops then
+``__shfl_xor_sync`` between warp barriers, shared memory filled with NaN and guarded by a canary,
+wmma fragments held whole by lane 0 of each warp, a wmma store visible only from lane 0's next
+barrier) together with a table of every template instantiation its launcher lists. The ops then
 run through the backend's real adapters and launchers, with NumPy standing in for CuPy and each
 launch executed by that library, and are compared with the array-API reference.
 
 This checks the kernels' indexing, tiling, masking, synchronisation, shared-memory layout and
-sizes, argument lists and numerics without a GPU. It cannot check the CUDA compiler (the NVRTC
-tests in ``test_gpu.py`` do that), the hardware's wmma fragment layouts, races the barriers of
-the emulation would hide, or speed. Skipped where no C++20 compiler is available.
+sizes, argument lists and numerics without a GPU; fake devices check which device the launchers
+use, and NVRTC's ptxas report that no instantiation uses local memory. It cannot check the CUDA
+compiler's code (the NVRTC tests in ``test_gpu.py`` check that it compiles), the hardware's wmma
+fragment layouts, races the barriers of the emulation would hide, or speed. Skipped where no
+C++20 compiler is available.
 """
 
 from __future__ import annotations
