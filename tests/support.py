@@ -51,6 +51,8 @@ def to_numpy(x):
         return tuple(to_numpy(e) for e in x)
     if isinstance(x, dict):
         return {k: to_numpy(v) for k, v in x.items()}
+    if isinstance(x, (np.ndarray, np.generic)):  # (also where NumPy stands in for CuPy)
+        return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
         return x.get()
     if array_api_compat.is_torch_array(x):

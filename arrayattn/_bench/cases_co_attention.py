@@ -33,6 +33,7 @@ def _coda_inputs(p: dict, dtype: str):
 
     rng = np.random.default_rng(0)
     n, la, lb, d = p["N"], p["La"], p["Lb"], p["d"]
+
     def f(*shape: int) -> np.ndarray:
         return np.asarray(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
 

@@ -4,8 +4,10 @@ float32/float64 run the CUDA-core kernels (float64 accumulates in float64); floa
 where the array library has it) with head widths up to 128 run forward and backward on tensor
 cores (``sdpa_fwd_wmma``, ``sdpa_dkdv_wmma``, ``sdpa_dq_wmma``: float32 accumulation; ``P`` and
 ``dS`` rounded to the input dtype for the products, as FlashAttention-2 does), wider heads on
-CUDA cores with float32 accumulation. The bias gradient always runs on CUDA cores. The module is
-compiled on first use (``cupy.RawModule`` with ``name_expressions``).
+CUDA cores with float32 accumulation. The bias gradient is emitted by the dQ kernels (dS summed
+over what the bias broadcasts within a block) and reduced by ``sdpa_dbias_reduce``: O(B·H·Lq·Lk)
+whatever the bias shape. The module is compiled on first use (``cupy.RawModule`` with
+``name_expressions``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ import numpy as np
 
 from arrayattn._kernel import Kernel, requirement
 
-from ._module import function
+from . import _module
+from ._module import function, in_shared, on_inputs_device
 
-__all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "sdpa_backward", "sdpa_forward"]
+__all__ = [
+    "KERNELS",
+    "NAME_EXPRESSIONS",
+    "SOURCE",
+    "cuda_core_blocks",
+    "sdpa_backward",
+    "sdpa_forward",
+]
 
 SOURCE = "attention.cu"
-#: Register-array widths the CUDA-core kernels are instantiated for (d and dv <= DMAX).
+#: Row-vector widths the CUDA-core kernels are instantiated for (d and dv <= DMAX).
 DMAXES = (32, 64, 128, 256)
 #: Padded head widths of the tensor-core kernels.
 WMMA_DPS = (32, 64, 128)
@@ -33,23 +43,33 @@ _CTYPES = {
     "bfloat16": ("__nv_bfloat16", "float"),
 }
 _HALF = ("float16", "bfloat16")
-BLOCK_Q = 64  # query (or key) rows per block of the CUDA-core kernels
-BLOCK_K = 32  # most rows of a staged tile
-SHARED_BYTES = 40 * 1024
+BLOCK_K = 32  # most key (or query) rows of a staged tile of the CUDA-core kernels
+#: Shared memory of a CUDA-core block with its row vectors in registers (no opt-in needed);
+#: those with shared row vectors may use the device's opt-in maximum.
+SHARED_BYTES = _module.DEFAULT_SHARED
 WMMA_BQ, WMMA_BK = 64, 32
 WMMA_KEYS, WMMA_QB = 64, 32  # key rows per block and staged query rows of sdpa_dkdv_wmma
+#: Row vectors per thread of each CUDA-core kernel: q and the output accumulator; q, dO and
+#: dq; k, v, dk and dv.
+_VECTORS = {"sdpa_fwd": 2, "sdpa_dq": 3, "sdpa_dkdv": 4}
+REDUCE_THREADS = 256
+
+
+def shared_vectors(kernel: str, acc: str, dmax: int) -> bool:
+    """Whether the CUDA-core ``kernel`` keeps its row vectors in shared memory at ``dmax``."""
+    return in_shared(_VECTORS[kernel], acc, dmax)
+
+
+def _cuda_core_expr(kernel, t, acc, dmax):
+    return f"{kernel}<{t}, {acc}, {dmax}, {str(shared_vectors(kernel, acc, dmax)).lower()}>"
 
 
 def _exprs() -> tuple[str, ...]:
-    out = []
+    out = [f"sdpa_dbias_reduce<{acc}>" for acc in ("float", "double")]
     for t, acc in _CTYPES.values():
-        out += [f"sdpa_delta<{t}, {acc}>", f"sdpa_dbias<{t}, {acc}>"]
+        out.append(f"sdpa_delta<{t}, {acc}>")
         for dmax in DMAXES:
-            out += [
-                f"sdpa_fwd<{t}, {acc}, {dmax}>",
-                f"sdpa_dkdv<{t}, {acc}, {dmax}>",
-                f"sdpa_dq<{t}, {acc}, {dmax}>",
-            ]
+            out += [_cuda_core_expr(kernel, t, acc, dmax) for kernel in _VECTORS]
     for name in _HALF:
         t = _CTYPES[name][0]
         for kernel in ("sdpa_fwd_wmma", "sdpa_dkdv_wmma", "sdpa_dq_wmma"):
@@ -58,21 +78,6 @@ def _exprs() -> tuple[str, ...]:
 
 
 NAME_EXPRESSIONS = _exprs()
-
-
-@functools.cache
-def _device(device_id):
-    """(compute capability as an int, e.g. 90; opt-in shared memory per block in bytes)."""
-    import cupy as cp
-
-    dev = cp.cuda.Device(device_id)
-    return int(dev.compute_capability), dev.attributes["MaxSharedMemoryPerBlockOptin"]
-
-
-def _current_device():
-    import cupy as cp
-
-    return _device(cp.cuda.Device().id)
 
 
 #: The compute capability the wmma fragments of each element type need.
@@ -94,7 +99,7 @@ def _device_exprs(cc):
 
 
 def _fn(expr, shared=0):
-    return function(SOURCE, _device_exprs(_current_device()[0]), expr, shared)
+    return function(SOURCE, _device_exprs(_module.current_device()[0]), expr, shared)
 
 
 def _dmax(d, dv):
@@ -104,48 +109,85 @@ def _dmax(d, dv):
     return None
 
 
-def _tile(d, dv, itemsize):
-    return max(1, min(BLOCK_K, SHARED_BYTES // (max(1, d + dv) * itemsize)))
+def cuda_core_blocks(kernel, d, dv, itemsize, vectors_in_shared, budget=SHARED_BYTES):
+    """``(rows per block, rows per staged tile, dynamic shared bytes)`` of a CUDA-core kernel.
+
+    A block has one thread per query row (``sdpa_fwd``, ``sdpa_dq``) or key row
+    (``sdpa_dkdv``), a power of two; its shared memory holds the staged tile (K and V rows, or
+    Q, dO, lse and D rows), the tile's logits (``sdpa_fwd``) or dS (``sdpa_dq``, pitch rows + 1,
+    and a row sum per thread) and, ``vectors_in_shared``, every thread's row vectors. The
+    largest block with tiles of 8 rows or more in ``budget`` bytes is taken, else the largest
+    with any tile.
+    """
+    widths = {"sdpa_fwd": d + dv, "sdpa_dq": 2 * d + dv, "sdpa_dkdv": 2 * (d + dv)}[kernel]
+    per_thread = ((widths if vectors_in_shared else 0) + (kernel == "sdpa_dq")) * itemsize
+
+    def per_tile_row(rows):
+        if kernel == "sdpa_dkdv":
+            return (d + dv + 2) * itemsize
+        return (d + dv + rows + (kernel == "sdpa_dq")) * itemsize
+
+    fits = []
+    for rows in (64, 32, 16, 8, 4, 2, 1):
+        tile = min(BLOCK_K, (budget - rows * per_thread) // per_tile_row(rows))
+        if tile >= 1:
+            fits.append((rows, tile))
+    if not fits:
+        raise ValueError(f"{kernel}: d={d}, dv={dv} do not fit {budget} bytes of shared memory")
+    rows, tile = next((f for f in fits if f[1] >= 8), fits[0])
+    return rows, tile, rows * per_thread + tile * per_tile_row(rows)
+
+
+def _cuda_core(kernel, t, acc, d, dv, itemsize):
+    """The instantiation and ``cuda_core_blocks`` of a CUDA-core kernel for this call."""
+    dmax = _dmax(d, dv)
+    sh = shared_vectors(kernel, acc, dmax)
+    budget = max(SHARED_BYTES, _module.current_device()[1]) if sh else SHARED_BYTES
+    return _cuda_core_expr(kernel, t, acc, dmax), cuda_core_blocks(
+        kernel, d, dv, itemsize, sh, budget
+    )
 
 
 def _wmma_shared(dp, itemsize):
+    tp, sp, pp = dp + 8, WMMA_BK + 4, WMMA_BK + 8
     return (
-        (WMMA_BQ + 2 * WMMA_BK) * dp * itemsize
-        + WMMA_BQ * WMMA_BK * (4 + itemsize)
-        + WMMA_BQ * dp * 4
-        + 3 * WMMA_BQ * 4
+        (WMMA_BQ + 2 * WMMA_BK) * tp * itemsize
+        + WMMA_BQ * sp * 4
+        + WMMA_BQ * pp * itemsize
+        + WMMA_BQ * 4
     )
 
 
 def _wmma_dkdv_shared(dp, itemsize):
+    tp, sp, pp = dp + 8, WMMA_QB + 4, WMMA_QB + 8
     return (
-        (2 * WMMA_KEYS + 2 * WMMA_QB) * dp * itemsize
-        + WMMA_KEYS * WMMA_QB * (8 + itemsize)
-        + 2 * WMMA_KEYS * dp * 4
+        (2 * WMMA_KEYS + 2 * WMMA_QB) * tp * itemsize
+        + 2 * WMMA_KEYS * sp * 4
+        + WMMA_KEYS * pp * itemsize
         + 2 * WMMA_QB * 4
     )
 
 
 def _wmma_dq_shared(dp, itemsize):
+    tp, sp, pp = dp + 8, WMMA_BK + 4, WMMA_BK + 8
     return (
-        (2 * WMMA_BQ + 2 * WMMA_BK) * dp * itemsize
-        + WMMA_BQ * WMMA_BK * (8 + itemsize)
-        + WMMA_BQ * dp * 4
-        + 2 * WMMA_BQ * 4
+        (2 * WMMA_BQ + 2 * WMMA_BK) * tp * itemsize
+        + 2 * WMMA_BQ * sp * 4
+        + WMMA_BQ * pp * itemsize
+        + 3 * WMMA_BQ * 4
     )
 
 
 def _wmma_dp(name, d, dv, itemsize):
     """The padded head width of the tensor-core kernels for this call, or None (CUDA cores):
     float16/bfloat16, d and dv <= 128, and a device with the tensor cores and the shared memory
-    all three kernels need at that width (e.g. 132 KiB for the backward at 128 on sm_80/sm_90;
-    an sm_86 card, 99 KiB, takes widths up to 64 there)."""
+    all three kernels need at that width (at most 77 KiB, the backward at 128)."""
     if name not in _HALF:
         return None
     dp = next((p for p in WMMA_DPS if max(d, dv) <= p), None)
     if dp is None:
         return None
-    cc, shared = _current_device()
+    cc, shared = _module.current_device()
     if cc < _WMMA_MIN_CC[_CTYPES[name][0]]:
         return None
     need = max(
@@ -162,6 +204,8 @@ def _plan(cp, a, batch, rows, cols, dtype):
 
 
 def _plans(cp, mask, bias, batch, lq, lk, dtype):
+    """Mask and bias kernel arguments; the bias in ``dtype``, the accumulation type (a float32
+    bias with float16 inputs stays float32, as the reference adds it)."""
     i64 = np.int64
     if mask is not None:
         mflat, moffs, mrs, mcs, _ = _plan(cp, mask, batch, lq, lk, np.bool_)
@@ -183,6 +227,7 @@ def _names(dtype):
     return name, t, acc, (np.float64 if acc == "double" else np.float32)
 
 
+@on_inputs_device
 def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1):
     """``(out, lse)`` like the reference ``sdpa_forward``, on CuPy arrays."""
     import cupy as cp
@@ -197,7 +242,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         q3 = cp.ascontiguousarray(q).reshape(nb, lq, d)
         k3 = cp.ascontiguousarray(k).reshape(nkv, lk, d)
         v3 = cp.ascontiguousarray(v).reshape(nkv, lk, dv)
-        m, b, _ = _plans(cp, mask, bias, batch, lq, lk, q.dtype)
+        m, b, _ = _plans(cp, mask, bias, batch, lq, lk, adt)
         coff = np.int64(0 if causal in (None, "top_left") else lk - lq)
         head = (
             q3,
@@ -222,18 +267,49 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
                 shared_mem=shared,
             )
         else:
-            bk = _tile(d, dv, np.dtype(adt).itemsize)
-            shared = bk * (d + dv) * np.dtype(adt).itemsize
-            fn = _fn(f"sdpa_fwd<{t}, {acc}, {_dmax(d, dv)}>")
-            fn(
-                (nb * -(-lq // BLOCK_Q),),
-                (BLOCK_Q,),
+            expr, (bq, bk, shared) = _cuda_core("sdpa_fwd", t, acc, d, dv, np.dtype(adt).itemsize)
+            _fn(expr, shared)(
+                (nb * -(-lq // bq),),
+                (bq,),
                 (*head, np.int32(bk), adt(scale), *tail),
                 shared_mem=shared,
             )
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
+def _dbias_plan(bdata, batch, lq, lk, block_q, itemsize):
+    from .._cuda import dbias_plan
+
+    return dbias_plan(bdata.shape, batch, lq, lk, block_q, itemsize)
+
+
+def _dbias_reduce(cp, plan, part, chunk, first, dbias, acc, adt):
+    """Launch ``sdpa_dbias_reduce`` for the partials of one chunk of query heads."""
+    _, _, hptr, hbh = chunk
+    per_block = REDUCE_THREADS // plan.lanes
+    _fn(f"sdpa_dbias_reduce<{acc}>")(
+        (-(-dbias.size // per_block),),
+        (REDUCE_THREADS,),
+        (
+            part,
+            np.int64(plan.pr),
+            np.int64(plan.pc),
+            np.int32(plan.rows),
+            np.int32(plan.cols),
+            cp.asarray(hptr),
+            cp.asarray(hbh),
+            np.int64(plan.nrows),
+            np.int64(plan.ncols),
+            np.int64(dbias.size),
+            np.int32(plan.lanes),
+            np.int32(not first),
+            dbias,
+        ),
+        shared_mem=REDUCE_THREADS * np.dtype(adt).itemsize,
+    )
+
+
+@on_inputs_device
 def sdpa_backward(
     q, k, v, out, lse, dout, dlse=None, *, mask=None, bias=None, causal=None, scale, gqa_groups=1
 ):
@@ -247,9 +323,10 @@ def sdpa_backward(
     dq = cp.zeros((nb, lq, d), dtype=q.dtype)
     dk = cp.zeros((nkv, lk, d), dtype=q.dtype)
     dvv = cp.zeros((nkv, lk, dv), dtype=q.dtype)
-    m, b, bdata = _plans(cp, mask, bias, batch, lq, lk, q.dtype)
+    m, b, bdata = _plans(cp, mask, bias, batch, lq, lk, adt)
     dbias = cp.zeros(bdata.size, dtype=adt) if bias is not None else None
     if nb and lq and lk:
+        isz = np.dtype(adt).itemsize
         q3 = cp.ascontiguousarray(q).reshape(nb, lq, d)
         k3 = cp.ascontiguousarray(k).reshape(nkv, lk, d)
         v3 = cp.ascontiguousarray(v).reshape(nkv, lk, dv)
@@ -270,73 +347,67 @@ def sdpa_backward(
             (do3, o3, dl2, np.int32(has_dlse), np.int64(rows), np.int32(dv), delta),
         )
         coff = np.int64(0 if causal in (None, "top_left") else lk - lq)
-        isz = np.dtype(adt).itemsize
-        bt = _tile(d, dv, isz)
-        dmax = _dmax(d, dv)
-        head = (
-            q3,
-            k3,
-            v3,
-            do3,
-            lse2,
-            delta,
-            np.int32(nb),
-            np.int32(lq),
-            np.int32(lk),
-            np.int32(d),
-            np.int32(dv),
-            np.int32(gqa_groups),
-            np.int32(bt),
-            adt(scale),
+        head = (q3, k3, v3, do3, lse2, delta) + tuple(
+            np.int32(x) for x in (nb, lq, lk, d, dv, gqa_groups)
         )
         tail = (*m, *b, np.int32(causal is not None), coff)
         dp = _wmma_dp(name, d, dv, q.dtype.itemsize)
         if dp is not None:
-            wmma_head = (*head[:12], np.float32(scale))
             shared = _wmma_dkdv_shared(dp, q.dtype.itemsize)
             _fn(f"sdpa_dkdv_wmma<{t}, {dp}>", shared)(
                 (nkv * -(-lk // WMMA_KEYS),),
                 (128,),
-                (*wmma_head, *tail, dk, dvv),
+                (*head, np.float32(scale), *tail, dk, dvv),
                 shared_mem=shared,
             )
-            shared = _wmma_dq_shared(dp, q.dtype.itemsize)
-            _fn(f"sdpa_dq_wmma<{t}, {dp}>", shared)(
-                (nb * -(-lq // WMMA_BQ),), (128,), (*wmma_head, *tail, dq), shared_mem=shared
-            )
+            bq, dq_threads, dq_shared = WMMA_BQ, 128, _wmma_dq_shared(dp, q.dtype.itemsize)
+            dq_fn = _fn(f"sdpa_dq_wmma<{t}, {dp}>", dq_shared)
+            dq_scale = (np.float32(scale),)
         else:
-            _fn(f"sdpa_dkdv<{t}, {acc}, {dmax}>")(
-                (nkv * -(-lk // BLOCK_Q),),
-                (BLOCK_Q,),
-                (*head, *tail, dk, dvv),
-                shared_mem=bt * (d + dv + 2) * isz,
+            expr, (bj, bi, shared) = _cuda_core("sdpa_dkdv", t, acc, d, dv, isz)
+            _fn(expr, shared)(
+                (nkv * -(-lk // bj),),
+                (bj,),
+                (*head, np.int32(bi), adt(scale), *tail, dk, dvv),
+                shared_mem=shared,
             )
-            _fn(f"sdpa_dq<{t}, {acc}, {dmax}>")(
-                (nb * -(-lq // BLOCK_Q),),
-                (BLOCK_Q,),
-                (*head, *tail, dq),
-                shared_mem=bt * (d + dv) * isz,
-            )
+            expr, (bq, bk, dq_shared) = _cuda_core("sdpa_dq", t, acc, d, dv, isz)
+            dq_threads = bq
+            dq_fn = _fn(expr, dq_shared)
+            dq_scale = (np.int32(bk), adt(scale))
+        nqt = -(-lq // bq)
+        plan = None
         if bias is not None and dbias.size:
-            nrows = bdata.shape[-2] if bdata.ndim >= 2 and b[2] else 1
-            ncols = bdata.shape[-1] if b[3] else 1
-            size = dbias.size
-            _fn(f"sdpa_dbias<{t}, {acc}>")(
-                (-(-size // 128),),
-                (128,),
+            plan = _dbias_plan(bdata, batch, lq, lk, bq, isz)
+        chunks = plan.chunks if plan is not None else ((0, nb, None, None),)
+        part = None
+        if plan is not None and not plan.direct:
+            most = max(bh1 - bh0 for bh0, bh1, _, _ in chunks)
+            part = cp.empty(most * plan.pr * plan.pc, dtype=adt)
+        for n, chunk in enumerate(chunks):
+            bh0, bh1 = chunk[:2]
+            if plan is None:
+                db = (dbias if dbias is not None else cp.zeros(1, adt), 0, 0, 0)
+            else:
+                if part is not None:
+                    part.fill(0)  # causally skipped keys contribute zeros
+                db = (dbias if plan.direct else part, 1, int(plan.rows), int(plan.cols))
+            dq_fn(
+                ((bh1 - bh0) * nqt,),
+                (dq_threads,),
                 (
-                    *head[:12],
-                    adt(scale),
-                    *m,
-                    *b[:4],
-                    np.int32(causal is not None),
-                    coff,
-                    np.int64(size),
-                    np.int64(nrows),
-                    np.int64(ncols),
-                    dbias,
+                    *head,
+                    *dq_scale,
+                    *tail,
+                    np.int32(bh0),
+                    db[0],
+                    *(np.int32(x) for x in db[1:]),
+                    dq,
                 ),
+                shared_mem=dq_shared,
             )
+            if part is not None:
+                _dbias_reduce(cp, plan, part, chunk, n == 0, dbias, acc, adt)
     if bias is not None:
         dbias = dbias.reshape(bias.shape).astype(bias.dtype, copy=False)
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape), dbias

@@ -12,7 +12,7 @@ import numpy as np
 
 from arrayattn._kernel import Kernel, requirement
 
-from ._module import function
+from ._module import function, in_shared, on_inputs_device, pixel_launch
 
 __all__ = ["KERNELS", "NAME_EXPRESSIONS", "SOURCE", "criss_cross_backward", "criss_cross_forward"]
 
@@ -27,17 +27,31 @@ _CTYPES = {
 THREADS = 128
 
 
+#: Row vectors per thread: the output accumulator; dq; dk and dv.
+_VECTORS = {"cc_fwd": 1, "cc_dq": 1, "cc_dkdv": 2}
+
+
+def _expr(kernel, t, acc, dmax):
+    return f"{kernel}<{t}, {acc}, {dmax}, {str(in_shared(_VECTORS[kernel], acc, dmax)).lower()}>"
+
+
 def _exprs():
     out = []
     for t, acc in _CTYPES.values():
         out.append(f"cc_delta<{t}, {acc}>")
         for dm in DMAXES:
-            out += [
-                f"cc_fwd<{t}, {acc}, {dm}>",
-                f"cc_dq<{t}, {acc}, {dm}>",
-                f"cc_dkdv<{t}, {acc}, {dm}>",
-            ]
+            out += [_expr(kernel, t, acc, dm) for kernel in _VECTORS]
     return tuple(out)
+
+
+def _launch(kernel, t, acc, npix, widths, itemsize, args):
+    """Launch a one-thread-per-pixel kernel; ``widths``: the sizes of its row vectors."""
+    dmax = _dmax(max(widths))
+    sh = in_shared(_VECTORS[kernel], acc, dmax)
+    grid, block, shared = pixel_launch(npix, sum(widths) * itemsize if sh else 0, THREADS)
+    function(SOURCE, NAME_EXPRESSIONS, _expr(kernel, t, acc, dmax), shared)(
+        grid, block, args, shared_mem=shared
+    )
 
 
 NAME_EXPRESSIONS = _exprs()
@@ -52,6 +66,7 @@ def _names(dtype):
     return t, acc, (np.float64 if acc == "double" else np.float32)
 
 
+@on_inputs_device
 def criss_cross_forward(q, k, v, *, scale):
     import cupy as cp
 
@@ -64,24 +79,13 @@ def criss_cross_forward(q, k, v, *, scale):
     npix = nb * h * w
     if npix:
         args = [cp.ascontiguousarray(a) for a in (q, k, v)]
-        function(SOURCE, NAME_EXPRESSIONS, f"cc_fwd<{t}, {acc}, {_dmax(dv)}>")(
-            (-(-npix // THREADS),),
-            (THREADS,),
-            (
-                *args,
-                np.int32(nb),
-                np.int32(h),
-                np.int32(w),
-                np.int32(d),
-                np.int32(dv),
-                adt(scale),
-                out,
-                lse,
-            ),
-        )
+        dims = tuple(np.int32(x) for x in (nb, h, w, d, dv))
+        isz = np.dtype(adt).itemsize
+        _launch("cc_fwd", t, acc, npix, (dv,), isz, (*args, *dims, adt(scale), out, lse))
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     import cupy as cp
 
@@ -98,16 +102,14 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
         o = cp.ascontiguousarray(out.astype(q.dtype, copy=False))
         lse_ = cp.ascontiguousarray(lse.astype(adt, copy=False))
         delta = cp.empty((nb, h, w), dtype=adt)
-        grid = (-(-npix // THREADS),)
-        fn = lambda name: function(SOURCE, NAME_EXPRESSIONS, name)  # noqa: E731
-        fn(f"cc_delta<{t}, {acc}>")(grid, (THREADS,), (do, o, np.int64(npix), np.int32(dv), delta))
+        function(SOURCE, NAME_EXPRESSIONS, f"cc_delta<{t}, {acc}>")(
+            (-(-npix // THREADS),), (THREADS,), (do, o, np.int64(npix), np.int32(dv), delta)
+        )
         dims = (np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv), adt(scale))
-        fn(f"cc_dq<{t}, {acc}, {_dmax(d)}>")(
-            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dq)
-        )
-        fn(f"cc_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
-            grid, (THREADS,), (q_, k_, v_, do, lse_, delta, *dims, dk, dvv)
-        )
+        isz = np.dtype(adt).itemsize
+        common = (q_, k_, v_, do, lse_, delta, *dims)
+        _launch("cc_dq", t, acc, npix, (d,), isz, (*common, dq))
+        _launch("cc_dkdv", t, acc, npix, (d, dv), isz, (*common, dk, dvv))
     return dq, dk, dvv
 
 

@@ -13,48 +13,32 @@
 // (b, r, c) is at offs[b] + r*rs + c*cs (never materialised per head).
 //
 // Kernels (templates, instantiated through cupy.RawModule name_expressions):
-//   na_fwd<T, Acc, DMAX>    one thread per query pixel, online softmax over its Ky*Kx slots.
-//   na_dq<T, Acc, DMAX>     one thread per query pixel: D = dO.O, dl = P (dO.v - D), dq; stores
-//                           dl per slot (with a bias) and its per-y/per-x-slot sums (with tables).
-//   na_dkdv<T, Acc, DMAX>   one thread per key pixel, gathering over its inverse neighbourhood
-//                           and recomputing P and dl from the saved logsumexp.
+//   na_fwd<T, Acc, DMAX, SH>   one thread per query pixel, online softmax over its Ky*Kx slots.
+//   na_dq<T, Acc, DMAX, SH>    one thread per query pixel: D = dO.O, dl = P (dO.v - D), dq; stores
+//                              dl per slot (with a bias) and its per-y/per-x-slot sums (with
+//                              tables).
+//   na_dkdv<T, Acc, DMAX, SH>  one thread per key pixel, gathering over its inverse neighbourhood
+//                              and recomputing P and dl from the saved logsumexp.
+// A thread's row vectors (the output accumulator; dq; dk and dv) are registers or shared memory
+// (TVec, the SH argument), never local memory.
 //   na_dbias<Acc>           one thread per element of the bias as given.
 //   na_dtable<T, Acc>       one thread per element of r_h or r_w as given.
 // Every output has a single writer (no atomics): results are bitwise deterministic.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-typedef long long i64;
-
-__device__ __forceinline__ float na_acc(float x, float) { return x; }
-__device__ __forceinline__ double na_acc(double x, double) { return x; }
-__device__ __forceinline__ float na_acc(__half x, float) { return __half2float(x); }
-__device__ __forceinline__ float na_acc(__nv_bfloat16 x, float) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T na_out(float x);
-template <> __device__ __forceinline__ float na_out<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half na_out<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 na_out<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <typename T> __device__ __forceinline__ T na_out(double x);
-template <> __device__ __forceinline__ double na_out<double>(double x) { return x; }
-__device__ __forceinline__ float na_exp(float x) { return expf(x); }
-__device__ __forceinline__ double na_exp(double x) { return exp(x); }
-__device__ __forceinline__ float na_log(float x) { return logf(x); }
-__device__ __forceinline__ double na_log(double x) { return log(x); }
-template <typename Acc> __device__ __forceinline__ Acc na_inf();
-template <> __device__ __forceinline__ float na_inf<float>() { return __int_as_float(0x7f800000); }
-template <> __device__ __forceinline__ double na_inf<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+#include "_common.cuh"
 
 // A broadcast table (relative bias, r_h or r_w) of one head: element (r, c) at base[r*rs + c*cs].
-template <typename T>
+// Tables are in the accumulation type (float32 for half-precision maps), as the reference reads
+// them: a float32 table is never rounded to the maps' dtype.
+template <typename Acc>
 struct NaTab {
-    const T* base; i64 rs, cs; int on;
+    const Acc* base; i64 rs, cs; int on;
 };
 
-template <typename T>
-__device__ __forceinline__ NaTab<T> na_tab(const T* flat, const i64* offs, i64 rs, i64 cs, int on,
-                                            i64 b) {
-    NaTab<T> t;
+template <typename Acc>
+__device__ __forceinline__ NaTab<Acc> na_tab(const Acc* flat, const i64* offs, i64 rs, i64 cs,
+                                              int on, i64 b) {
+    NaTab<Acc> t;
     t.on = on;
     t.base = on ? flat + offs[b] : flat;
     t.rs = rs;
@@ -65,57 +49,58 @@ __device__ __forceinline__ NaTab<T> na_tab(const T* flat, const i64* offs, i64 r
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc na_dot(const T* a, const T* b, int n) {
     Acc s = Acc(0);
-    for (int c = 0; c < n; ++c) s += na_acc(a[c], Acc()) * na_acc(b[c], Acc());
+    for (int c = 0; c < n; ++c) s += to_acc(a[c], Acc()) * to_acc(b[c], Acc());
     return s;
 }
 
 // the logit of query row qp (d values) against key row kp, relative rows (ry, rx)
 template <typename T, typename Acc>
 __device__ __forceinline__ Acc na_logit(const T* qp, const T* kp, int d, bool ok, int ry, int rx,
-                                        Acc scale, const NaTab<T>& bias, const NaTab<T>& rh,
-                                        const NaTab<T>& rw) {
+                                        Acc scale, const NaTab<Acc>& bias, const NaTab<Acc>& rh,
+                                        const NaTab<Acc>& rw) {
     Acc s = Acc(0);
     if (ok) s = na_dot<T, Acc>(qp, kp, d) * scale;
     if (rh.on) {
         Acc t = Acc(0);
         for (int c = 0; c < d; ++c)
-            t += na_acc(qp[c], Acc()) * na_acc(rh.base[ry * rh.rs + c * rh.cs], Acc());
+            t += to_acc(qp[c], Acc()) * rh.base[ry * rh.rs + c * rh.cs];
         s += t;
     }
     if (rw.on) {
         Acc t = Acc(0);
         for (int c = 0; c < d; ++c)
-            t += na_acc(qp[c], Acc()) * na_acc(rw.base[rx * rw.rs + c * rw.cs], Acc());
+            t += to_acc(qp[c], Acc()) * rw.base[rx * rw.rs + c * rw.cs];
         s += t;
     }
-    if (bias.on) s += na_acc(bias.base[ry * bias.rs + rx * bias.cs], Acc());
+    if (bias.on) s += bias.base[ry * bias.rs + rx * bias.cs];
     return s;
 }
 
-#define NA_PLAN_ARGS(T)                                                                        \
-    const T *bflat, const i64 *boffs, i64 brs, i64 bcs, int has_bias, const T *hflat,          \
-        const i64 *hoffs, i64 hrs, i64 hcs, int has_rh, const T *wflat, const i64 *woffs,      \
+#define NA_PLAN_ARGS(A)                                                                        \
+    const A *bflat, const i64 *boffs, i64 brs, i64 bcs, int has_bias, const A *hflat,          \
+        const i64 *hoffs, i64 hrs, i64 hcs, int has_rh, const A *wflat, const i64 *woffs,      \
         i64 wrs, i64 wcs, int has_rw
 
 #define NA_PLANS(b)                                                                            \
-    const NaTab<T> bias = na_tab(bflat, boffs, brs, bcs, has_bias, b);                         \
-    const NaTab<T> rh = na_tab(hflat, hoffs, hrs, hcs, has_rh, b);                             \
-    const NaTab<T> rw = na_tab(wflat, woffs, wrs, wcs, has_rw, b)
+    const NaTab<Acc> bias = na_tab(bflat, boffs, brs, bcs, has_bias, b);                       \
+    const NaTab<Acc> rh = na_tab(hflat, hoffs, hrs, hcs, has_rh, b);                           \
+    const NaTab<Acc> rw = na_tab(wflat, woffs, wrs, wcs, has_rw, b)
 
-template <typename T, typename Acc, int DMAX>
+template <typename T, typename Acc, int DMAX, bool SH>
 __global__ void na_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        int nb, int h, int w, int d, int dv, const int* __restrict__ ytab, int ky,
                        const int* __restrict__ xtab, int kx, int zero_mode, Acc scale,
-                       NA_PLAN_ARGS(T), T* __restrict__ out, Acc* __restrict__ lse) {
+                       NA_PLAN_ARGS(Acc), T* __restrict__ out, Acc* __restrict__ lse) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (i64)nb * h * w) return;
     const i64 b = t / ((i64)h * w);
     const int i = (int)((t / w) % h), j = (int)(t % w);
     const i64 base = b * h * w;
     NA_PLANS(b);
-    Acc acc[DMAX];
-    for (int c = 0; c < dv; ++c) acc[c] = Acc(0);
-    Acc m = -na_inf<Acc>(), l = Acc(0);
+    using V = TVec<Acc, DMAX, SH>;
+    V acc(reinterpret_cast<Acc*>(smem_raw));
+    tv_for<V>(dv, [&](int c) { acc[c] = Acc(0); });
+    Acc m = -pos_inf<Acc>(), l = Acc(0);
     for (int a = 0; a < ky; ++a) {
         const int yy = ytab[a * h + i], oky = ytab[(ky + a) * h + i], ry = ytab[(2 * ky + a) * h + i];
         for (int c2 = 0; c2 < kx; ++c2) {
@@ -125,33 +110,34 @@ __global__ void na_fwd(const T* __restrict__ q, const T* __restrict__ k, const T
             const i64 kn = base + (i64)yy * w + xx;
             const Acc s = na_logit<T, Acc>(q + t * d, k + kn * d, d, ok, ry,
                                            xtab[(2 * kx + c2) * w + j], scale, bias, rh, rw);
+            // p = 0 exactly; while m is still -inf, exp(s - m) would be exp(-inf + inf) = NaN
+            if (s == -pos_inf<Acc>()) continue;
             if (s > m) {  // online softmax: rescale what was accumulated under the old maximum
-                const Acc corr = na_exp(m - s);
+                const Acc corr = acc_exp(m - s);
                 l *= corr;
-                for (int c = 0; c < dv; ++c) acc[c] *= corr;
+                tv_for<V>(dv, [&](int c) { acc[c] *= corr; });
                 m = s;
             }
-            const Acc p = na_exp(s - m);
+            const Acc p = acc_exp(s - m);
             l += p;
-            if (ok)
-                for (int c = 0; c < dv; ++c) acc[c] += p * na_acc(v[kn * dv + c], Acc());
+            if (ok) tv_for<V>(dv, [&](int c) { acc[c] += p * to_acc(v[kn * dv + c], Acc()); });
         }
     }
     if (l == Acc(0)) {
-        for (int c = 0; c < dv; ++c) out[t * dv + c] = na_out<T>(Acc(0));
-        lse[t] = na_inf<Acc>();
+        tv_for<V>(dv, [&](int c) { out[t * dv + c] = from_acc<T>(Acc(0)); });
+        lse[t] = pos_inf<Acc>();
     } else {
-        for (int c = 0; c < dv; ++c) out[t * dv + c] = na_out<T>(acc[c] / l);
-        lse[t] = m + na_log(l);
+        tv_for<V>(dv, [&](int c) { out[t * dv + c] = from_acc<T>(acc[c] / l); });
+        lse[t] = m + acc_log(l);
     }
 }
 
-template <typename T, typename Acc, int DMAX>
+template <typename T, typename Acc, int DMAX, bool SH>
 __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ o, const T* __restrict__ dout,
                       const Acc* __restrict__ lse, int nb, int h, int w, int d, int dv,
                       const int* __restrict__ ytab, int ky, const int* __restrict__ xtab, int kx,
-                      int zero_mode, Acc scale, NA_PLAN_ARGS(T), T* __restrict__ dq,
+                      int zero_mode, Acc scale, NA_PLAN_ARGS(Acc), T* __restrict__ dq,
                       Acc* __restrict__ delta, Acc* __restrict__ dlst, Acc* __restrict__ suma,
                       Acc* __restrict__ sumc) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -160,8 +146,9 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
     const int i = (int)((t / w) % h), j = (int)(t % w);
     const i64 base = b * h * w;
     NA_PLANS(b);
-    Acc g[DMAX];
-    for (int c = 0; c < d; ++c) g[c] = Acc(0);
+    using V = TVec<Acc, DMAX, SH>;
+    V g(reinterpret_cast<Acc*>(smem_raw));
+    tv_for<V>(d, [&](int c) { g[c] = Acc(0); });
     const Acc big_d = na_dot<T, Acc>(dout + t * dv, o + t * dv, dv);
     delta[t] = big_d;
     const Acc lu = lse[t];
@@ -175,14 +162,14 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
             const int xx = xtab[c2 * w + j];
             const bool ok = oky && xtab[(kx + c2) * w + j];
             const i64 slot = t * ky * kx + a * kx + c2;
-            if ((!ok && !zero_mode) || lu == na_inf<Acc>()) {
+            if ((!ok && !zero_mode) || lu == pos_inf<Acc>()) {
                 if (has_bias) dlst[slot] = Acc(0);
                 continue;
             }
             const i64 kn = base + (i64)yy * w + xx;
             const Acc s = na_logit<T, Acc>(q + t * d, k + kn * d, d, ok, ry,
                                            xtab[(2 * kx + c2) * w + j], scale, bias, rh, rw);
-            const Acc p = na_exp(s - lu);
+            const Acc p = acc_exp(s - lu);
             const Acc dp = ok ? na_dot<T, Acc>(dout + t * dv, v + kn * dv, dv) : Acc(0);
             const Acc dl = p * (dp - big_d);
             if (has_bias) dlst[slot] = dl;
@@ -190,7 +177,7 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
             if (has_rw) sumc[t * kx + c2] += dl;
             if (ok) {
                 const Acc f = dl * scale;
-                for (int c = 0; c < d; ++c) g[c] += f * na_acc(k[kn * d + c], Acc());
+                tv_for<V>(d, [&](int c) { g[c] += f * to_acc(k[kn * d + c], Acc()); });
             }
         }
     }
@@ -198,34 +185,36 @@ __global__ void na_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
         for (int a = 0; a < ky; ++a) {
             const Acc f = suma[t * ky + a];
             const int ry = ytab[(2 * ky + a) * h + i];
-            for (int c = 0; c < d; ++c) g[c] += f * na_acc(rh.base[ry * rh.rs + c * rh.cs], Acc());
+            tv_for<V>(d, [&](int c) { g[c] += f * rh.base[ry * rh.rs + c * rh.cs]; });
         }
     if (has_rw)
         for (int c2 = 0; c2 < kx; ++c2) {
             const Acc f = sumc[t * kx + c2];
             const int rx = xtab[(2 * kx + c2) * w + j];
-            for (int c = 0; c < d; ++c) g[c] += f * na_acc(rw.base[rx * rw.rs + c * rw.cs], Acc());
+            tv_for<V>(d, [&](int c) { g[c] += f * rw.base[rx * rw.rs + c * rw.cs]; });
         }
-    for (int c = 0; c < d; ++c) dq[t * d + c] = na_out<T>(g[c]);
+    tv_for<V>(d, [&](int c) { dq[t * d + c] = from_acc<T>(g[c]); });
 }
 
-template <typename T, typename Acc, int DMAX>
+template <typename T, typename Acc, int DMAX, bool SH>
 __global__ void na_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const T* __restrict__ dout, const Acc* __restrict__ lse,
                         const Acc* __restrict__ delta, int nb, int h, int w, int d, int dv,
                         const int* __restrict__ ytab, int ky, const int* __restrict__ xtab, int kx,
                         const int* __restrict__ yptr, const int* __restrict__ yinv, int ny,
                         const int* __restrict__ xptr, const int* __restrict__ xinv, int nx,
-                        Acc scale, NA_PLAN_ARGS(T), T* __restrict__ dk, T* __restrict__ dvv) {
+                        Acc scale, NA_PLAN_ARGS(Acc), T* __restrict__ dk, T* __restrict__ dvv) {
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;  // the key pixel (yy, xx)
     if (t >= (i64)nb * h * w) return;
     const i64 b = t / ((i64)h * w);
     const int yy = (int)((t / w) % h), xx = (int)(t % w);
     const i64 base = b * h * w;
     NA_PLANS(b);
-    Acc gk[DMAX], gv[DMAX];
-    for (int c = 0; c < d; ++c) gk[c] = Acc(0);
-    for (int c = 0; c < dv; ++c) gv[c] = Acc(0);
+    using V = TVec<Acc, DMAX, SH>;
+    Acc* vec = reinterpret_cast<Acc*>(smem_raw);
+    V gk(vec), gv(vec + (i64)d * blockDim.x);
+    tv_for<V>(d, [&](int c) { gk[c] = Acc(0); });
+    tv_for<V>(dv, [&](int c) { gv[c] = Acc(0); });
     for (int u = yptr[yy]; u < yptr[yy + 1]; ++u) {
         const int i = yinv[u], a = yinv[ny + u];
         const int ry = ytab[(2 * ky + a) * h + i];
@@ -233,17 +222,17 @@ __global__ void na_dkdv(const T* __restrict__ q, const T* __restrict__ k, const 
             const int j = xinv[z], c2 = xinv[nx + z];
             const i64 qn = base + (i64)i * w + j;
             const Acc lu = lse[qn];
-            if (lu == na_inf<Acc>()) continue;
+            if (lu == pos_inf<Acc>()) continue;
             const Acc s = na_logit<T, Acc>(q + qn * d, k + t * d, d, true, ry,
                                            xtab[(2 * kx + c2) * w + j], scale, bias, rh, rw);
-            const Acc p = na_exp(s - lu);
+            const Acc p = acc_exp(s - lu);
             const Acc dl = p * (na_dot<T, Acc>(dout + qn * dv, v + t * dv, dv) - delta[qn]);
-            for (int c = 0; c < d; ++c) gk[c] += dl * na_acc(q[qn * d + c], Acc());
-            for (int c = 0; c < dv; ++c) gv[c] += p * na_acc(dout[qn * dv + c], Acc());
+            tv_for<V>(d, [&](int c) { gk[c] += dl * to_acc(q[qn * d + c], Acc()); });
+            tv_for<V>(dv, [&](int c) { gv[c] += p * to_acc(dout[qn * dv + c], Acc()); });
         }
     }
-    for (int c = 0; c < d; ++c) dk[t * d + c] = na_out<T>(gk[c] * scale);
-    for (int c = 0; c < dv; ++c) dvv[t * dv + c] = na_out<T>(gv[c]);
+    tv_for<V>(d, [&](int c) { dk[t * d + c] = from_acc<T>(gk[c] * scale); });
+    tv_for<V>(dv, [&](int c) { dvv[t * dv + c] = from_acc<T>(gv[c]); });
 }
 
 // d(rel_bias): one thread per element e of the bias data (..., Ty, Tx), C-contiguous.
@@ -292,7 +281,7 @@ __global__ void na_dtable(const T* __restrict__ q, const Acc* __restrict__ sums,
             const int other = axis == 0 ? w : h;
             for (int o = 0; o < other; ++o) {
                 const i64 qn = axis == 0 ? ((i64)b * h + pos) * w + o : ((i64)b * h + o) * w + pos;
-                acc += sums[qn * kslots + slot] * na_acc(q[qn * d + c], Acc());
+                acc += sums[qn * kslots + slot] * to_acc(q[qn * d + c], Acc());
             }
         }
     }

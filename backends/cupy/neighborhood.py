@@ -17,7 +17,7 @@ import numpy as np
 
 from arrayattn._kernel import Kernel, requirement
 
-from ._module import function
+from ._module import function, in_shared, on_inputs_device, pixel_launch
 
 __all__ = [
     "KERNELS",
@@ -39,24 +39,37 @@ _CTYPES = {
 THREADS = 128
 
 
+#: Row vectors per thread, as counted against ``REG_WORDS``: the output accumulator; dq (counted
+#: twice: with its other live state, 128 registers of dq spilled on sm_80); dk and dv.
+_VECTORS = {"na_fwd": 1, "na_dq": 2, "na_dkdv": 2}
+
+
+def _expr(kernel, t, acc, dmax):
+    return f"{kernel}<{t}, {acc}, {dmax}, {str(in_shared(_VECTORS[kernel], acc, dmax)).lower()}>"
+
+
 def _exprs() -> tuple[str, ...]:
     out = ["na_dbias<float>", "na_dbias<double>"]
     for t, acc in _CTYPES.values():
         out.append(f"na_dtable<{t}, {acc}>")
         for dm in DMAXES:
-            out += [
-                f"na_fwd<{t}, {acc}, {dm}>",
-                f"na_dq<{t}, {acc}, {dm}>",
-                f"na_dkdv<{t}, {acc}, {dm}>",
-            ]
+            out += [_expr(kernel, t, acc, dm) for kernel in _VECTORS]
     return tuple(out)
 
 
 NAME_EXPRESSIONS = _exprs()
 
 
-def _fn(expr):
-    return function(SOURCE, NAME_EXPRESSIONS, expr)
+def _fn(expr, shared=0):
+    return function(SOURCE, NAME_EXPRESSIONS, expr, shared)
+
+
+def _launch(kernel, t, acc, npix, widths, itemsize, args):
+    """Launch a one-thread-per-pixel kernel; ``widths``: the sizes of its row vectors."""
+    dmax = _dmax(max(widths))
+    sh = in_shared(_VECTORS[kernel], acc, dmax)
+    grid, block, shared = pixel_launch(npix, sum(widths) * itemsize if sh else 0, THREADS)
+    _fn(_expr(kernel, t, acc, dmax), shared)(grid, block, args, shared_mem=shared)
 
 
 def _dmax(n):
@@ -86,6 +99,8 @@ def _plan(cp, a, batch, rows, cols, dtype):
 
 
 def _plans(cp, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
+    """The relative bias and tables in ``dtype``, the accumulation type: a float32 table with
+    float16 maps is read as given, as the reference reads it."""
     return (
         _plan(cp, rel_bias, batch, wy.table, wx.table, dtype),
         _plan(cp, r_h, batch, wy.table, d, dtype),
@@ -97,6 +112,7 @@ def _c4(cp, x, nb, dtype):
     return cp.ascontiguousarray(x.astype(dtype, copy=False)).reshape((nb,) + tuple(x.shape[-3:]))
 
 
+@on_inputs_device
 def window_attention_forward(
     q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
 ):
@@ -112,10 +128,14 @@ def window_attention_forward(
     npix = nb * h * w
     if npix:
         ytab, xtab = _tables(cp, wy)[0], _tables(cp, wx)[0]
-        pb, ph, pw = _plans(cp, wy, wx, batch, d, q.dtype, rel_bias, r_h, r_w)
-        _fn(f"na_fwd<{t}, {acc}, {_dmax(dv)}>")(
-            (-(-npix // THREADS),),
-            (THREADS,),
+        pb, ph, pw = _plans(cp, wy, wx, batch, d, adt, rel_bias, r_h, r_w)
+        _launch(
+            "na_fwd",
+            t,
+            acc,
+            npix,
+            (dv,),
+            np.dtype(adt).itemsize,
             (
                 _c4(cp, q, nb, q.dtype),
                 _c4(cp, k, nb, q.dtype),
@@ -141,6 +161,7 @@ def window_attention_forward(
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def window_attention_backward(
     q,
     k,
@@ -169,7 +190,7 @@ def window_attention_backward(
     dq = cp.zeros((nb, h, w, d), dtype=q.dtype)
     dk = cp.zeros((nb, h, w, d), dtype=q.dtype)
     dvv = cp.zeros((nb, h, w, dv), dtype=q.dtype)
-    pb, ph, pw = _plans(cp, wy, wx, batch, d, q.dtype, rel_bias, r_h, r_w)
+    pb, ph, pw = _plans(cp, wy, wx, batch, d, adt, rel_bias, r_h, r_w)
     grads = [None if p[1] is None else cp.zeros(p[1].size, dtype=adt) for p in (pb, ph, pw)]
     npix = nb * h * w
     if npix:
@@ -186,9 +207,14 @@ def window_attention_backward(
         dims = (np.int32(nb), np.int32(h), np.int32(w), np.int32(d), np.int32(dv))
         win = (ytab, np.int32(ky), xtab, np.int32(kx))
         plans = (*pb[0], *ph[0], *pw[0])
-        grid = ((-(-npix // THREADS),), (THREADS,))
-        _fn(f"na_dq<{t}, {acc}, {_dmax(d)}>")(
-            *grid,
+        isz = np.dtype(adt).itemsize
+        _launch(
+            "na_dq",
+            t,
+            acc,
+            npix,
+            (d,),
+            isz,
             (
                 q4,
                 k4,
@@ -208,8 +234,13 @@ def window_attention_backward(
                 sumc,
             ),
         )
-        _fn(f"na_dkdv<{t}, {acc}, {_dmax(max(d, dv))}>")(
-            *grid,
+        _launch(
+            "na_dkdv",
+            t,
+            acc,
+            npix,
+            (d, dv),
+            isz,
             (
                 q4,
                 k4,

@@ -18,8 +18,11 @@ Backward (FA2 Alg. 2), deterministic and without atomics:
    ``lse`` and ``D``), recomputes ``p = exp(s - lse)`` and accumulates ``dV_j += p dO_i``,
    ``dK_j += scale·dS_ij q_i`` in registers;
 3. dQ: one block per (batch·head, query tile), one thread per query row, looping over key tiles;
-4. dbias (only with a bias): one thread per element of the bias *as given* (before broadcasting),
-   summing ``dS`` over every (head, row, column) that reads it in a fixed order.
+   with a bias it also writes each key tile's ``dS`` summed over what the bias broadcasts inside
+   the block (a tree over the rows, key-ordered sums over the columns) to partials;
+4. dbias (only with a bias): ``dbias_reduce`` sums, for each element of the bias *as given*,
+   the partials of the query heads (and query tiles) that read it, a fixed-shape tree per
+   element (``_common.dbias_plan``): O(B·H·Lq·Lk) whatever the bias shape.
 
 Every kernel is specialised (and compiled once) per (dtype, d, dv, BQ, BK) so register arrays and
 shared tiles have compile-time sizes. float32 and float64 run on CUDA cores; half precision is the
@@ -36,7 +39,17 @@ from numba import cuda
 
 from arrayattn._kernel import Kernel, requirement
 
-from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
+from ._common import (
+    as_lib,
+    broadcast_plan,
+    caller_stream,
+    dbias_plan,
+    launch,
+    lib_of,
+    nblocks,
+    numba_dtype,
+    on_inputs_device,
+)
 
 __all__ = ["KERNELS", "sdpa_backward", "sdpa_forward", "tile_sizes"]
 
@@ -45,12 +58,15 @@ BLOCK_Q = 64
 BLOCK_K = 32
 #: Static shared memory per block is limited to 48 KiB; tiles are sized to stay below this.
 SHARED_BYTES = 40 * 1024
+#: Threads per block of the bias-gradient reduction.
+REDUCE_THREADS = 256
 
 
 def tile_sizes(d: int, dv: int, itemsize: int) -> tuple[int, int]:
-    """(BQ, BK) for the module settings; BK shrinks so a K and a V tile fit in shared memory."""
-    per_row = max(1, d + dv) * itemsize
-    return BLOCK_Q, max(1, min(BLOCK_K, SHARED_BYTES // per_row))
+    """(BQ, BK) for the module settings; BK shrinks so that the largest block's shared memory
+    fits: a K and a V tile, and the dQ kernel's dS tile (BK x (BQ + 1)) and row sums (BQ)."""
+    per_row = (max(1, d + dv) + BLOCK_Q + 1) * itemsize
+    return BLOCK_Q, max(1, min(BLOCK_K, (SHARED_BYTES - BLOCK_Q * itemsize) // per_row))
 
 
 def _kernels(dtype, d, dv, bq, bk):
@@ -319,6 +335,56 @@ def _build(npdtype, d, dv, bq, bk):
             for c in range(dv):
                 dvv[kvh, j, c] = dvj[c]
 
+    @cuda.jit(device=True)
+    def _ds_tile_out(tile, nk, j0, rowsum, part, db_rows, db_cols, bhl, qt, nqt, i0, lq, lk):
+        """One key tile of dS, tile[r, t] for key r < nk and row t of the block (0 past lq),
+        summed over what the bias broadcasts inside the block and written to the partials
+        (laid out (bh - bh0, PR, PC), see ``_common.dbias_plan``). Called by the whole block."""
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()  # the tile is complete
+        if db_cols and db_rows:
+            for e in range(tid, bq * nk, bq):  # consecutive threads, consecutive keys
+                t = e // nk
+                r = e % nk
+                if i0 + t < lq:
+                    part[(bhl * lq + i0 + t) * lk + j0 + r] = tile[r, t]
+        elif db_cols:  # the bias broadcasts rows: a tree over the block's rows
+            s = bq // 2
+            while s > 0:
+                for e in range(tid, s * nk, bq):
+                    t = e // nk
+                    r = e % nk
+                    tile[r, t] += tile[r, t + s]
+                cuda.syncthreads()
+                s //= 2
+            for r in range(tid, nk, bq):
+                part[(bhl * nqt + qt) * lk + j0 + r] = tile[r, 0]
+        else:  # the bias broadcasts columns: each row's sum, in key order across the tiles
+            acc = zero
+            for r in range(nk):
+                acc += tile[r, tid]
+            rowsum[tid] += acc
+        cuda.syncthreads()  # the tile may be overwritten
+
+    @cuda.jit(device=True)
+    def _ds_rows_out(rowsum, part, db_rows, bhl, qt, nqt, i0, lq):
+        """After the last key tile, where the bias broadcasts columns: the row sums (a tree
+        over the rows where it broadcasts rows too). Called by the whole block."""
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        if db_rows:
+            if i0 + tid < lq:
+                part[bhl * lq + i0 + tid] = rowsum[tid]
+        else:
+            s = bq // 2
+            while s > 0:
+                if tid < s:
+                    rowsum[tid] += rowsum[tid + s]
+                cuda.syncthreads()
+                s //= 2
+            if tid == 0:
+                part[bhl * nqt + qt] = rowsum[0]
+
     @cuda.jit
     def dq_kernel(
         q,
@@ -341,13 +407,22 @@ def _build(npdtype, d, dv, bq, bk):
         boffs,
         brs,
         bcs,
+        bh0,
+        dpart,
+        db_on,
+        db_rows,
+        db_cols,
         dq,
     ):
+        # blocks for query heads bh0, bh0 + 1, ...; with db_on each key tile's dS goes to the
+        # bias-gradient partials dpart
         lq = q.shape[1]
         lk = k.shape[1]
         nqt = (lq + bq - 1) // bq
-        bh = cuda.blockIdx.x // nqt
-        i0 = (cuda.blockIdx.x % nqt) * bq
+        bhl = cuda.blockIdx.x // nqt
+        qt = cuda.blockIdx.x % nqt
+        bh = bh0 + bhl
+        i0 = qt * bq
         tid = cuda.threadIdx.x
         i = i0 + tid
         kvh = bh // groups
@@ -356,6 +431,8 @@ def _build(npdtype, d, dv, bq, bk):
         valid = i < lq
         ks = cuda.shared.array((bk, dd), nbt)
         vs = cuda.shared.array((bk, ddv), nbt)
+        dst = cuda.shared.array((bk, bq + 1), nbt)
+        rowsum = cuda.shared.array(bq, nbt)
         qi = cuda.local.array(dd, nbt)
         doi = cuda.local.array(ddv, nbt)
         dqi = cuda.local.array(dd, nbt)
@@ -364,6 +441,7 @@ def _build(npdtype, d, dv, bq, bk):
             dqi[c] = zero
         for c in range(dv):
             doi[c] = do[bh, i, c] if valid else zero
+        rowsum[tid] = zero
         lse_i = lse[bh, i] if valid else inf
         dl = delta[bh, i] if valid else zero
         last = min(i0 + bq, lq) - 1
@@ -377,8 +455,9 @@ def _build(npdtype, d, dv, bq, bk):
             for e in range(tid, nk * dv, bq):
                 vs[e // dv, e % dv] = v[kvh, j0 + e // dv, e % dv]
             cuda.syncthreads()
-            if valid:
-                for r in range(nk):
+            for r in range(nk):
+                dsv = zero
+                if valid:
                     j = j0 + r
                     x = zero
                     for c in range(d):
@@ -409,87 +488,55 @@ def _build(npdtype, d, dv, bq, bk):
                         dsv = p * (dp - dl)
                         for c in range(d):
                             dqi[c] += dsv * ks[r, c]
+                if db_on:
+                    dst[r, tid] = dsv
+            if db_on:
+                _ds_tile_out(dst, nk, j0, rowsum, dpart, db_rows, db_cols, bhl, qt, nqt, i0, lq, lk)
+        if db_on and not db_cols:
+            _ds_rows_out(rowsum, dpart, db_rows, bhl, qt, nqt, i0, lq)
         if valid:
             for c in range(d):
                 dq[bh, i, c] = dqi[c] * scale
 
     @cuda.jit
-    def dbias_kernel(
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        groups,
-        scale,
-        causal,
-        coff,
-        has_mask,
-        mflat,
-        moffs,
-        mrs,
-        mcs,
-        bflat,
-        boffs,
-        brs,
-        bcs,
-        nrows,
-        ncols,
-        dbias,
+    def dbias_reduce(
+        part, pr_n, pc_n, db_rows, db_cols, hptr, hbh, nrows, ncols, lanes, accumulate, dbias
     ):
-        # one thread per element of the bias data (shape (..., nrows, ncols), C-contiguous)
-        e = cuda.grid(1)
-        if e >= dbias.shape[0]:
-            return
-        nb = q.shape[0]
-        lq = q.shape[1]
-        lk = k.shape[1]
-        rc = nrows * ncols
-        head = e - e % rc
-        r = (e % rc) // ncols
-        cc = e % ncols
-        ilo, ihi = (r, r + 1) if nrows > 1 else (0, lq)
-        jlo, jhi = (cc, cc + 1) if ncols > 1 else (0, lk)
-        acc = zero
-        for bh in range(nb):
-            if boffs[bh] != head:
-                continue
-            kvh = bh // groups
-            moff = moffs[bh] if has_mask else 0
-            for i in range(ilo, ihi):
-                lse_i = lse[bh, i]
-                for j in range(jlo, jhi):
-                    x = zero
-                    for c in range(q.shape[2]):
-                        x += q[bh, i, c] * k[kvh, j, c]
-                    p = _prob(
-                        x,
-                        i,
-                        j,
-                        scale,
-                        lse_i,
-                        causal,
-                        coff,
-                        has_mask,
-                        mflat,
-                        moff,
-                        mrs,
-                        mcs,
-                        True,
-                        bflat,
-                        boffs[bh],
-                        brs,
-                        bcs,
-                    )
-                    if p != zero:
-                        dp = zero
-                        for c in range(v.shape[2]):
-                            dp += do[bh, i, c] * v[kvh, j, c]
-                        acc += p * (dp - delta[bh, i])
-        dbias[e] = acc
+        """dbias[e] = the partials reading bias element e (every query head of its bias head,
+        every query tile where the bias broadcasts rows): ``lanes`` threads per element sum a
+        fixed strided subset each, then a tree in shared memory."""
+        sh = cuda.shared.array(REDUCE_THREADS, nbt)
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        e = cuda.blockIdx.x * (REDUCE_THREADS // lanes) + tid // lanes
+        size = dbias.shape[0]
+        s = zero
+        if e < size:
+            head = e // (nrows * ncols)
+            r = (e // ncols) % nrows
+            c = e % ncols if db_cols else 0
+            h0 = hptr[head]
+            per = 1 if db_rows else pr_n
+            for u in range(lane, (hptr[head + 1] - h0) * per, lanes):
+                pr = r if db_rows else u % per
+                s += part[(hbh[h0 + u // per] * pr_n + pr) * pc_n + c]
+        sh[tid] = s
+        w = lanes // 2
+        while w > 0:
+            cuda.syncthreads()
+            if lane < w:
+                sh[tid] += sh[tid + w]
+            w //= 2
+        if lane == 0 and e < size:
+            dbias[e] = (dbias[e] if accumulate else zero) + sh[tid]
 
-    return {"fwd": fwd, "delta": delta_kernel, "dkdv": dkdv, "dq": dq_kernel, "dbias": dbias_kernel}
+    return {
+        "fwd": fwd,
+        "delta": delta_kernel,
+        "dkdv": dkdv,
+        "dq": dq_kernel,
+        "dbias_reduce": dbias_reduce,
+    }
 
 
 # -- launchers (device arrays in, device arrays out; NumPy arrays under the simulator) ----------
@@ -516,6 +563,7 @@ def _coff(causal, lq, lk):
     return 0 if causal in (None, "top_left") else lk - lq
 
 
+@on_inputs_device
 def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_groups=1, blocks=None):
     """``(out, lse)`` like the reference ``sdpa_forward`` for float32/float64 device arrays."""
     q, k, v, mask, bias = (as_lib(a) for a in (q, k, v, mask, bias))
@@ -531,7 +579,11 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
         bq, bk = blocks or tile_sizes(d, dv, dtype.itemsize)
         kern = _kernels(dtype, d, dv, bq, bk)["fwd"]
         m, b = _plans(lib, mask, bias, batch, lq, lk, dtype)
-        kern[nb * nblocks(lq, bq), bq](
+        launch(
+            kern,
+            nb * nblocks(lq, bq),
+            bq,
+            caller_stream(lib),
             _as3(lib, q, nb),
             _as3(lib, k, nkv),
             _as3(lib, v, nkv),
@@ -547,6 +599,7 @@ def sdpa_forward(q, k, v, *, mask=None, bias=None, causal=None, scale, gqa_group
     return out.reshape(batch + (lq, dv)), lse.reshape(batch + (lq,))
 
 
+@on_inputs_device
 def sdpa_backward(
     q,
     k,
@@ -595,7 +648,18 @@ def sdpa_backward(
         )
         delta = lib.empty((nb, lq), dtype=dtype)
         nthreads = 128
-        kerns["delta"][nblocks(nb * lq, nthreads), nthreads](do3, o3, dl2, has_dlse, delta)
+        stream = caller_stream(lib)
+        launch(
+            kerns["delta"],
+            nblocks(nb * lq, nthreads),
+            nthreads,
+            stream,
+            do3,
+            o3,
+            dl2,
+            has_dlse,
+            delta,
+        )
         common = (
             q3,
             k3,
@@ -609,15 +673,44 @@ def sdpa_backward(
             _coff(causal, lq, lk),
             *m,
         )
-        kerns["dkdv"][nkv * nblocks(lk, bq), bq](*common, *b[:5], dk, dvv)
-        kerns["dq"][nb * nblocks(lq, bq), bq](*common, *b[:5], dq)
+        launch(kerns["dkdv"], nkv * nblocks(lk, bq), bq, stream, *common, *b[:5], dk, dvv)
+        plan = None
         if bias is not None and dbias.size:
-            bdata = b[5]
-            nrows = bdata.shape[-2] if bdata.ndim >= 2 and b[3] else 1
-            ncols = bdata.shape[-1] if bdata.ndim >= 1 and b[4] else 1
-            kerns["dbias"][nblocks(dbias.size, nthreads), nthreads](
-                *common, b[1], b[2], b[3], b[4], nrows, ncols, dbias
-            )
+            plan = dbias_plan(b[5].shape, batch, lq, lk, bq, dtype.itemsize)
+        chunks = plan.chunks if plan is not None else ((0, nb, None, None),)
+        part = None
+        if plan is not None and not plan.direct:
+            most = max(bh1 - bh0 for bh0, bh1, _, _ in chunks)
+            part = lib.empty(most * plan.pr * plan.pc, dtype=dtype)
+        nqt = nblocks(lq, bq)
+        for n, (bh0, bh1, hptr, hbh) in enumerate(chunks):
+            if plan is None:
+                db = (lib.zeros(1, dtype=dtype), False, False, False)
+            else:
+                if part is not None:
+                    part.fill(0)  # causally skipped keys contribute zeros
+                db = (dbias if plan.direct else part, True, plan.rows, plan.cols)
+            launch(kerns["dq"], (bh1 - bh0) * nqt, bq, stream, *common, *b[:5], bh0, *db, dq)
+            if part is not None:
+                per_block = REDUCE_THREADS // plan.lanes
+                launch(
+                    kerns["dbias_reduce"],
+                    nblocks(dbias.size, per_block),
+                    REDUCE_THREADS,
+                    stream,
+                    part,
+                    plan.pr,
+                    plan.pc,
+                    plan.rows,
+                    plan.cols,
+                    lib.asarray(hptr),
+                    lib.asarray(hbh),
+                    plan.nrows,
+                    plan.ncols,
+                    plan.lanes,
+                    n > 0,
+                    dbias,
+                )
     if bias is not None:
         dbias = dbias.reshape(bias.shape).astype(bias.dtype, copy=False)
     return (
@@ -634,8 +727,9 @@ def sdpa_backward(
 @requirement("d + dv fit one shared-memory tile row")
 def _head_widths(call):
     q, v = call.arrays["q"], call.arrays["v"]
-    if (q.shape[-1] + v.shape[-1]) * np.dtype(q.dtype).itemsize > SHARED_BYTES:
-        return f"head widths d + dv = {q.shape[-1] + v.shape[-1]} exceed one shared-memory tile row"
+    width = q.shape[-1] + v.shape[-1]
+    if (width + 2 * BLOCK_Q + 1) * np.dtype(q.dtype).itemsize > SHARED_BYTES:
+        return f"head widths d + dv = {width} exceed one shared-memory tile row"
     return None
 
 

@@ -21,7 +21,7 @@ from numba import cuda
 
 from arrayattn._kernel import Kernel
 
-from ._common import as_lib, lib_of, nblocks, numba_dtype
+from ._common import as_lib, caller_stream, launch, lib_of, nblocks, numba_dtype, on_inputs_device
 
 __all__ = ["KERNELS", "criss_cross_backward", "criss_cross_forward"]
 
@@ -170,6 +170,7 @@ def _as4(lib, x, nb):
     return lib.ascontiguousarray(x).reshape((nb,) + tuple(x.shape[-3:]))
 
 
+@on_inputs_device
 def criss_cross_forward(q, k, v, *, scale):
     """``(out, lse)`` like the reference ``criss_cross_forward`` (float32/float64)."""
     q, k, v = (as_lib(a) for a in (q, k, v))
@@ -183,12 +184,22 @@ def criss_cross_forward(q, k, v, *, scale):
     npix = nb * h * w
     if npix:
         kern = _kernels(dtype, d, dv)["fwd"]
-        kern[nblocks(npix, THREADS), THREADS](
-            _as4(lib, q, nb), _as4(lib, k, nb), _as4(lib, v, nb), dtype.type(scale), out, lse
+        launch(
+            kern,
+            nblocks(npix, THREADS),
+            THREADS,
+            caller_stream(lib),
+            _as4(lib, q, nb),
+            _as4(lib, k, nb),
+            _as4(lib, v, nb),
+            dtype.type(scale),
+            out,
+            lse,
         )
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
     """``(dq, dk, dv)`` like the reference ``criss_cross_backward``."""
     q, k, v, out, lse, dout = (as_lib(a) for a in (q, k, v, out, lse, dout))
@@ -208,10 +219,10 @@ def criss_cross_backward(q, k, v, out, lse, dout, *, scale):
         o4 = _as4(lib, out.astype(dtype, copy=False), nb)
         lse3 = lib.ascontiguousarray(lse.astype(dtype, copy=False)).reshape(nb, h, w)
         delta = lib.empty((nb, h, w), dtype=dtype)
-        grid = (nblocks(npix, THREADS), THREADS)
-        kerns["delta"][grid](do4, o4, delta)
-        kerns["dq"][grid](q4, k4, v4, do4, lse3, delta, dtype.type(scale), dq)
-        kerns["dkdv"][grid](q4, k4, v4, do4, lse3, delta, dtype.type(scale), dk, dvv)
+        grid = (nblocks(npix, THREADS), THREADS, caller_stream(lib))
+        launch(kerns["delta"], *grid, do4, o4, delta)
+        launch(kerns["dq"], *grid, q4, k4, v4, do4, lse3, delta, dtype.type(scale), dq)
+        launch(kerns["dkdv"], *grid, q4, k4, v4, do4, lse3, delta, dtype.type(scale), dk, dvv)
     return dq.reshape(q.shape), dk.reshape(k.shape), dvv.reshape(v.shape)
 
 

@@ -34,7 +34,16 @@ from numba import cuda
 from arrayattn._kernel import Kernel
 
 from .._cuda import axis_tables, device_tables
-from ._common import as_lib, broadcast_plan, lib_of, nblocks, numba_dtype
+from ._common import (
+    as_lib,
+    broadcast_plan,
+    caller_stream,
+    launch,
+    lib_of,
+    nblocks,
+    numba_dtype,
+    on_inputs_device,
+)
 
 __all__ = ["KERNELS", "axis_tables", "window_attention_backward", "window_attention_forward"]
 
@@ -186,6 +195,8 @@ def _build(npdtype, d, dv):
                     wrs,
                     wcs,
                 )
+                if s == ninf:
+                    continue  # p = 0; while m is still -inf, exp(s - m) would be NaN
                 if s > m:  # online softmax: rescale what was accumulated under the old maximum
                     corr = math.exp(m - s)
                     ell *= corr
@@ -511,6 +522,7 @@ def _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w):
     )
 
 
+@on_inputs_device
 def window_attention_forward(
     q, k, v, wy, wx, *, boundary, scale, rel_bias=None, r_h=None, r_w=None, block=None
 ):
@@ -531,7 +543,11 @@ def window_attention_forward(
     if npix:
         ytab, xtab = device_tables(lib, wy)[0], device_tables(lib, wx)[0]
         pb, ph, pw = _plans(lib, wy, wx, batch, d, dtype, rel_bias, r_h, r_w)
-        _kernels(dtype, d, dv)["fwd"][nblocks(npix, THREADS), THREADS](
+        launch(
+            _kernels(dtype, d, dv)["fwd"],
+            nblocks(npix, THREADS),
+            THREADS,
+            caller_stream(lib),
             _as4(lib, q, nb, dtype),
             _as4(lib, k, nb, dtype),
             _as4(lib, v, nb, dtype),
@@ -548,6 +564,7 @@ def window_attention_forward(
     return out.reshape(batch + (h, w, dv)), lse.reshape(batch + (h, w))
 
 
+@on_inputs_device
 def window_attention_backward(
     q,
     k,
@@ -594,8 +611,11 @@ def window_attention_backward(
         suma = lib.empty((nb, h, w, ky) if ph[0] else one, dtype=dtype)
         sumc = lib.empty((nb, h, w, kx) if pw[0] else one, dtype=dtype)
         sc = dtype.type(scale)
-        grid = (nblocks(npix, THREADS), THREADS)
-        kerns["dq"][grid](
+        stream = caller_stream(lib)
+        grid = (nblocks(npix, THREADS), THREADS, stream)
+        launch(
+            kerns["dq"],
+            *grid,
             q4,
             k4,
             v4,
@@ -615,7 +635,9 @@ def window_attention_backward(
             suma,
             sumc,
         )
-        kerns["dkdv"][grid](
+        launch(
+            kerns["dkdv"],
+            *grid,
             q4,
             k4,
             v4,
@@ -637,8 +659,21 @@ def window_attention_backward(
         )
         if pb[0] and grads[0].size:
             n = grads[0].size
-            kerns["dbias"][nblocks(n, THREADS), THREADS](
-                dlst, kx, yrptr, yrel, xrptr, xrel, pb[2], wy.table, wx.table, grads[0]
+            launch(
+                kerns["dbias"],
+                nblocks(n, THREADS),
+                THREADS,
+                stream,
+                dlst,
+                kx,
+                yrptr,
+                yrel,
+                xrptr,
+                xrel,
+                pb[2],
+                wy.table,
+                wx.table,
+                grads[0],
             )
         for axis, p, sums, rptr, rel, rows, slot in (
             (0, ph, suma, yrptr, yrel, wy.table, 1),
@@ -646,8 +681,20 @@ def window_attention_backward(
         ):
             g = grads[slot]
             if p[0] and g.size:
-                kerns["dtable"][nblocks(g.size, THREADS), THREADS](
-                    q4, sums, axis, rptr, rel, p[2], rows, d, g
+                launch(
+                    kerns["dtable"],
+                    nblocks(g.size, THREADS),
+                    THREADS,
+                    stream,
+                    q4,
+                    sums,
+                    axis,
+                    rptr,
+                    rel,
+                    p[2],
+                    rows,
+                    d,
+                    g,
                 )
     like = (rel_bias, r_h, r_w)
     grads = [

@@ -81,6 +81,51 @@ def test_mask_bias_broadcast(rng, mask_shape, bias_shape):
     _run_both(q, k, v, m, b, None, 1, np.float64, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_minus_inf_bias_rows(rng, dtype):
+    """-inf logits in the first key tiles of a row (running max still -inf), a row of -inf
+    bias (empty: output 0, lse +inf) and a fully masked row, against the reference."""
+    q, k, v, m, b = _case(rng, dtype, mask=(5, 7), bias=(5, 7))
+    b[0, :4] = -np.inf
+    b[2, :] = -np.inf
+    b[3, ::2] = -np.inf
+    _run_both(q, k, v, m, b, None, 1, dtype, rng)
+
+
+BIAS_SHAPES = [
+    (1, 1),
+    (7,),
+    (1, 7),
+    (5, 1),
+    (5, 7),
+    (2, 1, 1),
+    (2, 1, 7),
+    (2, 5, 7),
+    (1, 1, 5, 1),
+    (1, 2, 1, 7),
+    (1, 2, 5, 7),
+]
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+def test_bias_gradient_every_broadcast(rng, shape):
+    """Finding 5: the bias gradient from the dQ kernel's dS tiles, reduced over the broadcast
+    axes (partial query and key tiles, causal: skipped tiles contribute zeros), for every bias
+    shape, (1, 1) included."""
+    q, k, v, m, b = _case(rng, np.float64, bias=shape)
+    _run_both(q, k, v, m, b, "bottom_right", 1, np.float64, rng)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (1, 7)], ids=str)
+def test_bias_gradient_in_chunks(rng, monkeypatch, shape):
+    """One query head per chunk of partials: the reduction adds each chunk to the gradient."""
+    from arrayattn.backends import _cuda as _common
+
+    monkeypatch.setattr(_common, "PARTIAL_BYTES", 1)
+    q, k, v, m, b = _case(rng, np.float64, hq=2, hkv=1, bias=shape)
+    _run_both(q, k, v, m, b, None, 2, np.float64, rng)
+
+
 def test_mask_bias_causal_gqa_float32(rng):
     q, k, v, m, b = _case(rng, np.float32, hq=2, hkv=1, mask=(5, 7), bias=(1, 2, 5, 7))
     _run_both(q, k, v, m, b, "top_left", 2, np.float32, rng)

@@ -41,6 +41,7 @@ def _run(
     rh_shape=None,
     rw_shape=None,
     scale=0.7,
+    edit=None,
 ):
     h, w = wy.idx.shape[1], wx.idx.shape[1]
     q = rng.standard_normal(batch + (h, w, d)).astype(dtype)
@@ -49,6 +50,8 @@ def _run(
     opt = {}
     for name, shape in (("rel_bias", bias_shape), ("r_h", rh_shape), ("r_w", rw_shape)):
         opt[name] = None if shape is None else (rng.standard_normal(shape) / 2).astype(dtype)
+    if edit is not None:
+        edit(opt)
     kw = dict(boundary=boundary, scale=scale, **opt)
     out, lse = nc.window_attention_forward(q, k, v, wy, wx, **kw)
     rout, rlse = window_attention_forward(np, q, k, v, wy, wx, **kw)
@@ -99,6 +102,20 @@ def test_na2d_dilation_even_kernel(rng, boundary):
     # K = 2 (NATTEN's even window) with dilation 2 on a 5×6 image; a broadcast bias
     wy, wx = na_axis_windows(5, 2, 2, boundary), na_axis_windows(6, 2, 2, boundary)
     _run(rng, np.float64, wy, wx, boundary, batch=(1,), d=2, dv=3, bias_shape=(3, 3))
+
+
+@pytest.mark.parametrize("boundary", ["clamp", "zero"])
+def test_na2d_minus_inf_rel_bias(rng, boundary):
+    """Finding 1: a -inf relative-bias entry in a query's first slot made the online softmax
+    compute exp(-inf + inf) = NaN; head 1 reads only -inf (output 0, lse +inf)."""
+
+    def edit(opt):
+        opt["rel_bias"][0, 0, :] = -np.inf
+        opt["rel_bias"][0, 1:, 0] = -np.inf
+        opt["rel_bias"][1] = -np.inf
+
+    wy, wx = na_axis_windows(4, 3, 1, boundary), na_axis_windows(5, 3, 1, boundary)
+    _run(rng, np.float64, wy, wx, boundary, batch=(2,), d=2, dv=2, bias_shape=(2, 5, 5), edit=edit)
 
 
 def test_na2d_dilated_k3_mask_no_tables(rng):

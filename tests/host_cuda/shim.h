@@ -1,9 +1,14 @@
 // Host C++ stand-in for the CUDA features the cupy backend's .cu sources use, so that their
 // kernels run on a CPU (tests/test_cupy_on_host.py):
 // one std::thread per CUDA thread, blocks one after another, barriers for __syncthreads and
-// __syncwarp. A wmma fragment is held whole by lane 0 of its warp, which alone performs the
-// collective loads, products and stores (the other lanes' fragments stay unused); a store ends
-// with a warp barrier so that every lane has arrived before the data is read back.
+// __syncwarp, and __shfl_xor_sync through a per-warp exchange slot between two warp barriers.
+// A wmma fragment is held whole by lane 0 of its warp, which alone performs the collective loads,
+// products and stores (the other lanes' fragments hold zeros and their calls do nothing).
+// A store_matrix_sync becomes visible only when lane 0 next reaches a barrier (or when the block
+// ends): on a GPU each lane writes its own part of the tile, so reading it back before a
+// __syncwarp is a race. Here lane 0's own reads of the tile before that barrier always see the
+// old contents (the NaN that fills shared memory at the start of each block); the other lanes'
+// reads may or may not, as they run ahead or behind.
 #pragma once
 #include <algorithm>
 #include <bit>
@@ -21,7 +26,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __restrict__
 #define __align__(n)
 #define __shared__
@@ -30,14 +35,44 @@ struct dim3h { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3h blockIdx, threadIdx, blockDim;
 inline std::barrier<>* g_block_barrier = nullptr;
 inline std::vector<std::barrier<>*> g_warp_barriers;
+inline std::vector<uint64_t> g_shuffle_slots;  // one per thread of the block
 
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
-inline void __syncwarp() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+// wmma stores per thread of the block (only lane 0 makes any) not yet visible: (address, value)
+inline std::vector<std::vector<std::pair<float*, float>>> g_pending_stores;
+inline void publish_stores(unsigned t) {
+    for (auto& [p, v] : g_pending_stores[t]) *p = v;
+    g_pending_stores[t].clear();
+}
+inline void publish_stores() { publish_stores(threadIdx.x); }
+
+inline void __syncthreads() { publish_stores(); g_block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    publish_stores();
+    g_warp_barriers[threadIdx.x / 32]->arrive_and_wait();
+}
+
+// Every lane of the warp must call it (full mask), as the kernels here do.
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V v, int lane_mask) {
+    static_assert(sizeof(V) <= sizeof(uint64_t));
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(V));
+    g_shuffle_slots[threadIdx.x] = bits;
+    g_warp_barriers[threadIdx.x / 32]->arrive_and_wait();
+    const unsigned src = (threadIdx.x & ~31u) | ((threadIdx.x & 31u) ^ (unsigned)lane_mask);
+    bits = g_shuffle_slots[src];
+    g_warp_barriers[threadIdx.x / 32]->arrive_and_wait();  // nobody overwrites a slot still read
+    V out;
+    std::memcpy(&out, &bits, sizeof(V));
+    return out;
+}
 
 using std::min;
 using std::max;
 inline float expf(float x) { return std::exp(x); }
 inline float logf(float x) { return std::log(x); }
+using std::exp;
+using std::log;
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline double __longlong_as_double(long long x) { double f; std::memcpy(&f, &x, 8); return f; }
@@ -45,6 +80,9 @@ inline double __longlong_as_double(long long x) { double f; std::memcpy(&f, &x, 
 struct __half { _Float16 v; };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }  // round to nearest even
+
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 h) { uint32_t u = (uint32_t)h.bits << 16; float f; std::memcpy(&f, &u, 4); return f; }
@@ -61,47 +99,51 @@ namespace nvcuda { namespace wmma {
 struct matrix_a {}; struct matrix_b {}; struct accumulator {};
 struct row_major {}; struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+// Element (r, c) of the tile is x[r * 16 + c] (on a GPU the mapping is unspecified, so kernels
+// may only apply the same operation to every element, or recover the mapping from a loaded tile).
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment { float x[16][16]; };
+struct fragment {
+    static constexpr int num_elements = 256;
+    float x[256] = {};
+};
 template <typename Use, int M, int N, int K, typename T, typename L>
 inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
     if (threadIdx.x % 32) return;
-    for (auto& r : f.x) for (auto& e : r) e = v;
+    for (auto& e : f.x) e = v;
 }
 template <int M, int N, int K, typename T, typename L>
 inline void load_matrix_sync(fragment<matrix_a, M, N, K, T, L>& f, const T* p, unsigned ld) {
     if (threadIdx.x % 32) return;
     for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c)
-        f.x[r][c] = std::is_same<L, row_major>::value ? host_float(p[r * ld + c]) : host_float(p[c * ld + r]);
+        f.x[r * 16 + c] = std::is_same<L, row_major>::value ? host_float(p[r * ld + c]) : host_float(p[c * ld + r]);
 }
 template <int M, int N, int K, typename T, typename L>
 inline void load_matrix_sync(fragment<matrix_b, M, N, K, T, L>& f, const T* p, unsigned ld) {
     if (threadIdx.x % 32) return;
     for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c)
-        f.x[r][c] = std::is_same<L, row_major>::value ? host_float(p[r * ld + c]) : host_float(p[c * ld + r]);
+        f.x[r * 16 + c] = std::is_same<L, row_major>::value ? host_float(p[r * ld + c]) : host_float(p[c * ld + r]);
 }
 template <int M, int N, int K, typename L>
 inline void load_matrix_sync(fragment<accumulator, M, N, K, float, L>& f, const float* p, unsigned ld, layout_t lay) {
     if (threadIdx.x % 32) return;
     for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c)
-        f.x[r][c] = lay == mem_row_major ? p[r * ld + c] : p[c * ld + r];
+        f.x[r * 16 + c] = lay == mem_row_major ? p[r * ld + c] : p[c * ld + r];
 }
 template <int M, int N, int K, typename L>
 inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float, L>& f, unsigned ld, layout_t lay) {
-    if (threadIdx.x % 32 == 0)
-        for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c)
-            (lay == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r][c];
-    __syncwarp();
+    if (threadIdx.x % 32) return;
+    for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c)
+        g_pending_stores[threadIdx.x].emplace_back(lay == mem_row_major ? p + r * ld + c : p + c * ld + r, f.x[r * 16 + c]);
 }
 template <int M, int N, int K, typename T, typename LA, typename LB, typename LC>
 inline void mma_sync(fragment<accumulator, M, N, K, float, LC>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
                      const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float, LC>& c) {
     if (threadIdx.x % 32) return;
-    float out[16][16];
+    float out[256];
     for (int r = 0; r < 16; ++r) for (int col = 0; col < 16; ++col) {
-        float s = c.x[r][col];
-        for (int kk = 0; kk < 16; ++kk) s += a.x[r][kk] * b.x[kk][col];
-        out[r][col] = s;
+        float s = c.x[r * 16 + col];
+        for (int kk = 0; kk < 16; ++kk) s += a.x[r * 16 + kk] * b.x[kk * 16 + col];
+        out[r * 16 + col] = s;
     }
     std::memcpy(d.x, out, sizeof out);
 }
@@ -122,6 +164,8 @@ inline int launch(int grid, int block, size_t shared, const std::function<void()
         for (int w = 0; w * 32 < block; ++w) warps.push_back(new std::barrier<>(std::min(32, block - w * 32)));
         g_block_barrier = &bar;
         g_warp_barriers = warps;
+        g_shuffle_slots.assign(block, 0);
+        g_pending_stores.assign(block, {});
         std::vector<std::thread> ts;
         for (int t = 0; t < block; ++t)
             ts.emplace_back([&, t] {
@@ -129,6 +173,7 @@ inline int launch(int grid, int block, size_t shared, const std::function<void()
                 body();
             });
         for (auto& t : ts) t.join();
+        for (int t = 0; t < block; ++t) publish_stores(t);  // e.g. a tile stored to global memory
         for (auto* w : warps) delete w;
         for (size_t i = 0; i < GUARD; ++i)
             if (smem_raw[shared + i] != 0xa5) return -2;  // wrote past its shared memory
