@@ -156,8 +156,9 @@ def check_broadcastable(
 ) -> None:
     """``shape`` must broadcast to ``target`` without changing ``target``."""
     shape, target = tuple(shape), tuple(target)
+    # zip stops at the shorter shape: broadcasting aligns from the right.
     ok = len(shape) <= len(target) and all(
-        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=True)
+        s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=False)
     )
     if not ok:
         raise ValueError(
