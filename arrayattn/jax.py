@@ -211,7 +211,8 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
                 f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were "
                 "given"
             )
-        arguments = dict(zip(positional, args, strict=True))
+        # args may be fewer than the positional parameters (the rest given by keyword)
+        arguments = dict(zip(positional, args, strict=False))
         for key, value in kwargs.items():
             if key in arguments:
                 raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
