@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from . import _op, _registry
-from ._adapt import call_arguments, generated_module
+from ._adapt import array_leaves, call_arguments, generated_module, leaf_of
 from ._config import get_backend, use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
@@ -396,9 +396,7 @@ def _custom_ops(name: str):
         result = []
         for i in _differentiable_leaves(op, spec):
             arg, key = leaves[i]
-            g = getattr(grads, arg)
-            if g is not None and key is not None:
-                g = g.get(key)
+            g = leaf_of(getattr(grads, arg), key)
             if g is None:  # the op gives no gradient for this array: it does not depend on it
                 g = array_api_compat.array_namespace(xs[i]).zeros_like(xs[i])
             result.append(g)
@@ -438,6 +436,10 @@ def _custom_ops(name: str):
 # -- the public wrappers ---------------------------------------------------------------------------
 
 
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
 def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     sig = inspect.signature(op)
     params = [
@@ -466,23 +468,12 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
             arguments[key] = value
         leaves, tensors, options = [], [], []
         for name, value in arguments.items():
-            if isinstance(value, torch.Tensor):
-                leaves.append((name, None))
-                tensors.append(value)
-            elif isinstance(value, dict) and any(
-                isinstance(v, torch.Tensor) for v in value.values()
-            ):
-                for key, v in value.items():
-                    if v is None:
-                        continue
-                    if not isinstance(v, torch.Tensor):
-                        raise TypeError(
-                            f"{name}[{key!r}]: expected a torch.Tensor, got {type(v).__name__}"
-                        )
-                    leaves.append((name, key))
-                    tensors.append(v)
-            else:
+            found = array_leaves(name, value, _is_tensor)
+            if found is None:
                 options.append((name, value))
+            for key, v in found or []:
+                leaves.append((name, key))
+                tensors.append(v)
         spec = _make_spec(tuple(leaves), tuple(options))
         outs, _, _ = forward(tensors, spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
