@@ -216,3 +216,11 @@ def test_every_op_blockwise_equals_numpy(name):
         got = da.compute(*got) if isinstance(got, tuple) else (got.compute(),)
         for a, b in zip(got, want if isinstance(want, tuple) else (want,), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(aad, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

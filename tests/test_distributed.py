@@ -190,3 +190,11 @@ def test_ring_one_rank_runs_one_block_and_sends_nothing(rng):
         {"comm": _FakeComm(0, 1), "layout": "contiguous", "causal": "top_left"}, 16, 16
     )
     assert plan.calls == {0: [(0, 16, 0, 16, "bottom_right")]}
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(dist, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

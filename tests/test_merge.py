@@ -246,3 +246,13 @@ def test_mixed_namespaces_raise(rng):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="different namespaces"):
         MERGE((np.zeros((3, 4)), torch.zeros(3, 4, dtype=torch.float64)), (np.zeros(3),) * 2)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import arrayattn.merge
+
+    result = doctest.testmod(arrayattn.merge, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
