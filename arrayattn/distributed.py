@@ -587,7 +587,7 @@ def _ring_bwd(xp, saved, static, cotangents):
 # -- validation shared by both ops ----------------------------------------------------------------
 
 
-def _prepare_shards(op_name, q, k, v, comm, causal, scale, enable_gqa, extra_checks):
+def _prepare_shards(op_name, q, k, v, comm, causal, scale, enable_gqa, extra_checks, **options):
     """Each rank checks its own shards, then all ranks agree (or all raise the same error)."""
     ring = _check_comm(comm)
     error, inner, xp = None, None, None
@@ -610,6 +610,7 @@ def _prepare_shards(op_name, q, k, v, comm, causal, scale, enable_gqa, extra_che
         "causal": causal if isinstance(causal, (bool, str)) else repr(causal),
         "scale": scale if scale is None or isinstance(scale, (int, float)) else repr(scale),
         "enable_gqa": enable_gqa,
+        **{name: repr(value) for name, value in options.items()},
     }
     _agree(ring, error, signature)
     return ring, inner, xp
@@ -718,7 +719,7 @@ def ring_attention(
             _check_rows("k", k, 2, layout)
 
     ring, inner, xp = _prepare_shards(
-        "ring_attention", q, k, v, comm, causal, scale, enable_gqa, layout_checks
+        "ring_attention", q, k, v, comm, causal, scale, enable_gqa, layout_checks, layout=layout
     )
     return Call(
         xp,

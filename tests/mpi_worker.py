@@ -224,6 +224,14 @@ def main() -> int:
             lambda: ring_attention(*uneven, comm=COMM),
         )
         expect_error(
+            "layout differs",
+            ValueError,
+            "layout: every rank must pass the same value",
+            lambda: ring_attention(
+                *mine, comm=COMM, layout="zigzag" if RANK == SIZE - 1 else "contiguous"
+            ),
+        )
+        expect_error(
             "causal differs",
             ValueError,
             "causal",
