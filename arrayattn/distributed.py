@@ -365,11 +365,12 @@ def _offset(causal: str | None, lq: int, lk: int) -> int | None:
 def _block_calls(qsegs, ksegs, nq: int, nk: int, offset: int | None) -> list[tuple]:
     """The SDPA calls that cover a query shard against a key shard under the causal rule.
 
-    Each call is ``(q0, q1, k0, k1, mode)`` in shard-local rows, ``mode`` ``None`` (every key) or
-    ``'bottom_right'``. For a query run at global ``gq`` and a key run at ``gk``, local query ``i``
-    keeps local keys ``j <= i + δ`` with ``δ = gq - gk + offset``: rows with ``i + δ < 0`` see no
-    key (skipped), rows with ``i + δ >= len(keys) - 1`` see every key, and the band between is one
-    bottom-right causal call on the first ``i1 + δ`` keys. So no call needs a mask.
+    Each call is ``(q0, q1, k0, k1, mode)`` in shard-local rows, ``mode`` ``None`` (every key),
+    ``'bottom_right'``, or ``'top_left'`` (the same rule, where the band starts on the diagonal).
+    For a query run at global ``gq`` and a key run at ``gk``, local query ``i`` keeps local keys
+    ``j <= i + δ`` with ``δ = gq - gk + offset``: rows with ``i + δ < 0`` see no key (skipped),
+    rows with ``i + δ >= len(keys) - 1`` see every key, and the band between is one bottom-right
+    causal call on the first ``i1 + δ`` keys. So no call needs a mask.
     """
     if offset is None:
         return [(0, nq, 0, nk, None)] if nq and nk else []
@@ -381,8 +382,9 @@ def _block_calls(qsegs, ksegs, nq: int, nk: int, offset: int | None) -> list[tup
             d = gq - gk + offset
             lo = min(max(-d, 0), a)
             hi = min(max(b - d, lo), a)
-            if hi > lo:
-                calls.append((lq0 + lo, lq0 + hi, lk0, lk0 + hi + d, "bottom_right"))
+            if hi > lo:  # square bands (lo + d == 0) are top-left causal: the same rule
+                mode = "top_left" if lo + d == 0 else "bottom_right"
+                calls.append((lq0 + lo, lq0 + hi, lk0, lk0 + hi + d, mode))
             if a > hi:
                 calls.append((lq0 + hi, lq0 + a, lk0, lk0 + b, None))
     return _coalesce(calls)

@@ -81,8 +81,8 @@ def _covered(plan_calls, qsegs, ksegs, nq, nk, lq, lk):
     kpos = np.concatenate([np.arange(g, g + m) for g, _, m in ksegs])
     for q0, q1, k0, k1, mode in plan_calls:
         block = np.ones((q1 - q0, k1 - k0), dtype=bool)
-        if mode == "bottom_right":
-            block = _keep(q1 - q0, k1 - k0, "bottom_right")
+        if mode is not None:
+            block = _keep(q1 - q0, k1 - k0, mode)
         rows, cols = np.nonzero(block)
         np.add.at(count, (qpos[q0 + rows], kpos[k0 + cols]), 1)
     return count
@@ -103,7 +103,7 @@ def test_ring_plan_covers_the_mask_exactly_once(layout, causal):
             for s, calls in plan.calls.items():
                 ksegs = dist._segments(layout, s, size, nk)
                 total += _covered(calls, qsegs, ksegs, nq, nk, lq, lk)
-                assert all(mode in (None, "bottom_right") for *_, mode in calls)
+                assert all(mode in (None, "bottom_right", "top_left") for *_, mode in calls)
         np.testing.assert_array_equal(total, want, err_msg=f"P={size} nq={nq} nk={nk}")
 
 
@@ -189,7 +189,7 @@ def test_ring_one_rank_runs_one_block_and_sends_nothing(rng):
     plan = dist._RingPlan(
         {"comm": _FakeComm(0, 1), "layout": "contiguous", "causal": "top_left"}, 16, 16
     )
-    assert plan.calls == {0: [(0, 16, 0, 16, "bottom_right")]}
+    assert plan.calls == {0: [(0, 16, 0, 16, "top_left")]}  # exactly SDPA's causal=True call
 
 
 def test_docstring_examples_run():
