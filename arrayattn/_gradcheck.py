@@ -37,7 +37,8 @@ def differentiable_leaves(
 
 
 def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    # NumPy scalars have a shape and a dtype too, but are options (e.g. a size), not arrays.
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
 
 
 def _get(bound: dict, leaf: tuple[str, str | int | None]) -> np.ndarray:

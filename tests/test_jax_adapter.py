@@ -69,7 +69,9 @@ class Example:
             if isinstance(value, np.ndarray):
                 self.slots.append((arg, None))
                 self.leaves.append(np.array(value))
-            elif isinstance(value, (dict, tuple)):  # params, or a sequence of arrays
+            elif isinstance(value, dict) or (  # params, or a sequence of arrays
+                isinstance(value, tuple) and any(isinstance(v, np.ndarray) for v in value)
+            ):
                 for key, v in value.items() if isinstance(value, dict) else enumerate(value):
                     self.slots.append((arg, key))
                     self.leaves.append(np.array(v))
