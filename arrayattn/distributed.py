@@ -439,7 +439,7 @@ def _add_rows(acc: Array | None, rows: tuple[int, int], piece: Array, shape, dty
     r0, r1 = rows
     if acc is None:
         if r0 == 0 and r1 == shape[-2]:
-            return xp.astype(piece, dtype, copy=True)
+            return xp.astype(piece, dtype, copy=False)  # ours: SDPA never returns views
         acc = xp.zeros(shape, dtype=dtype, device=array_api_compat.device(piece))
     acc[..., r0:r1, :] += xp.astype(piece, dtype, copy=False)
     return acc
