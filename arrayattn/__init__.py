@@ -24,6 +24,7 @@ from .hard import (
 )
 from .linear_attention import efficient_attention, linear_attention
 from .luong import bahdanau_attention, local_attention, luong_attention
+from .merge import merge_attention
 from .neighborhood import (
     halo_attention,
     neighborhood_attention_1d,
@@ -85,6 +86,7 @@ __all__ = [
     "luong_attention",
     "mab",
     "max_pool2d",
+    "merge_attention",
     "moving_average_baseline",
     "multi_head_attention",
     "neighborhood_attention_1d",

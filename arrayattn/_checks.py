@@ -156,6 +156,7 @@ def check_broadcastable(
 ) -> None:
     """``shape`` must broadcast to ``target`` without changing ``target``."""
     shape, target = tuple(shape), tuple(target)
+    # zip stops at the shorter shape: broadcasting aligns from the right.
     ok = len(shape) <= len(target) and all(
         s == t or s == 1 for s, t in zip(shape[::-1], target[::-1], strict=False)
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._adapt import array_leaves, leaf_of, with_leaf
 from ._op import Op
 
 __all__ = ["differentiable_leaves", "directional_errors", "numerical_gradient", "random_cotangents"]
@@ -24,33 +25,31 @@ def _bind(op: Op, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return inspect.signature(op).bind(*args, **kwargs)
 
 
-def differentiable_leaves(op: Op, args: tuple, kwargs: dict) -> Iterator[tuple[str, str | None]]:
-    """(argument, key) for every differentiable array given; key is None unless a params dict."""
+def differentiable_leaves(
+    op: Op, args: tuple, kwargs: dict
+) -> Iterator[tuple[str, str | int | None]]:
+    """(argument, key) for every differentiable array given; key is None for a plain array, the
+    key of a params dict, or the position in a sequence of arrays."""
     bound = _bind(op, args, kwargs).arguments
     for name in op.differentiable:
-        value = bound.get(name)
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            for key in value:
-                if value[key] is not None:
-                    yield name, key
-        else:
-            yield name, None
+        for key, _ in array_leaves(name, bound.get(name), _is_array) or []:
+            yield name, key
 
 
-def _get(bound: dict, leaf: tuple[str, str | None]) -> np.ndarray:
+def _is_array(x: Any) -> bool:
+    # NumPy scalars have a shape and a dtype too, but are options (e.g. a size), not arrays.
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
+
+
+def _get(bound: dict, leaf: tuple[str, str | int | None]) -> np.ndarray:
     name, key = leaf
-    return bound[name] if key is None else bound[name][key]
+    return leaf_of(bound[name], key)
 
 
 def _replaced(op: Op, args: tuple, kwargs: dict, leaf, value) -> tuple[tuple, dict]:
     bound = _bind(op, args, kwargs)
     name, key = leaf
-    if key is None:
-        bound.arguments[name] = value
-    else:
-        bound.arguments[name] = {**bound.arguments[name], key: value}
+    bound.arguments[name] = with_leaf(bound.arguments[name], key, value)
     return bound.args, bound.kwargs
 
 
@@ -71,8 +70,7 @@ def _pairing(outputs: Any, cts: Any) -> float:
 
 def _grad_of(grads: Any, leaf) -> np.ndarray:
     name, key = leaf
-    g = getattr(grads, name)
-    return g if key is None else g[key]
+    return leaf_of(getattr(grads, name), key)
 
 
 def directional_errors(

@@ -16,9 +16,11 @@ family documents it, and a backend provides functions in that convention.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from ._xp import Array
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -27,6 +29,8 @@ __all__ = [
     "NoOptions",
     "Options",
     "Requirement",
+    "Residuals",
+    "Skeleton",
     "dtype_name",
     "requirement",
 ]
@@ -147,3 +151,133 @@ class Kernel:
             if reason is not None:
                 reasons.append(reason)
         return reasons
+
+
+class Skeleton(NamedTuple):
+    """Everything of a :class:`Residuals` record but its arrays (hashable)."""
+
+    op: str
+    backend: str
+    options: Options
+    nested: tuple[tuple[str, Skeleton], ...]
+    outputs: tuple[tuple[str, tuple[int, ...], Any], ...]
+
+    def backends(self) -> tuple[str, ...]:
+        """The backends of this record and of its nested records, depth first.
+
+        Returns
+        -------
+        tuple of str
+            This record's backend first, then each nested record's, recursively.
+        """
+        return (self.backend,) + tuple(b for _, s in self.nested for b in s.backends())
+
+    def with_backends(self, names: Sequence[str]) -> Skeleton:
+        """The same skeleton with the backends of :meth:`backends` replaced, in that order.
+
+        Parameters
+        ----------
+        names : sequence of str
+            One backend name per record, in the order of :meth:`backends`.
+
+        Returns
+        -------
+        Skeleton
+        """
+        it = iter(names)
+
+        def walk(s: Skeleton) -> Skeleton:  # numpydoc ignore=GL08
+            backend = next(it)
+            return s._replace(backend=backend, nested=tuple((k, walk(n)) for k, n in s.nested))
+
+        return walk(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Residuals:
+    """What backward needs: a flat record of arrays plus the op's options.
+
+    ``arrays`` is flat: a nested record (an op run inside another, e.g. the attention core of
+    multi-head attention) contributes its arrays under ``"key/name"``. A framework adapter saves
+    ``arrays`` as its own tensors and rebuilds the record from :attr:`skeleton` with
+    :meth:`from_skeleton`.
+    """
+
+    op: str
+    backend: str
+    arrays: Mapping[str, Array | None]
+    options: Options
+    nested: tuple[tuple[str, Skeleton], ...] = ()
+    outputs: tuple[tuple[str, tuple[int, ...], Any], ...] = ()
+
+    @property
+    def skeleton(self) -> Skeleton:  # numpydoc ignore=RT01
+        """The hashable, array-free part of the record (what an adapter keeps as a constant)."""
+        return Skeleton(self.op, self.backend, self.options, self.nested, self.outputs)
+
+    @property
+    def static(self) -> Skeleton:  # numpydoc ignore=RT01
+        """Alias of :attr:`skeleton`."""
+        return self.skeleton
+
+    @classmethod
+    def from_skeleton(cls, skeleton: Skeleton, arrays: Mapping[str, Array | None]) -> Residuals:
+        """The record made of a :attr:`skeleton` and the (flat) arrays it was saved with.
+
+        Parameters
+        ----------
+        skeleton : Skeleton
+            The array-free part, e.g. kept by a framework adapter.
+        arrays : mapping of str to array or None
+            The flat arrays, keyed as :attr:`arrays` (nested records under ``"key/name"``).
+
+        Returns
+        -------
+        Residuals
+        """
+        return cls(
+            skeleton.op,
+            skeleton.backend,
+            dict(arrays),
+            skeleton.options,
+            skeleton.nested,
+            skeleton.outputs,
+        )
+
+    def with_arrays(self, arrays: Mapping[str, Array | None]) -> Residuals:
+        """The same record holding other arrays (e.g. the adapter's tensors viewed as arrays).
+
+        Parameters
+        ----------
+        arrays : mapping of str to array or None
+            The same keys as :attr:`arrays`.
+
+        Returns
+        -------
+        Residuals
+        """
+        if set(arrays) != set(self.arrays):
+            raise ValueError(
+                f"arrays: expected the keys {sorted(self.arrays)}, got {sorted(arrays)}"
+            )
+        return replace(self, arrays=dict(arrays))
+
+    def inner(self, key: str) -> Residuals:
+        """The nested record saved under ``key``.
+
+        Parameters
+        ----------
+        key : str
+            The name the composite kernel saved the inner op's record under.
+
+        Returns
+        -------
+        Residuals
+        """
+        skeleton = dict(self.nested)[key]
+        prefix = key + _NEST
+        inner = {k[len(prefix) :]: a for k, a in self.arrays.items() if k.startswith(prefix)}
+        return Residuals.from_skeleton(skeleton, inner)
+
+
+_NEST = "/"

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _op
-from ._adapt import call_arguments, generated_module
+from ._adapt import array_leaves, call_arguments, generated_module, leaf_of
 from ._config import get_backend, use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
@@ -92,9 +92,7 @@ def _as_cotangents(outs: tuple, cts: Any) -> Any:
 def _gradients(op: _op.Op, leaves: tuple, arrays: tuple, grads: Any, to_zero: Callable) -> tuple:
     result = []
     for (name, key), x in zip(leaves, arrays, strict=True):
-        g = getattr(grads, name, None) if name in op.differentiable else None
-        if g is not None and key is not None:
-            g = g.get(key)
+        g = leaf_of(getattr(grads, name, None), key) if name in op.differentiable else None
         result.append(to_zero(x) if g is None else g)
     return tuple(result)
 
@@ -211,27 +209,21 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
                 f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were "
                 "given"
             )
-        arguments = dict(zip(positional, args, strict=False))  # fewer args than positionals
+        # args may be fewer than the positional parameters (the rest given by keyword)
+        arguments = dict(zip(positional, args, strict=False))
         for key, value in kwargs.items():
             if key in arguments:
                 raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
             arguments[key] = value
-        leaves, arrays, options = [], [], []
+        leaves: list[tuple[str, str | int | None]] = []
+        arrays: list[Any] = []
+        options: list[tuple[str, Any]] = []
         for name, value in arguments.items():
-            if _is_array(value):
-                leaves.append((name, None))
-                arrays.append(value)
-            elif isinstance(value, dict) and any(_is_array(v) for v in value.values()):
-                for key, v in value.items():
-                    if v is None:
-                        continue
-                    if not _is_array(v):
-                        raise TypeError(
-                            f"{name}[{key!r}]: expected a JAX array, got {type(v).__name__}"
-                        )
-                    leaves.append((name, key))
-                    arrays.append(v)
-            else:
+            found = array_leaves(name, value, _is_array)
+            for leaf_key, v in found or []:
+                leaves.append((name, leaf_key))
+                arrays.append(v)
+            if found is None:
                 try:
                     hash(value)
                 except TypeError:

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from . import _op, _registry
-from ._adapt import call_arguments, generated_module
+from ._adapt import array_leaves, call_arguments, generated_module, leaf_of
 from ._config import use_backend
 
 __all__: list[str] = []  # the ops are generated: see __dir__ / arrayattn.registered_ops()
@@ -359,9 +359,7 @@ def _custom_ops(name: str):
         result = []
         for i in _differentiable_leaves(op, spec):
             arg, key = leaves[i]
-            g = getattr(grads, arg)
-            if g is not None and key is not None:
-                g = g.get(key)
+            g = leaf_of(getattr(grads, arg), key)
             if g is None:  # the op gives no gradient for this array: it does not depend on it
                 g = array_api_compat.array_namespace(xs[i]).zeros_like(xs[i])
             result.append(g)
@@ -401,6 +399,10 @@ def _custom_ops(name: str):
 # -- the public wrappers ---------------------------------------------------------------------------
 
 
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
 def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
     sig = inspect.signature(op)
     params = [
@@ -421,30 +423,22 @@ def _make_wrapper(op: _op.Op) -> Callable[..., Any]:
                 f"{op.name}() takes {len(positional)} positional arguments but {len(args)} were "
                 "given"
             )
-        arguments = dict(zip(positional, args, strict=False))  # fewer args than positionals
+        # args may be fewer than the positional parameters (the rest given by keyword)
+        arguments = dict(zip(positional, args, strict=False))
         for key, value in kwargs.items():
             if key in arguments:
                 raise TypeError(f"{op.name}() got multiple values for argument {key!r}")
             arguments[key] = value
-        leaves, tensors, options = [], [], []
+        leaves: list[tuple[str, str | int | None]] = []
+        tensors: list[Any] = []
+        options: list[tuple[str, Any]] = []
         for name, value in arguments.items():
-            if isinstance(value, torch.Tensor):
-                leaves.append((name, None))
-                tensors.append(value)
-            elif isinstance(value, dict) and any(
-                isinstance(v, torch.Tensor) for v in value.values()
-            ):
-                for key, v in value.items():
-                    if v is None:
-                        continue
-                    if not isinstance(v, torch.Tensor):
-                        raise TypeError(
-                            f"{name}[{key!r}]: expected a torch.Tensor, got {type(v).__name__}"
-                        )
-                    leaves.append((name, key))
-                    tensors.append(v)
-            else:
+            found = array_leaves(name, value, _is_tensor)
+            if found is None:
                 options.append((name, value))
+            for leaf_key, v in found or []:
+                leaves.append((name, leaf_key))
+                tensors.append(v)
         spec = _make_spec(tuple(leaves), tuple(options))
         outs, _, _ = forward(tensors, spec)
         return outs[0] if len(outs) == 1 else tuple(outs)

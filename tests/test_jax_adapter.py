@@ -20,6 +20,7 @@ from jax.test_util import check_grads  # noqa: E402
 
 import arrayattn as aa  # noqa: E402
 import arrayattn.jax as aaj  # noqa: E402
+from arrayattn._adapt import with_leaf  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -68,8 +69,10 @@ class Example:
             if isinstance(value, np.ndarray):
                 self.slots.append((arg, None))
                 self.leaves.append(np.array(value))
-            elif isinstance(value, dict):
-                for key, v in value.items():
+            elif isinstance(value, dict) or (  # params, or a sequence of arrays
+                isinstance(value, tuple) and any(isinstance(v, np.ndarray) for v in value)
+            ):
+                for key, v in value.items() if isinstance(value, dict) else enumerate(value):
                     self.slots.append((arg, key))
                     self.leaves.append(np.array(v))
         self.leaves = tuple(self.leaves)
@@ -83,10 +86,7 @@ class Example:
     def rebuild(self, leaves):
         arguments = {k: v for k, v in self.arguments.items()}
         for (arg, key), leaf in zip(self.slots, leaves, strict=True):
-            if key is None:
-                arguments[arg] = leaf
-            else:
-                arguments[arg] = {**arguments[arg], key: leaf}
+            arguments[arg] = with_leaf(arguments[arg], key, leaf)
         return arguments
 
     def numpy(self, leaves=None):

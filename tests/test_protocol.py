@@ -331,6 +331,9 @@ def test_outputs_and_gradients_are_arrays_never_numpy_scalars():
             grads = op.bwd(res, cts if isinstance(out, tuple) else cts[0])
             leaves = list(outs)
             for g in grads:
-                leaves.extend(g.values() if isinstance(g, dict) else [g])
+                if isinstance(g, dict):
+                    leaves.extend(g.values())
+                else:
+                    leaves.extend(g if isinstance(g, tuple) else [g])
             for leaf in leaves:
                 assert leaf is None or isinstance(leaf, np.ndarray), (op.name, type(leaf))

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 
 import arrayattn as aa  # noqa: E402
 import arrayattn.torch as aat  # noqa: E402
+from arrayattn._adapt import array_leaves  # noqa: E402
 
 OPS = aa.registered_ops()
 
@@ -51,6 +52,8 @@ def _contiguous(value):
         return np.array(value, order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
     if isinstance(value, dict):
         return {k: _contiguous(v) for k, v in value.items()}
+    if isinstance(value, tuple):  # a sequence of arrays (merge_attention's parts)
+        return tuple(_contiguous(v) for v in value)
     return value
 
 
@@ -63,15 +66,23 @@ def _to_torch(op, name, value):
         return t
     if isinstance(value, dict):
         return {k: _to_torch(op, name, v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_to_torch(op, name, v) for v in value)
     return value
+
+
+def _values(value):
+    """The entries of a params dict or a sequence of arrays; the value itself otherwise."""
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, tuple) else [value]
 
 
 def _leaves(arguments):
     """The tensors that require grad, in argument order (dict entries in key order)."""
     found = []
     for value in arguments.values():
-        values = value.values() if isinstance(value, dict) else [value]
-        found += [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad]
+        found += [v for v in _values(value) if isinstance(v, torch.Tensor) and v.requires_grad]
     return found
 
 
@@ -81,6 +92,8 @@ def _replace_leaves(arguments, new):
     def rep(v):
         if isinstance(v, dict):
             return {k: rep(x) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return tuple(rep(x) for x in v)
         if isinstance(v, torch.Tensor) and v.requires_grad:
             return next(it)
         return v
@@ -150,10 +163,11 @@ def test_forward_and_gradients_equal_numpy(name, i):
     g = op.bwd(res, tuple(cts) if len(cts) > 1 else cts[0])
     expected = []
     for arg, value in t_args.items():
-        if isinstance(value, dict):
+        if isinstance(value, (dict, tuple)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
             expected += [
                 getattr(g, arg)[k]
-                for k, v in value.items()
+                for k, v in items
                 if isinstance(v, torch.Tensor) and v.requires_grad
             ]
         elif isinstance(value, torch.Tensor) and value.requires_grad:
@@ -194,16 +208,12 @@ def test_opcheck(name, i):
     op, _, t_args = _setup(name, i)
     leaves, tensors, options = [], [], []
     for arg, value in t_args.items():
-        if isinstance(value, torch.Tensor):
-            leaves.append((arg, None))
-            tensors.append(value)
-        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
-            for key, v in value.items():
-                if v is not None:
-                    leaves.append((arg, key))
-                    tensors.append(v)
-        else:
+        found = array_leaves(arg, value, lambda x: isinstance(x, torch.Tensor))
+        if found is None:
             options.append((arg, value))
+        for key, v in found or []:
+            leaves.append((arg, key))
+            tensors.append(v)
     spec = aat._make_spec(tuple(leaves), tuple(options))
     forward, _ = aat._custom_ops(name)
     result = torch.library.opcheck(forward, (tensors, spec))
