@@ -11,6 +11,7 @@ from ._glue.sparse import (
     SPARSE_RESIDUALS,
     SparseOptions,
     head_parts,
+    sparse_adapter,
 )
 from ._kernel import Call
 from ._op import op
@@ -195,6 +196,7 @@ def _sparse_examples(rng):
     differentiable=("q", "k", "v"),
     reference=SPARSE_REFERENCE,
     residuals=SPARSE_RESIDUALS,
+    adapt=sparse_adapter,
     examples=_sparse_examples,
 )
 def sparse_attention(
